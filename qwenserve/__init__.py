@@ -1,0 +1,1 @@
+"""qwenserve: a serving engine for the Qwen (v1) model family."""

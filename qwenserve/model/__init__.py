@@ -1,0 +1,1 @@
+"""The Qwen (v1) model: config, tokenizer, chat template, layers, loader, checkpoint maker."""

@@ -1,0 +1,53 @@
+"""The tensor-parallel group the model layers talk to: rank, size and the two collectives.
+
+The worker sets it up (`qwenserve.worker.distributed`); with tp = 1 every collective is the
+identity, so the layers need no special case.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class TensorParallelGroup:
+    rank: int = 0
+    size: int = 1
+    group: Optional[object] = None  # a torch.distributed ProcessGroup when size > 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def gather_last_dim_to_rank0(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Concatenates each rank's last-dim shard on rank 0; other ranks get None."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(x, parts, dst=dist.get_global_rank(self.group, 0) if self.group else 0,
+                    group=self.group)
+        return torch.cat(parts, dim=-1) if self.rank == 0 else None
+
+
+_TP = TensorParallelGroup()
+
+
+def get_tp_group() -> TensorParallelGroup:
+    return _TP
+
+
+def set_tp_group(group: TensorParallelGroup) -> None:
+    global _TP
+    _TP = group
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(f"tensor parallel size {denominator} does not divide {what} ({numerator})")
+    return numerator // denominator

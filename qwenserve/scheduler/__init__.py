@@ -1,0 +1,1 @@
+"""Request state, the waiting/running queues and the per-step token budget."""

@@ -1,0 +1,1 @@
+"""The gRPC front end: proto, servicer, engine bridge and Python client."""

@@ -1,0 +1,1 @@
+"""Workers: device, weight shard, KV tensors, model runner, sampler and executors."""
