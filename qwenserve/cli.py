@@ -1,0 +1,31 @@
+"""The `qwenserve` console script: dispatches to the `launch`, `generate` and `make-checkpoint` subcommands.
+
+Each subcommand's flags live beside the code they drive (`qwenserve/server/commands.py`,
+`qwenserve/model/checkpoint.py`); this file only wires them together.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qwenserve.model import checkpoint
+    from qwenserve.server import commands
+
+    parser = argparse.ArgumentParser(prog="qwenserve", description="Serve Qwen (v1) models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands.add_launch_parser(sub)
+    commands.add_generate_parser(sub)
+    checkpoint.add_make_checkpoint_parser(sub)
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

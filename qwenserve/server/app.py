@@ -1,0 +1,196 @@
+"""Builds and runs the gRPC server process: `run_server(config, host, port, ...)`.
+
+Owns the server's lifecycle:
+  1. build the engine (weights load here; the engine shows its own progress);
+  2. bind the port and start gRPC with health NOT_SERVING (`grpc.health.v1.Health`) and
+     server reflection, print the address;
+  3. run one warm-up generation through the engine thread; only if it succeeds does health
+     turn SERVING and the one "ready" line get printed (health must never say OK while
+     nothing can be generated);
+  4. on SIGINT/SIGTERM: health NOT_SERVING, refuse new calls, let running calls finish for
+     up to `shutdown_grace` seconds, abort the rest (their streams end with finish_reason
+     "abort"), stop the engine thread and the engine's workers, exit 0.
+An engine failure later turns health NOT_SERVING (the bridge answers UNAVAILABLE) but keeps
+the process up, so that an orchestrator sees the failure through health.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+import uuid
+from typing import Any, Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from qwenserve.config import EngineConfig
+from qwenserve.sampling_params import SamplingParams
+
+from . import qwenserve_pb2 as pb
+from . import qwenserve_pb2_grpc as pb_grpc
+from .engine_bridge import EngineBridge, EngineFailure
+from .servicer import GenerationServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # qwenserve.v1.Generation
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Time the transport gets, after our own abort at the end of the grace period, to flush the
+# final "abort" messages before gRPC cancels whatever is still open.
+_FLUSH_SECONDS = 3.0
+
+
+def build_engine(config: EngineConfig) -> Any:
+    from qwenserve.engine import LLMEngine  # imported late: loads torch and the model code
+
+    return LLMEngine(config)
+
+
+def shutdown_engine(engine: Any) -> None:
+    """Stops the engine's workers (Ray actors with tp > 1) if it has anything to stop."""
+    for name in ("shutdown", "close"):
+        stop = getattr(engine, name, None)
+        if callable(stop):
+            try:
+                stop()
+            except Exception:
+                logger.exception("engine %s() failed", name)
+            return
+
+
+async def warm_up(bridge: EngineBridge, timeout: float = 600.0) -> None:
+    """One short greedy generation through the engine thread; raises if it fails."""
+    loop = asyncio.get_running_loop()
+    outputs: asyncio.Queue = asyncio.Queue()
+    request_id = f"warmup-{uuid.uuid4().hex}"
+    accepted = bridge.add(request_id, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item),
+                          n=1, prompt="Hello, world", params=SamplingParams(max_tokens=2, temperature=0.0))
+
+    async def run() -> None:
+        await asyncio.wrap_future(accepted)
+        while True:
+            item = await outputs.get()
+            if isinstance(item, EngineFailure):
+                raise RuntimeError(f"engine failed during warm-up: {item.message}")
+            if any(d.finish_reason for d in item):
+                return
+
+    try:
+        await asyncio.wait_for(run(), timeout)
+    finally:
+        bridge.abort(request_id)  # no-op when it finished
+
+
+class _Server:
+    def __init__(self, engine: Any, config: EngineConfig, host: str, port: int,
+                 shutdown_grace: float):
+        self.engine = engine
+        self.config = config
+        self.host, self.port = host, port
+        self.shutdown_grace = shutdown_grace
+        self.health = health.aio.HealthServicer()
+        self.stop_requested: Optional[asyncio.Event] = None
+
+    async def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    def _on_engine_failure(self, loop: asyncio.AbstractEventLoop, reason: str) -> None:
+        # Called on the engine thread; health lives on the event loop.
+        logger.error("engine failed, health is NOT_SERVING: %s", reason)
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._set_health(_NOT_SERVING)))
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        await self._set_health(_NOT_SERVING)
+        bridge = EngineBridge(self.engine, self.config.max_waiting_requests,
+                              on_failure=lambda reason: self._on_engine_failure(loop, reason))
+        bridge.start()
+        servicer = GenerationServicer(bridge, self.engine)
+        server = grpc.aio.server()
+        pb_grpc.add_GenerationServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        address = f"{self.host}:{self.port}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError as e:
+            bound = 0
+            logger.error("%s", e)
+        if not bound:
+            print(f"qwenserve: error: cannot listen on {address}", file=sys.stderr, flush=True)
+            bridge.close(5)
+            return 1
+        address = f"{self.host}:{bound}"
+        await server.start()
+        print(f"qwenserve: listening on {address} (warming up)", flush=True)
+
+        self.stop_requested = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+
+        try:
+            started = time.monotonic()
+            warm = asyncio.ensure_future(warm_up(bridge))
+            stop = asyncio.ensure_future(self.stop_requested.wait())
+            await asyncio.wait({warm, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not warm.done():  # a signal during warm-up: nothing runs yet, just leave
+                warm.cancel()
+            else:
+                stop.cancel()
+                warm.result()
+                servicer.ready = True
+                await self._set_health(_SERVING)
+                print(f"qwenserve: ready on {address} (model: {servicer._model_info.model}, "
+                      f"warm-up {time.monotonic() - started:.1f}s)", flush=True)
+                await self.stop_requested.wait()
+        except Exception as e:  # warm-up failed: never report SERVING
+            logger.exception("warm-up failed")
+            print(f"qwenserve: error: warm-up failed: {e}", file=sys.stderr, flush=True)
+            await self._shutdown(server, bridge, grace=0.0)
+            return 1
+        await self._shutdown(server, bridge, grace=self.shutdown_grace)
+        return 0
+
+    def _on_signal(self) -> None:
+        if self.stop_requested.is_set():
+            logger.warning("second signal: shutting down without waiting")
+            self.shutdown_grace = 0.0
+        self.stop_requested.set()
+
+    async def _shutdown(self, server: grpc.aio.Server, bridge: EngineBridge, grace: float) -> None:
+        loop = asyncio.get_running_loop()
+        print(f"qwenserve: shutting down ({bridge.num_active} running, grace {grace:g}s)",
+              file=sys.stderr, flush=True)
+        await self.health.enter_graceful_shutdown()
+        bridge.stop_accepting()
+        # server.stop refuses new calls at once and cancels what is left after its grace;
+        # ours ends first, so every stream still open gets its "abort" message.
+        stopped = asyncio.ensure_future(server.stop(grace + _FLUSH_SECONDS))
+        deadline = loop.time() + grace
+        while bridge.num_active and loop.time() < deadline and not self._forced(grace):
+            await asyncio.sleep(0.05)
+        bridge.abort_all()
+        await stopped
+        bridge.close(timeout=10)
+        shutdown_engine(self.engine)
+
+    def _forced(self, grace: float) -> bool:
+        return self.shutdown_grace < grace  # a second signal zeroed the grace
+
+
+def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 50051,
+               shutdown_grace: float = 10.0, engine: Any = None) -> int:
+    """Serves until SIGINT/SIGTERM; returns the process exit code."""
+    if engine is None:
+        print(f"qwenserve: loading {config.model or 'the built-in tiny model'} ...",
+              file=sys.stderr, flush=True)
+        engine = build_engine(config)
+    return asyncio.run(_Server(engine, config, host, port, shutdown_grace).run())

@@ -1,0 +1,287 @@
+"""The bridge between gRPC calls and the `LLMEngine` step loop.
+
+Owns the engine thread: the engine is not thread-safe, so exactly one thread (the one this
+module starts) ever calls into it. gRPC handlers talk to it through a locked inbox of
+add/abort operations and get their outputs back through a per-request *sink* (a callable
+the engine thread calls with each step's deltas). Also owns:
+
+- the bounded waiting queue: `add` raises `QueueFull` when the requests accepted but not yet
+  running (the inbox's adds plus the engine's waiting queue) reach `max_waiting_requests`;
+- delta computation: the engine reports cumulative text/token ids per completion; the bridge
+  turns them into what is new since the previous step, on the engine thread, so no other
+  thread ever reads objects the engine may still mutate;
+- failure: an exception from `engine.step()` marks the engine dead, hands `EngineFailure` to
+  every live request and calls `on_failure` (the app turns health to NOT_SERVING); later
+  adds raise `EngineUnavailable`;
+- a stats snapshot refreshed by the engine thread, so `stats()` never races the engine.
+
+When there is nothing to do the engine thread blocks on a condition: no busy spinning.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at `max_waiting_requests`."""
+
+
+class EngineUnavailable(Exception):
+    """The engine has failed, or the server is shutting down."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one completion gained in one engine step."""
+    index: int
+    text: str
+    token_ids: tuple
+    finish_reason: Optional[str]  # None while running
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: Optional[list] = None  # one entry per new token, engine's format
+
+
+@dataclass(frozen=True)
+class EngineFailure:
+    """Handed to a request's sink when the engine died under it."""
+    message: str
+
+
+Sink = Callable[[Union[list, EngineFailure]], None]
+
+
+class _Tracked:
+    """The bridge's view of one request: where its outputs go and what was already sent."""
+
+    def __init__(self, request_id: str, sink: Sink, n: int):
+        self.request_id = request_id
+        self.sink = sink
+        self.n = n
+        self.sent_text_len = [0] * n
+        self.sent_num_tokens = [0] * n
+        self.finished: set[int] = set()
+        self.prompt_tokens = 0
+        self.in_engine = False
+
+
+class EngineBridge:
+    def __init__(self, engine: Any, max_waiting_requests: int,
+                 on_failure: Optional[Callable[[str], None]] = None):
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.on_failure = on_failure
+        self._cond = threading.Condition()
+        # ("add", tracked, kwargs, future) | ("abort", request_id)
+        self._inbox: collections.deque = collections.deque()
+        self._num_pending_adds = 0
+        self._requests: dict[str, _Tracked] = {}  # every accepted, unfinished request
+        self._has_work = False
+        self._accepting = True
+        self._closing = False
+        self.dead_reason: Optional[str] = None
+        self._num_finished = 0
+        self._num_aborted = 0
+        self._num_steps = 0
+        self._engine_stats: dict = {}
+        self._thread = threading.Thread(target=self._run, name="qwenserve-engine", daemon=True)
+
+    # ---- called from any thread -------------------------------------------------------
+
+    def start(self) -> None:
+        with self._cond:
+            self._refresh_engine_stats()
+        self._thread.start()
+
+    def add(self, request_id: str, sink: Sink, n: int = 1,
+            **add_kwargs) -> concurrent.futures.Future:
+        """Queues `engine.add_request(request_id, **add_kwargs)`.
+
+        Returns a future that resolves to None once the engine accepted the request, or to
+        the engine's exception (ValueError for bad input). From then on `sink` gets a list
+        of `Delta` per step, until each of the n completions has sent its finish_reason.
+        """
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self.dead_reason is not None:
+                raise EngineUnavailable(f"engine failed: {self.dead_reason}")
+            if not self._accepting:
+                raise EngineUnavailable("server is shutting down")
+            if request_id in self._requests:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            waiting = self._num_pending_adds + self._engine_stats.get("num_waiting", 0)
+            if waiting >= self.max_waiting_requests:
+                raise QueueFull(f"waiting queue is full ({waiting} of "
+                                f"max_waiting_requests={self.max_waiting_requests})")
+            tracked = _Tracked(request_id, sink, n)
+            self._requests[request_id] = tracked
+            self._inbox.append(("add", tracked, add_kwargs, future))
+            self._num_pending_adds += 1
+            self._cond.notify()
+        return future
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request (no-op if it already finished); its sink gets finish "abort"."""
+        with self._cond:
+            if request_id in self._requests:
+                self._inbox.append(("abort", request_id))
+                self._cond.notify()
+
+    def abort_all(self) -> None:
+        with self._cond:
+            for request_id in list(self._requests):
+                self._inbox.append(("abort", request_id))
+            self._cond.notify()
+
+    def stop_accepting(self) -> None:
+        with self._cond:
+            self._accepting = False
+
+    @property
+    def num_active(self) -> int:
+        with self._cond:
+            return len(self._requests)
+
+    def stats(self) -> dict:
+        with self._cond:
+            stats = dict(self._engine_stats)
+            stats.update(num_pending=self._num_pending_adds,
+                         num_active_requests=len(self._requests),
+                         num_finished_requests=self._num_finished,
+                         num_aborted_requests=self._num_aborted,
+                         num_steps=self._num_steps)
+            return stats
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Stops the engine thread (abort requests first: unfinished ones are dropped)."""
+        with self._cond:
+            self._accepting = False
+            self._closing = True
+            self._cond.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ---- the engine thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._inbox or self._has_work or self._closing):
+                        self._cond.wait()
+                    if self._closing and not self._inbox:
+                        return
+                    # Applied under the lock so that an add leaves the pending count and
+                    # enters the engine's waiting count atomically for `add`'s bound check.
+                    while self._inbox:
+                        self._apply(self._inbox.popleft())
+                    self._has_work = self.engine.has_unfinished_requests()
+                    self._refresh_engine_stats()
+                if self._has_work:
+                    outputs = self.engine.step()
+                    with self._cond:
+                        self._num_steps += 1
+                        deliveries = [d for d in map(self._collect, outputs) if d]
+                        self._has_work = self.engine.has_unfinished_requests()
+                        self._refresh_engine_stats()
+                    for sink, deltas in deliveries:
+                        self._deliver(sink, deltas)
+        except BaseException as e:  # noqa: BLE001 - any engine failure ends serving
+            logger.exception("engine loop failed")
+            self._fail(f"{type(e).__name__}: {e}")
+
+    def _apply(self, op: tuple) -> None:
+        if op[0] == "add":
+            _, tracked, kwargs, future = op
+            self._num_pending_adds -= 1
+            if self._requests.get(tracked.request_id) is not tracked:
+                future.set_result(None)  # aborted before it reached the engine
+                return
+            try:
+                self.engine.add_request(tracked.request_id, **kwargs)
+            except Exception as e:  # ValueError: bad input; anything else: a bug for this request
+                del self._requests[tracked.request_id]
+                future.set_exception(e)
+                return
+            tracked.in_engine = True
+            future.set_result(None)
+        else:
+            tracked = self._requests.pop(op[1], None)
+            if tracked is None:
+                return
+            if tracked.in_engine:
+                self.engine.abort_request(tracked.request_id)
+            self._num_aborted += 1
+            final = [Delta(i, "", (), "abort", tracked.prompt_tokens, tracked.sent_num_tokens[i])
+                     for i in range(tracked.n) if i not in tracked.finished]
+            self._deliver(tracked.sink, final)
+
+    def _collect(self, output: Any) -> Optional[tuple]:
+        """Turns one cumulative RequestOutput into (sink, deltas) of what is new."""
+        tracked = self._requests.get(output.request_id)
+        if tracked is None:
+            return None  # aborted meanwhile, or not ours (e.g. engine-internal)
+        tracked.prompt_tokens = len(output.prompt_token_ids or ())
+        deltas = []
+        for completion in output.outputs:
+            i = completion.index
+            if i in tracked.finished or i >= tracked.n:
+                continue
+            finish = completion.finish_reason
+            if output.finished and finish is None:
+                finish = "stop"
+            text, ids = completion.text, completion.token_ids
+            if len(ids) == tracked.sent_num_tokens[i] and len(text) == tracked.sent_text_len[i] \
+                    and finish is None:
+                continue  # nothing new for this completion in this step
+            logprobs = None
+            if getattr(completion, "logprobs", None):
+                logprobs = list(completion.logprobs[tracked.sent_num_tokens[i]:len(ids)])
+            deltas.append(Delta(i, text[tracked.sent_text_len[i]:],
+                                tuple(ids[tracked.sent_num_tokens[i]:]), finish,
+                                tracked.prompt_tokens, len(ids), logprobs))
+            tracked.sent_text_len[i] = len(text)
+            tracked.sent_num_tokens[i] = len(ids)
+            if finish is not None:
+                tracked.finished.add(i)
+        if len(tracked.finished) >= tracked.n or output.finished:
+            del self._requests[tracked.request_id]
+            self._num_finished += 1
+        return (tracked.sink, deltas) if deltas else None
+
+    def _refresh_engine_stats(self) -> None:
+        self._engine_stats = dict(self.engine.get_stats())
+
+    @staticmethod
+    def _deliver(sink: Sink, item: Union[list, EngineFailure]) -> None:
+        try:
+            sink(item)
+        except Exception:  # a closed event loop must not take the engine down
+            logger.exception("dropping output for a request whose consumer is gone")
+
+    def _fail(self, reason: str) -> None:
+        with self._cond:
+            self.dead_reason = reason
+            self._accepting = False
+            victims = list(self._requests.values())
+            self._requests.clear()
+            pending = [op for op in self._inbox if op[0] == "add"]
+            self._inbox.clear()
+            self._num_pending_adds = 0
+        for op in pending:
+            if not op[3].done():
+                op[3].set_exception(EngineUnavailable(f"engine failed: {reason}"))
+        for tracked in victims:
+            self._deliver(tracked.sink, EngineFailure(reason))
+        if self.on_failure is not None:
+            try:
+                self.on_failure(reason)
+            except Exception:
+                logger.exception("on_failure callback failed")

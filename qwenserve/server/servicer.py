@@ -1,0 +1,194 @@
+"""The `qwenserve.v1.Generation` gRPC service (asyncio).
+
+Owns the translation between proto messages and the engine's world: request validation
+and the proto -> `SamplingParams` mapping (an unset optional field means the server
+default), status codes for every failure, and turning the bridge's per-step `Delta`s into
+`GenerateResponse` messages. The engine itself is only reached through `EngineBridge`.
+
+Status codes: bad input -> INVALID_ARGUMENT (the message names the field), waiting queue
+full -> RESOURCE_EXHAUSTED, engine dead / warming up / shutting down -> UNAVAILABLE.
+A call that ends early (client cancel, deadline) aborts its request in `finally`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any, Optional
+
+import grpc
+
+from qwenserve.sampling_params import SamplingParams
+
+from . import qwenserve_pb2 as pb
+from . import qwenserve_pb2_grpc as pb_grpc
+from .engine_bridge import EngineBridge, EngineFailure, EngineUnavailable, QueueFull
+
+logger = logging.getLogger(__name__)
+
+# proto3 `optional` fields of pb.SamplingParams copied only when the client set them.
+OPTIONAL_SAMPLING_FIELDS = (
+    "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "logprobs",
+    "presence_penalty", "frequency_penalty", "min_p", "n", "min_tokens", "skip_special_tokens",
+)
+# Float fields travel as float32; round them back to the decimal the client most likely
+# meant (0.9, not 0.8999999761581421) so validation messages and comparisons read naturally.
+_FLOAT_FIELDS = {"temperature", "top_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "min_p"}
+
+
+def sampling_kwargs(params: pb.SamplingParams) -> dict:
+    """The keywords of `SamplingParams` the client set; everything else stays default."""
+    kwargs: dict[str, Any] = {}
+    for name in OPTIONAL_SAMPLING_FIELDS:
+        if params.HasField(name):
+            value = getattr(params, name)
+            kwargs[name] = float(f"{value:.7g}") if name in _FLOAT_FIELDS else value
+    if params.stop:
+        kwargs["stop"] = list(params.stop)
+    if params.stop_token_ids:
+        kwargs["stop_token_ids"] = list(params.stop_token_ids)
+    if params.ignore_eos:
+        kwargs["ignore_eos"] = True
+    return kwargs
+
+
+def make_sampling_params(params: pb.SamplingParams, generation_config: Optional[dict]) -> SamplingParams:
+    """Proto -> SamplingParams; ValueError (naming the field) for invalid values."""
+    kwargs = sampling_kwargs(params)
+    if generation_config:
+        return SamplingParams.from_generation_config(generation_config, **kwargs)
+    return SamplingParams(**kwargs)
+
+
+def engine_input(request: pb.GenerateRequest) -> dict:
+    """The input keywords of `engine.add_request`; ValueError naming the field if absent."""
+    which = request.WhichOneof("input")
+    if request.system and which != "chat":
+        raise ValueError("system: only applies to chat input")
+    if which is None:
+        raise ValueError("input: one of prompt, prompt_token_ids or chat is required")
+    if which == "prompt":
+        if not request.prompt:
+            raise ValueError("prompt: must not be empty")
+        return {"prompt": request.prompt}
+    if which == "prompt_token_ids":
+        if not request.prompt_token_ids.ids:
+            raise ValueError("prompt_token_ids: must not be empty")
+        return {"prompt_token_ids": list(request.prompt_token_ids.ids)}
+    if not request.chat.messages:
+        raise ValueError("chat: needs at least one message")
+    messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+    return {"messages": messages, "system": request.system or None}
+
+
+def _logprobs_message(entry: Any) -> pb.TokenLogprobs:
+    """One token's top-N log-probabilities, from a dict {id: lp} or pairs [(id, lp)]."""
+    pairs = entry.items() if isinstance(entry, dict) else (entry or ())
+    return pb.TokenLogprobs(top=[pb.TokenLogprob(token_id=int(t), logprob=float(lp)) for t, lp in pairs])
+
+
+def model_info(engine: Any) -> pb.ModelInfo:
+    """ModelInfo from the engine's resolved settings (falling back to its config)."""
+    config = engine.config
+    model_config = getattr(engine, "model_config", None)
+    stats = engine.get_stats()
+    max_model_len = (getattr(engine, "max_model_len", None) or config.max_model_len
+                     or getattr(model_config, "max_model_len", None)
+                     or getattr(model_config, "seq_length", None) or 0)
+    dtype = str(getattr(engine, "dtype", None) or config.dtype).replace("torch.", "")
+    device = str(getattr(engine, "device", None) or config.device)
+    return pb.ModelInfo(
+        model=config.model or "built-in tiny Qwen (random weights)",
+        max_model_len=int(max_model_len),
+        vocab_size=int(getattr(model_config, "vocab_size", 0) or 0),
+        tensor_parallel_size=config.tensor_parallel_size,
+        dtype=dtype, device=device, block_size=config.block_size,
+        num_gpu_blocks=int(stats.get("num_total_blocks", 0)))
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, bridge: EngineBridge, engine: Any):
+        self.bridge = bridge
+        self.engine = engine
+        self.generation_config = getattr(engine, "generation_config", None)
+        self._model_info = model_info(engine)
+        # Set by the app once the warm-up generation succeeded; until then, UNAVAILABLE.
+        self.ready = False
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        if not self.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is not ready yet")
+        try:
+            add_kwargs = engine_input(request)
+            params = make_sampling_params(request.params, self.generation_config)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        request_id = request.request_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+
+        def sink(item) -> None:  # runs on the engine thread
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        try:
+            accepted = self.bridge.add(request_id, sink, n=params.n, params=params, **add_kwargs)
+        except QueueFull as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except EngineUnavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+        complete = False
+        try:
+            try:
+                await asyncio.wrap_future(accepted)
+            except ValueError as e:
+                complete = True
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except EngineUnavailable as e:
+                complete = True
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            except Exception as e:  # noqa: BLE001 - a bug for this request, not the server
+                complete = True
+                logger.exception("add_request failed for %s", request_id)
+                await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            remaining = params.n
+            while remaining:
+                item = await outputs.get()
+                if isinstance(item, EngineFailure):
+                    complete = True
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine failed: {item.message}")
+                for delta in item:
+                    yield pb.GenerateResponse(
+                        request_id=request_id, index=delta.index, text=delta.text,
+                        token_ids=delta.token_ids, finish_reason=delta.finish_reason or "",
+                        prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens,
+                        logprobs=[_logprobs_message(e) for e in delta.logprobs or ()])
+                    if delta.finish_reason:
+                        remaining -= 1
+            complete = True
+        finally:
+            # Client cancel or deadline: the task is cancelled at an await above; free the
+            # request's blocks now rather than when it would have finished.
+            if not complete:
+                self.bridge.abort(request_id)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        # Off the event loop: a long text must not stall every stream.
+        ids = await asyncio.to_thread(self.engine.tokenizer.encode, request.text)
+        return pb.TokenizeResponse(ids=ids)
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        return self._model_info
+
+    async def GetStats(self, request, context) -> pb.Stats:
+        stats = self.bridge.stats()
+        fields = {f.name: f for f in pb.Stats.DESCRIPTOR.fields}
+        values = {}
+        for name, value in stats.items():
+            if name in fields and value is not None:
+                is_float = fields[name].type == fields[name].TYPE_FLOAT
+                values[name] = float(value) if is_float else int(value)
+        return pb.Stats(**values)
