@@ -1,0 +1,312 @@
+"""The sampler: from a step's last-position logits to one token id per request.
+
+This module owns the logits processing (padding-id mask, min_tokens ban, repetition /
+presence / frequency penalties), the log-probabilities, and the draw itself (greedy,
+temperature, top-k, top-p, min-p). It runs on rank 0 only and knows nothing of the
+scheduler: each row of the batch comes with a `SamplingState`.
+
+Order of operations (Hugging Face LogitsProcessor semantics):
+
+    logits ─► (a) ids >= vocab_size_real → -inf          ┐
+           ─► (b) banned ids → -inf while output < min_tokens │ process_logits()
+           ─► (c) repetition penalty (prompt + output)   ┐ │
+           ─► (d) presence / frequency (output only)     ┘ apply_penalties()
+           ─► (e) log_softmax → logprobs (before temperature)
+           ─► (f) greedy rows: argmax
+           ─► (g) other rows: /temperature, top-k, top-p, min-p, exponential race
+
+Reproducibility: a row whose state has a `generator` draws only from it, V exponentials
+per step, so a seeded request yields the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from qwenserve.sampling_params import SamplingParams
+
+QWEN_VOCAB_SIZE_REAL = 151851
+# Dividing by a near-zero temperature could overflow float32 to inf (and inf - inf = NaN
+# in the softmax); at this temperature the draw is an argmax anyway.
+_MIN_TEMPERATURE = 1e-6
+# Top-p looks for its nucleus among this many most probable tokens first (see _apply_top_p).
+_TOP_P_CANDIDATES = 1024
+
+
+@dataclass
+class SamplingState:
+    """What the sampler needs to know about one row. `banned_token_ids` (EOS and the
+    stop ids, filled by the engine) are masked while the output is shorter than
+    `params.min_tokens`. `generator` may live on any device; draws are moved to the
+    logits' device."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None = None
+    banned_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Per row: the top-N (id, logprob) pairs, best first, or None if not requested.
+    logprobs: list[list[tuple[int, float]] | None]
+    # Per row: the log-probability of the sampled token (before temperature).
+    sampled_logprobs: list[float]
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A per-request generator for `SamplingState.generator`."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    """[len(rows), max_len] int64 of the rows' ids, right-padded with `pad`; ids outside
+    [0, pad) are mapped to `pad` too, so that they land in a scratch column."""
+    width = max(1, max(len(r) for r in rows))
+    out = np.full((len(rows), width), pad, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    out[(out < 0) | (out > pad)] = pad
+    return torch.from_numpy(out).to(device)
+
+
+def _row_index(rows: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Steps (c) and (d) on a copy of `logits` [B, V]; returns the penalised copy.
+
+    (c) repetition penalty (HF): each distinct id of prompt + output once,
+        logit < 0 → logit * penalty, else logit / penalty.
+    (d) OpenAI: logit -= presence * (count > 0) + frequency * count, counts over the output.
+    """
+    logits = logits.clone()
+    vocab = logits.shape[1]
+    device = logits.device
+
+    rep_rows = [i for i, s in enumerate(states) if s.params.repetition_penalty != 1.0]
+    if rep_rows:
+        ids = _padded(
+            [states[i].prompt_token_ids + states[i].output_token_ids for i in rep_rows],
+            vocab,
+            device,
+        )
+        # One extra column absorbs the padding ids, then is dropped.
+        seen = torch.zeros(len(rep_rows), vocab + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, True)
+        penalty = torch.tensor(
+            [states[i].params.repetition_penalty for i in rep_rows], device=device
+        ).unsqueeze(1)
+        idx = _row_index(rep_rows, device)
+        sub = logits.index_select(0, idx)
+        penalised = torch.where(sub < 0, sub * penalty, sub / penalty)
+        logits.index_copy_(0, idx, torch.where(seen[:, :vocab], penalised, sub))
+
+    pf_rows = [
+        i
+        for i, s in enumerate(states)
+        if (s.params.presence_penalty != 0.0 or s.params.frequency_penalty != 0.0)
+        and s.output_token_ids
+    ]
+    if pf_rows:
+        ids = _padded([states[i].output_token_ids for i in pf_rows], vocab, device)
+        counts = torch.zeros(len(pf_rows), vocab + 1, dtype=logits.dtype, device=device)
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))
+        counts = counts[:, :vocab]
+        presence = torch.tensor(
+            [states[i].params.presence_penalty for i in pf_rows], device=device
+        ).unsqueeze(1)
+        frequency = torch.tensor(
+            [states[i].params.frequency_penalty for i in pf_rows], device=device
+        ).unsqueeze(1)
+        idx = _row_index(pf_rows, device)
+        sub = logits.index_select(0, idx)
+        sub = sub - (presence * (counts > 0).to(logits.dtype) + frequency * counts)
+        logits.index_copy_(0, idx, sub)
+    return logits
+
+
+def process_logits(
+    logits: torch.Tensor, states: list[SamplingState], vocab_size_real: int = QWEN_VOCAB_SIZE_REAL
+) -> torch.Tensor:
+    """Steps (a)-(d): the logits that logprobs and greedy decoding see. Returns a new
+    float32 tensor; the input is left untouched."""
+    if logits.dim() != 2 or logits.shape[0] != len(states):
+        raise ValueError(f"logits must be [B={len(states)}, V], got {tuple(logits.shape)}")
+    logits = logits.to(torch.float32, copy=True)
+    vocab = logits.shape[1]
+
+    # (a) Rows of the embedding beyond the tokenizer's vocabulary are padding.
+    if vocab > vocab_size_real:
+        logits[:, vocab_size_real:] = float("-inf")
+
+    # (b) One index_put for all rows still short of min_tokens.
+    ban_rows: list[int] = []
+    ban_cols: list[int] = []
+    for i, s in enumerate(states):
+        if len(s.output_token_ids) < s.params.min_tokens:
+            cols = [t for t in s.banned_token_ids if 0 <= t < vocab]
+            ban_rows += [i] * len(cols)
+            ban_cols += cols
+    if ban_rows:
+        logits[_row_index(ban_rows, logits.device), _row_index(ban_cols, logits.device)] = float(
+            "-inf"
+        )
+
+    return apply_penalties(logits, states)
+
+
+def _apply_top_k(x: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """Mask to -inf, per row of x [n, V], what lies below the k-th largest value
+    (top_k[i] = 0: off). Like HF, every token tied with the k-th value is kept, which
+    also makes the result independent of how ties are ordered."""
+    vocab = x.shape[1]
+    k = [t if 0 < t < vocab else 0 for t in top_k]
+    if not any(k):
+        return x
+    k_t = torch.tensor(k, dtype=torch.long, device=x.device).unsqueeze(1)
+    kth = x.topk(max(k), dim=-1).values.gather(1, (k_t - 1).clamp(min=0))
+    kth = kth.masked_fill(k_t == 0, float("-inf"))
+    return x.masked_fill(x < kth, float("-inf"))
+
+
+def _apply_top_p(x: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """Mask to -inf, per row of x [n, V], what lies outside the nucleus: the smallest set
+    of most probable tokens whose mass reaches top_p[i] (1 = off), never empty. Tokens
+    tied with the last one kept are kept too, so no tie order is ever needed.
+
+    Only the sorted probability values matter, so a top-K of the candidates replaces a full
+    sort of the vocabulary; a row whose top-K mass falls short of top_p (a very flat
+    distribution) falls back to a full sort."""
+    rows = [i for i, p in enumerate(top_p) if p < 1.0]
+    if not rows:
+        return x
+    idx = _row_index(rows, x.device)
+    sub = x.index_select(0, idx)
+    probs = sub.softmax(dim=-1)
+    p = torch.tensor([top_p[i] for i in rows], dtype=probs.dtype, device=x.device).unsqueeze(1)
+    vals = probs.topk(min(_TOP_P_CANDIDATES, probs.shape[1]), dim=-1).values
+    if vals.shape[1] < probs.shape[1] and bool((vals.sum(dim=-1, keepdim=True) < p).any()):
+        vals = probs.sort(dim=-1, descending=True).values
+    cum = vals.cumsum(dim=-1)
+    mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)
+    num_kept = (mass_before < p).sum(dim=-1, keepdim=True)  # >= 1: mass_before[0] = 0
+    last_kept = vals.gather(1, num_kept - 1)
+    return x.index_copy(0, idx, sub.masked_fill(probs < last_kept, float("-inf")))
+
+
+class Sampler:
+    """`Sampler(vocab_size_real, seed)`; `sample(logits [B, V], states) -> SamplerOutput`.
+
+    `seed` seeds the shared generator used by rows whose state has no generator of its own.
+    """
+
+    def __init__(self, vocab_size_real: int = QWEN_VOCAB_SIZE_REAL, seed: int | None = None):
+        self.vocab_size_real = vocab_size_real
+        self.seed = seed
+        self._shared: dict[torch.device, torch.Generator] = {}
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        gen = self._shared.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            if self.seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(self.seed)
+            self._shared[device] = gen
+        return gen
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
+        processed = process_logits(logits, states, self.vocab_size_real)
+        num_rows = processed.shape[0]
+        device = processed.device
+        tokens = torch.empty(num_rows, dtype=torch.long, device=device)
+
+        greedy = [i for i, s in enumerate(states) if s.params.is_greedy]
+        sampled = [i for i, s in enumerate(states) if not s.params.is_greedy]
+        if greedy:
+            idx = _row_index(greedy, device)
+            tokens.index_copy_(0, idx, processed.index_select(0, idx).argmax(dim=-1))
+        if sampled:
+            idx = _row_index(sampled, device)
+            sub_states = [states[i] for i in sampled]
+            drawn = self._sample_random(processed.index_select(0, idx), sub_states)
+            tokens.index_copy_(0, idx, drawn)
+
+        logprob_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        sampled_logprobs = torch.empty(num_rows, dtype=torch.float32, device=device)
+        top_ids = top_vals = None
+        if logprob_rows:
+            idx = _row_index(logprob_rows, device)
+            logp = processed.index_select(0, idx).log_softmax(dim=-1)
+            sampled_logprobs.index_copy_(
+                0, idx, logp.gather(1, tokens.index_select(0, idx).unsqueeze(1)).squeeze(1)
+            )
+            max_n = max(states[i].params.logprobs for i in logprob_rows)
+            if max_n > 0:
+                top_vals, top_ids = logp.topk(min(max_n, logp.shape[1]), dim=-1)
+                top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        other_rows = [i for i, s in enumerate(states) if s.params.logprobs is None]
+        if other_rows:
+            # Only the sampled token's logprob: no need for a full [n, V] log_softmax.
+            idx = _row_index(other_rows, device)
+            sub = processed.index_select(0, idx)
+            picked = sub.gather(1, tokens.index_select(0, idx).unsqueeze(1)).squeeze(1)
+            sampled_logprobs.index_copy_(0, idx, picked - sub.logsumexp(dim=-1))
+
+        logprobs: list[list[tuple[int, float]] | None] = [None] * num_rows
+        for j, i in enumerate(logprob_rows):
+            n = states[i].params.logprobs
+            logprobs[i] = (
+                list(zip(top_ids[j][:n], top_vals[j][:n])) if n and top_ids is not None else []
+            )
+        return SamplerOutput(
+            token_ids=tokens.tolist(),
+            logprobs=logprobs,
+            sampled_logprobs=sampled_logprobs.tolist(),
+        )
+
+    def _sample_random(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """Step (g) on the non-greedy rows [n, V]; returns [n] token ids."""
+        device = logits.device
+        params = [s.params for s in states]
+        temperature = torch.tensor(
+            [max(p.temperature, _MIN_TEMPERATURE) for p in params], device=device
+        )
+        x = logits / temperature.unsqueeze(1)
+
+        x = _apply_top_k(x, [p.top_k for p in params])
+        x = _apply_top_p(x, [p.top_p for p in params])
+
+        probs = x.softmax(dim=-1)
+        if any(p.min_p > 0.0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=device).unsqueeze(1)
+            # HF MinPLogitsWarper: drop prob < min_p * max prob (the max always survives).
+            threshold = min_p * probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < threshold, 0.0)
+
+        # Exponential race: argmax(p_i / q_i), q_i ~ Exp(1), picks i with probability
+        # p_i / sum(p); no renormalisation needed. Each seeded row draws its own V values.
+        q = torch.empty_like(probs)
+        shared = [j for j, s in enumerate(states) if s.generator is None]
+        for j, s in enumerate(states):
+            if s.generator is not None:
+                draw = torch.empty(probs.shape[1], device=s.generator.device)
+                q[j] = draw.exponential_(generator=s.generator).to(device)
+        if shared:
+            draw = torch.empty(len(shared), probs.shape[1], device=device)
+            draw.exponential_(generator=self._shared_generator(device))
+            q.index_copy_(0, _row_index(shared, device), draw)
+        # q can be exactly 0; then 0/0 = NaN would win the argmax for a dropped token.
+        q.clamp_(min=torch.finfo(q.dtype).tiny)
+        return (probs / q).argmax(dim=-1)

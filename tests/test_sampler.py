@@ -1,0 +1,314 @@
+"""Tests of the sampler: processing order, filters, reproducibility, logprobs."""
+
+import math
+
+import pytest
+import torch
+
+from qwenserve.sampling_params import SamplingParams
+from qwenserve.worker.sampler import (
+    Sampler,
+    SamplingState,
+    apply_penalties,
+    make_generator,
+    process_logits,
+)
+
+QWEN_V = 151936
+QWEN_REAL = 151851
+
+
+def state(prompt=(), output=(), generator=None, banned=(), **params):
+    return SamplingState(SamplingParams(**params), list(prompt), list(output), generator,
+                         list(banned))
+
+
+# ---------------------------------------------------------------- reproducibility
+
+
+def _run_seeded(batch_size, row, steps=20, V=1000):
+    """Sample one seeded request for `steps` steps at `row` of a batch whose other rows
+    are a mix of unseeded, differently seeded and greedy requests."""
+    target_params = dict(temperature=0.9, top_p=0.95, top_k=200, repetition_penalty=1.1, seed=1234)
+    target = state(prompt=[1, 2, 3], generator=make_generator(1234), **target_params)
+    sampler = Sampler(vocab_size_real=V - 10, seed=batch_size)  # other rows differ per run
+    tokens = []
+    for step in range(steps):
+        # The target's logits depend only on the step; the others' on the batch too.
+        g = torch.Generator().manual_seed(step)
+        target_logits = torch.randn(V, generator=g) * 3
+        others = torch.Generator().manual_seed(1000 * batch_size + step)
+        states, rows = [], []
+        for b in range(batch_size):
+            if b == row:
+                states.append(target)
+                rows.append(target_logits)
+                continue
+            kind = b % 3
+            if kind == 0:
+                states.append(state(temperature=1.0))
+            elif kind == 1:
+                states.append(state(temperature=0.5, top_p=0.5,
+                                    generator=make_generator(99 + b + step)))
+            else:
+                states.append(state(temperature=0.0))
+            rows.append(torch.randn(V, generator=others) * 3)
+        out = sampler.sample(torch.stack(rows), states)
+        tok = out.token_ids[row]
+        target.output_token_ids.append(tok)
+        tokens.append(tok)
+    return tokens
+
+
+def test_seeded_row_reproduces_whatever_the_batch():
+    alone = _run_seeded(batch_size=1, row=0)
+    in_batch = _run_seeded(batch_size=8, row=5)
+    assert alone == in_batch
+    assert len(set(alone)) > 1  # really sampled, not a constant
+
+
+def test_shared_generator_is_seedable():
+    logits = torch.randn(4, 500)
+    states = [state() for _ in range(4)]
+    a = Sampler(vocab_size_real=500, seed=3).sample(logits, states).token_ids
+    b = Sampler(vocab_size_real=500, seed=3).sample(logits, states).token_ids
+    assert a == b
+
+
+# ---------------------------------------------------------------- filters and frequencies
+
+PROBS = torch.tensor([0.30, 0.25, 0.20, 0.10, 0.08, 0.04, 0.02, 0.01])
+N_DRAWS = 8000
+
+
+def _draw(params, n=N_DRAWS, seeded=False):
+    """n draws from the distribution PROBS (logits = log p) under `params`."""
+    V = len(PROBS)
+    logits = PROBS.log().expand(n, V).contiguous()
+    gens = [make_generator(i) if seeded else None for i in range(n)]
+    states = [state(generator=gens[i], **params) for i in range(n)]
+    out = Sampler(vocab_size_real=V, seed=0).sample(logits, states)
+    return torch.bincount(torch.tensor(out.token_ids), minlength=V)
+
+
+def _check_frequencies(counts, allowed, weights):
+    """All draws in `allowed`; Pearson chi-square against the renormalised `weights`
+    below 30 (for <= 7 degrees of freedom, p < 1e-4 of failing by chance)."""
+    outside = [i for i in range(len(counts)) if i not in allowed and counts[i] > 0]
+    assert not outside, f"sampled tokens outside {allowed}: {outside}"
+    n = counts.sum().item()
+    w = torch.tensor([weights[i] for i in allowed], dtype=torch.float64)
+    expected = w / w.sum() * n
+    observed = counts[list(allowed)].double()
+    chi2 = ((observed - expected) ** 2 / expected).sum().item()
+    assert chi2 < 30.0, f"chi2={chi2:.1f} observed={observed.tolist()} expected={expected.tolist()}"
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_plain_sampling_matches_probabilities(seeded):
+    counts = _draw(dict(temperature=1.0), n=4000 if seeded else N_DRAWS, seeded=seeded)
+    _check_frequencies(counts, list(range(8)), PROBS.tolist())
+
+
+def test_top_k():
+    counts = _draw(dict(temperature=1.0, top_k=3))
+    _check_frequencies(counts, [0, 1, 2], PROBS.tolist())
+
+
+def test_top_p():
+    # Mass before each token: 0, .30, .55, .75 → smallest set reaching 0.7 is {0, 1, 2}.
+    _check_frequencies(_draw(dict(top_p=0.7)), [0, 1, 2], PROBS.tolist())
+    # Reaching 0.5 needs {0, 1} (0.55).
+    _check_frequencies(_draw(dict(top_p=0.5)), [0, 1], PROBS.tolist())
+    # Tiny top_p keeps the top token only.
+    assert _draw(dict(top_p=1e-3), n=200)[0] == 200
+
+
+def test_min_p():
+    # Threshold 0.3 * 0.30 = 0.09: keeps 0.30, 0.25, 0.20, 0.10.
+    _check_frequencies(_draw(dict(min_p=0.3)), [0, 1, 2, 3], PROBS.tolist())
+
+
+def test_temperature_top_k_top_p_min_p_together():
+    # T=2 → weights ∝ sqrt(p); top_k=6 drops ids 6,7; top_p then sees the renormalised
+    # tempered distribution; min_p a fraction of the max of that.
+    t = PROBS.double().sqrt()[:6]
+    p = t / t.sum()
+    cum_before = torch.cat([torch.zeros(1, dtype=torch.float64), p.cumsum(0)[:-1]])
+    nucleus = [i for i in range(6) if cum_before[i] < 0.8]
+    kept = [i for i in nucleus if p[i] >= 0.55 * p[0]]
+    counts = _draw(dict(temperature=2.0, top_k=6, top_p=0.8, min_p=0.55))
+    _check_frequencies(counts, kept, t.tolist())
+    # By hand: p = .239 .218 .195 .138 .123 .087; mass before id 5 is .913 > .8, so the
+    # nucleus is ids 0-4; min_p threshold .55 * .239 = .131 then drops id 4 (.123).
+    assert nucleus == [0, 1, 2, 3, 4] and kept == [0, 1, 2, 3]
+
+
+def test_greedy_and_top_k_1_are_argmax():
+    logits = torch.randn(6, 300)
+    states = [state(temperature=0.0), state(temperature=0.8, top_k=1)] * 3
+    out = Sampler(vocab_size_real=300).sample(logits, states)
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+def test_tiny_temperature_is_finite():
+    logits = torch.randn(3, 300) * 50
+    out = Sampler(vocab_size_real=300).sample(logits, [state(temperature=1e-30)] * 3)
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+# ---------------------------------------------------------------- penalties
+
+
+def _penalised_by_hand(logits, st):
+    """The formulas, element by element."""
+    out = logits.clone()
+    p = st.params
+    for t in set(st.prompt_token_ids + st.output_token_ids):
+        v = out[t].item()
+        out[t] = v * p.repetition_penalty if v < 0 else v / p.repetition_penalty
+    for t in set(st.output_token_ids):
+        c = st.output_token_ids.count(t)
+        out[t] = out[t] - (p.presence_penalty * 1.0 + p.frequency_penalty * c)
+    return out
+
+
+def _penalty_batch(V=64):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, V, generator=g) * 4
+    states = [
+        state(prompt=[1, 2, 2, 3], output=[3, 3, 4], repetition_penalty=1.3),
+        state(prompt=[5, 6], output=[6, 7, 7, 7], presence_penalty=0.5, frequency_penalty=0.25),
+        state(prompt=[8, 9, 10], output=[10, 11, 11], repetition_penalty=0.7,
+              presence_penalty=-1.0, frequency_penalty=1.5),
+        state(prompt=[1, 2, 3], output=[1, 2]),  # no penalties at all
+        state(prompt=[], output=[], repetition_penalty=2.0, frequency_penalty=1.0),
+    ]
+    return logits, states
+
+
+def test_apply_penalties_matches_formulas():
+    logits, states = _penalty_batch()
+    before = logits.clone()
+    out = apply_penalties(logits, states)
+    assert torch.equal(logits, before), "input must not be modified"
+    for i, st in enumerate(states):
+        torch.testing.assert_close(out[i], _penalised_by_hand(logits[i], st), rtol=1e-6, atol=1e-6)
+    assert torch.equal(out[3], logits[3]) and torch.equal(out[4], logits[4])
+
+
+def test_repetition_penalty_matches_transformers():
+    transformers_lp = pytest.importorskip("transformers.generation.logits_process")
+    logits, states = _penalty_batch()
+    # Only the repetition penalty: HF has no presence/frequency penalties.
+    states = [state(prompt=s.prompt_token_ids, output=s.output_token_ids,
+                    repetition_penalty=s.params.repetition_penalty) for s in states]
+    out = apply_penalties(logits, states)
+    for i, st in enumerate(states):
+        ids = torch.tensor([st.prompt_token_ids + st.output_token_ids], dtype=torch.long)
+        proc = transformers_lp.RepetitionPenaltyLogitsProcessor(st.params.repetition_penalty)
+        expected = proc(ids, logits[i : i + 1].clone())[0] if ids.numel() else logits[i]
+        torch.testing.assert_close(out[i], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_padding_ids_never_sampled():
+    logits = torch.randn(4, QWEN_V)
+    logits[:, QWEN_REAL:] = 1e4
+    states = [state(temperature=0.0), state(temperature=1.0), state(temperature=2.0, top_p=0.99),
+              state(temperature=1.0, generator=make_generator(1), logprobs=5)]
+    out = Sampler().sample(logits, states)
+    assert all(t < QWEN_REAL for t in out.token_ids)
+    assert all(t < QWEN_REAL for t, _ in out.logprobs[3])
+    # Many draws at a small vocabulary too.
+    small = torch.zeros(2000, 12)
+    small[:, 8:] = 50.0
+    out = Sampler(vocab_size_real=8, seed=0).sample(small, [state()] * 2000)
+    assert max(out.token_ids) < 8
+
+
+def test_min_tokens_bans_eos_until_reached():
+    eos, im_end = 9, 7
+    logits = torch.zeros(1, 12)
+    logits[0, eos] = 100.0
+    logits[0, im_end] = 90.0
+    sampler = Sampler(vocab_size_real=12)
+    for n_out, expected in [(0, None), (2, None), (3, eos)]:
+        st = state(output=[1] * n_out, banned=[eos, im_end], min_tokens=3, max_tokens=10,
+                   temperature=0.0)
+        tok = sampler.sample(logits, [st]).token_ids[0]
+        if expected is None:
+            assert tok not in (eos, im_end)
+        else:
+            assert tok == expected
+    # Random rows too, many draws.
+    sts = [state(banned=[eos, im_end], min_tokens=1) for _ in range(500)]
+    toks = sampler.sample(logits.expand(500, 12), sts).token_ids
+    assert eos not in toks and im_end not in toks
+
+
+# ---------------------------------------------------------------- logprobs
+
+
+def test_logprobs_are_from_processed_logits_before_temperature():
+    g = torch.Generator().manual_seed(5)
+    V = 500
+    logits = torch.randn(4, V, generator=g) * 3
+    states = [
+        state(prompt=[1, 2], output=[3], repetition_penalty=1.2, temperature=0.5, top_k=5,
+              logprobs=5),
+        state(logprobs=0, temperature=0.0),
+        state(logprobs=None, frequency_penalty=0.5, output=[4, 4]),
+        state(logprobs=20, top_p=0.3, output=[1], presence_penalty=1.0),
+    ]
+    out = Sampler(vocab_size_real=V - 3, seed=0).sample(logits, states)
+    processed = process_logits(logits, states, vocab_size_real=V - 3)
+    logp = torch.log_softmax(processed, dim=-1)
+    for i, st in enumerate(states):
+        n = st.params.logprobs
+        if n is None:
+            assert out.logprobs[i] is None
+        else:
+            vals, ids = logp[i].topk(n) if n else (torch.empty(0), torch.empty(0, dtype=torch.long))
+            assert [t for t, _ in out.logprobs[i]] == ids.tolist()
+            torch.testing.assert_close(torch.tensor([v for _, v in out.logprobs[i]]), vals,
+                                       rtol=0, atol=1e-6)
+        assert math.isclose(out.sampled_logprobs[i], logp[i, out.token_ids[i]].item(),
+                            abs_tol=1e-5)
+
+
+def _nucleus_reference(row: torch.Tensor, top_p: float) -> set[int]:
+    """Smallest most-probable set reaching top_p, by a full float64 sort."""
+    probs = row.double().softmax(-1)
+    order = probs.argsort(descending=True).tolist()
+    kept, mass = [], 0.0
+    for i in order:
+        kept.append(i)
+        mass += probs[i].item()
+        if mass >= top_p:
+            break
+    return set(kept)
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.05])  # peaked: top-K path; flat: full-sort fallback
+def test_top_p_nucleus_against_full_sort(scale):
+    from qwenserve.worker.sampler import _apply_top_p
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 4000, generator=g) * scale
+    top_p = [0.5, 0.9, 0.95, 1.0, 0.2, 0.99]
+    out = _apply_top_p(x, top_p)
+    for i, p in enumerate(top_p):
+        kept = set(torch.nonzero(out[i] > float("-inf")).flatten().tolist())
+        expected = set(range(4000)) if p == 1.0 else _nucleus_reference(x[i], p)
+        # float32 vs float64 mass may disagree about one token right at the boundary.
+        assert len(kept ^ expected) <= 1, (i, len(kept), len(expected))
+        assert kept ^ expected <= set(x[i].topk(min(len(expected) + 1, 4000)).indices.tolist())
+
+
+def test_top_k_and_top_p_keep_ties():
+    from qwenserve.worker.sampler import _apply_top_k, _apply_top_p
+
+    x = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]])
+    assert torch.isfinite(_apply_top_k(x, [2])).tolist() == [[True, False, True, True, False]]
+    # probs of 3.0 alone is ~0.53 < 0.6, so the nucleus ends on a value-2.0 token: both stay.
+    assert torch.isfinite(_apply_top_p(x, [0.6])).tolist() == [[True, False, True, True, False]]
