@@ -39,7 +39,7 @@ TOLERANCES = {
 
 def assert_close(actual, expected, dtype=None, **override):
     tol = dict(TOLERANCES[dtype or expected.dtype])
-    tol.update(override)
+    tol.update({k: v for k, v in override.items() if v is not None})
     torch.testing.assert_close(actual.float(), expected.float(), **tol)
 
 
