@@ -1,0 +1,324 @@
+"""End-to-end tests of the gRPC server: `python -m qwenserve.cli launch` as a subprocess on
+the built-in tiny model (CPU), driven through `qwenserve.server.client`, raw stubs and the
+CLI. One server is shared by the module; the queue-overflow and SIGTERM tests start their
+own because they need different flags or kill it.
+"""
+import asyncio
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from qwenserve.server import gen_protos
+from qwenserve.server.client import AsyncQwenClient, QwenClient
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
+                "--kv-cache-memory", "32MiB", "--seed", "0"]
+STARTUP_TIMEOUT = 300  # first run builds the tiny checkpoint; 2 slow cores load torch
+# Greedy and the same everywhere: the server's defaults come from generation_config.json,
+# so the comparison with the offline engine pins every parameter that changes logits.
+GREEDY = dict(temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
+PROMPTS = [f"Request {i}: the capital of country number {i * 7} is" for i in range(15)] + [
+    "蒙古国的首都是乌兰巴托（Ulaanbaatar）\n冰岛的首都是"]
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
+class Server:
+    """A `qwenserve launch --port 0` subprocess; `address` is parsed from its output."""
+
+    def __init__(self, log_dir: Path, *flags: str):
+        self.stderr_path = log_dir / f"server-{time.monotonic_ns()}.log"
+        self.stdout_lines = []
+        self._ready = threading.Event()
+        with open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-u", "-m", "qwenserve.cli", "launch", "--port", "0",
+                 *ENGINE_FLAGS, *flags],
+                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO, env=_env())
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        if not self._ready.wait(STARTUP_TIMEOUT) or self.proc.poll() is not None:
+            self.stop(signal.SIGKILL)
+            pytest.fail(f"server did not become ready:\n{self.log()}")
+        ready = [line for line in self.stdout_lines if "ready" in line]
+        self.address = ready[0].split(" on ")[1].split()[0]
+
+    def _read_stdout(self):
+        for line in self.proc.stdout:
+            self.stdout_lines.append(line.rstrip("\n"))
+            if "ready" in line:
+                self._ready.set()
+        self._ready.set()  # exited: let the waiter see it
+
+    def log(self) -> str:
+        return "\n".join(self.stdout_lines) + "\n--- stderr ---\n" + self.stderr_path.read_text()[-4000:]
+
+    def stop(self, sig=signal.SIGTERM, timeout=60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def wait_idle(client: QwenClient, timeout=15.0) -> dict:
+    """Polls GetStats until no request holds KV blocks or sits in a queue."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = client.stats()
+        if (stats["num_used_blocks"], stats["num_running"], stats["num_waiting"],
+                stats["num_active_requests"]) == (0, 0, 0, 0):
+            return stats
+        assert time.monotonic() < deadline, f"server never went idle: {stats}"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("server"))
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with QwenClient(server.address) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def offline_greedy():
+    """Greedy completions of PROMPTS from the engine in this process, same config as the server."""
+    from qwenserve.config import EngineConfig
+    from qwenserve.engine import LLMEngine
+    from qwenserve.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model=None, device="cpu", dtype="float32", max_model_len=256,
+                                    kv_cache_memory=32 * 1024**2, seed=0))
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(str(i), prompt=prompt, params=params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = (out.outputs[0].text, list(out.outputs[0].token_ids))
+    return [done[i] for i in range(len(PROMPTS))]
+
+
+def test_health_is_serving_after_warm_up_and_ready_printed_once(server):
+    assert sum("ready" in line for line in server.stdout_lines) == 1
+    assert any(server.address in line for line in server.stdout_lines)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "qwenserve.v1.Generation"):
+            status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"qwenserve.v1.Generation", "grpc.health.v1.Health"} <= names
+
+
+def test_16_concurrent_streams_match_the_offline_engine(server, offline_greedy):
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def stream(i):
+        with QwenClient(server.address) as c:
+            barrier.wait(timeout=30)
+            return list(c.generate_stream(PROMPTS[i], max_tokens=8, timeout=120, **GREEDY))
+
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        results = list(pool.map(stream, range(len(PROMPTS))))
+    for i, deltas in enumerate(results):
+        text, token_ids = offline_greedy[i]
+        assert "".join(d.text for d in deltas) == text, PROMPTS[i]
+        assert [t for d in deltas for t in d.token_ids] == token_ids, PROMPTS[i]
+        assert all(not d.finish_reason for d in deltas[:-1])
+        assert deltas[-1].finish_reason == "length"
+        assert deltas[-1].completion_tokens == 8 and deltas[-1].prompt_tokens > 0
+        assert len(deltas) >= 2  # streamed per step, not one final message
+
+
+def test_client_generate_chat_n_and_tokenize(client, offline_greedy):
+    result = client.generate(PROMPTS[0], max_tokens=8, **GREEDY)
+    assert (result.text, result.token_ids) == offline_greedy[0]
+    assert client.generate(prompt_token_ids=client.tokenize(PROMPTS[0]), max_tokens=8,
+                           **GREEDY).token_ids == offline_greedy[0][1]
+    sampled = client.generate("Once upon a time", n=2, max_tokens=5, temperature=0.8, seed=1,
+                              ignore_eos=True)
+    assert [c.index for c in sampled.outputs] == [0, 1]
+    assert all(len(c.token_ids) == 5 and c.finish_reason == "length" for c in sampled.outputs)
+    reply = client.chat([{"role": "user", "content": "你好"}], system="You are a helpful assistant.",
+                        max_tokens=4, **GREEDY)
+    assert len(reply.token_ids) == 4
+    from qwenserve.model.tokenizer import QwenTokenizer
+
+    assert client.tokenize("Hello, 世界") == QwenTokenizer.from_dir(None).encode("Hello, 世界")
+    info = client.model_info()
+    assert info["max_model_len"] == 256 and info["block_size"] == 16 and info["num_gpu_blocks"] > 0
+    assert info["vocab_size"] >= 151851 and info["tensor_parallel_size"] == 1
+
+
+def test_async_client(server, offline_greedy):
+    async def run():
+        async with AsyncQwenClient(server.address) as c:
+            deltas = [d async for d in c.generate_stream(PROMPTS[1], max_tokens=8, **GREEDY)]
+            result = await c.generate(PROMPTS[1], max_tokens=8, **GREEDY)
+            return deltas, result, await c.tokenize("hi"), await c.stats()
+
+    deltas, result, ids, stats = asyncio.run(run())
+    assert "".join(d.text for d in deltas) == result.text == offline_greedy[1][0]
+    assert ids and stats["num_total_blocks"] > 0
+
+
+def test_cancelled_stream_aborts_and_frees_blocks(client):
+    before = wait_idle(client)["num_aborted_requests"]
+    stream = client.generate_stream("Tell me a long story", max_tokens=200, **GREEDY)
+    next(stream), next(stream)
+    assert client.stats()["num_used_blocks"] > 0
+    stream.close()  # cancels the call
+    stats = wait_idle(client, timeout=5)
+    assert stats["num_aborted_requests"] == before + 1
+
+
+def test_deadline_aborts_and_frees_blocks(client):
+    before = wait_idle(client)["num_aborted_requests"]
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate("Tell me a long story", max_tokens=200, timeout=0.05, **GREEDY)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stats = wait_idle(client, timeout=5)
+    assert stats["num_aborted_requests"] == before + 1
+
+
+BAD_INPUTS = [
+    (dict(prompt="hi", temperature=-1.0), "temperature"),
+    (dict(prompt="hi", top_p=1.5), "top_p"),
+    (dict(prompt="hi", max_tokens=0), "max_tokens"),
+    (dict(prompt="hi", n=0), "n"),
+    (dict(prompt=""), "prompt"),
+    (dict(prompt="hello " * 300), "max_model_len"),
+    (dict(messages=[{"role": "robot", "content": "hi"}]), "role"),
+    (dict(prompt_token_ids=[151851]), "prompt_token_ids"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", BAD_INPUTS, ids=[f for _, f in BAD_INPUTS])
+def test_bad_input_is_invalid_argument_and_server_keeps_serving(client, kwargs, field):
+    kwargs = dict(kwargs)
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(kwargs.pop("prompt", None), **kwargs)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details(), err.value.details()
+    assert len(client.generate("still alive?", max_tokens=1).token_ids) == 1
+
+
+def test_generate_command_streams_to_the_terminal(server, client):
+    # The same options the command sends; everything else at the server's defaults.
+    expected = client.generate("Hello", max_tokens=4, temperature=0.0).text
+    out = subprocess.run(
+        [sys.executable, "-m", "qwenserve.cli", "generate", "--address", server.address,
+         "--max-tokens", "4", "--temperature", "0", "Hello"],
+        capture_output=True, text=True, cwd=REPO, env=_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == expected + "\n"
+
+
+def test_committed_stubs_match_a_fresh_generation():
+    assert gen_protos.stale_stubs() == []
+
+
+def test_stubs_a_user_generates_work_against_the_server(server, tmp_path):
+    script = textwrap.dedent(f"""
+        import json, sys
+        from grpc_tools import protoc
+        import importlib.resources
+        include = str(importlib.resources.files("grpc_tools") / "_proto")
+        assert protoc.main(["protoc", "-I{REPO / 'qwenserve/server/protos'}", "-I" + include,
+                            "--python_out=.", "--grpc_python_out=.", "qwenserve.proto"]) == 0
+        sys.path.insert(0, ".")
+        import grpc, qwenserve_pb2 as pb, qwenserve_pb2_grpc as pb_grpc
+        stub = pb_grpc.GenerationStub(grpc.insecure_channel("{server.address}"))
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        req = pb.GenerateRequest(prompt="Hello", params=pb.SamplingParams(max_tokens=3, temperature=0))
+        msgs = list(stub.Generate(req, timeout=60))
+        print(json.dumps({{"max_model_len": info.max_model_len,
+                          "ids": [t for m in msgs for t in m.token_ids],
+                          "finish": msgs[-1].finish_reason}}))
+    """)
+    # Only grpc/protobuf on the path, not the qwenserve checkout: the proto must stand alone.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got == {"max_model_len": 256, "ids": got["ids"], "finish": "length"} and len(got["ids"]) == 3
+
+
+def test_queue_overflow_is_resource_exhausted(tmp_path):
+    srv = Server(tmp_path, "--max-num-seqs", "1", "--max-waiting-requests", "1")
+    try:
+        with QwenClient(srv.address) as c:
+            running = c.generate_stream("first", max_tokens=200, **GREEDY)
+            next(running)  # running now; the engine takes no second sequence
+            waiting = c.generate_stream("second", max_tokens=200, **GREEDY)
+            waiter = concurrent.futures.ThreadPoolExecutor(1).submit(lambda: next(waiting, None))
+            deadline = time.monotonic() + 10
+            while c.stats()["num_waiting"] != 1:
+                assert time.monotonic() < deadline, c.stats()
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as err:
+                c.generate("third", max_tokens=1)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_waiting_requests" in err.value.details()
+            running.close()
+            waiter.result(timeout=30)
+            waiting.close()
+            wait_idle(c)
+            assert len(c.generate("after", max_tokens=1).token_ids) == 1
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
+def test_sigterm_during_streams_exits_0_within_grace(tmp_path):
+    grace = 1.5
+    srv = Server(tmp_path, "--shutdown-grace", str(grace), "--max-model-len", "2048")
+    started = threading.Barrier(5)
+
+    def stream(max_tokens):
+        with QwenClient(srv.address) as c:
+            deltas = []
+            for d in c.generate_stream("Count to a thousand", max_tokens=max_tokens, **GREEDY):
+                deltas.append(d)
+                if len(deltas) == 1:
+                    started.wait(timeout=60)
+            return deltas
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(stream, n) for n in (1500, 1500, 1500, 1500)]
+        started.wait(timeout=60)
+        t0 = time.monotonic()
+        rc = srv.stop(signal.SIGTERM, timeout=grace + 30)
+        elapsed = time.monotonic() - t0
+        finishes = [f.result(timeout=30)[-1].finish_reason for f in futures]
+    assert rc == 0, srv.log()
+    assert elapsed < grace + 10, elapsed
+    assert set(finishes) <= {"abort", "length", "stop"}
+    assert "abort" in finishes  # 1500 tokens take far longer than the grace period on the CPU
