@@ -1,0 +1,187 @@
+"""`LLMEngine`: validates and admits requests, runs the step loop (schedule -> execute ->
+append tokens, detokenize, check stops, free blocks) and reports `RequestOutput`s.
+
+One engine step is one forward pass over the flat batch the scheduler chose. The engine is
+not thread-safe: the server drives it from one thread.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Callable, Optional, Sequence
+
+from qwenserve.config import EngineConfig
+from qwenserve.kvcache import KVCacheManager
+from qwenserve.model.chat_template import encode_chat
+from qwenserve.model.checkpoint import builtin_model_dir
+from qwenserve.model.config import QwenConfig, load_generation_config
+from qwenserve.model.tokenizer import QwenTokenizer, validate_ids
+from qwenserve.output_processor import CompletionTracker
+from qwenserve.outputs import RequestOutput
+from qwenserve.sampling_params import SamplingParams
+from qwenserve.scheduler.request import Request, RequestStatus
+from qwenserve.scheduler.scheduler import Scheduler
+from qwenserve.worker.executor import make_executor
+
+
+class _Group:
+    """The n completions of one user request; each completion is its own scheduler request."""
+
+    def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                 trackers: list[CompletionTracker]):
+        self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
+        self.trackers = trackers
+
+    @property
+    def finished(self) -> bool:
+        return all(t.finish_reason is not None for t in self.trackers)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                             [t.output() for t in self.trackers], self.finished)
+
+
+class LLMEngine:
+    def __init__(self, config: Optional[EngineConfig] = None,
+                 load_progress: Optional[Callable[[int, int], None]] = None):
+        self.config = config = config or EngineConfig()
+        self.model_dir = config.model or builtin_model_dir()
+        self.model_config = QwenConfig.from_dir(self.model_dir)
+        self.tokenizer = QwenTokenizer.from_dir(self.model_dir)
+        self.generation_config = load_generation_config(self.model_dir)
+        limit = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
+                             f"max_position_embeddings ({limit})")
+        self.max_model_len = config.max_model_len or limit
+        eos = self.generation_config.get("eos_token_id", self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos])
+        self.chat_stop_token_ids = frozenset(
+            ids[0] for ids in self.generation_config.get("stop_words_ids", []) if len(ids) == 1
+        ) | {self.tokenizer.im_end_id, self.tokenizer.im_start_id}
+
+        self.executor = make_executor(config, self.model_dir, load_progress)
+        self.kv_cache = KVCacheManager(self.executor.num_blocks, config.block_size,
+                                       config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len)
+        self._groups: dict[str, _Group] = {}
+        self._trackers: dict[str, tuple[_Group, CompletionTracker]] = {}  # by scheduler request id
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+    def default_params(self, **overrides) -> SamplingParams:
+        """The checkpoint's generation_config.json defaults, with `overrides` applied."""
+        return SamplingParams.from_generation_config(self.generation_config, **overrides)
+
+    def add_request(self, request_id: Optional[str] = None, prompt: Optional[str] = None,
+                    prompt_token_ids: Optional[Sequence[int]] = None, messages: Optional[list] = None,
+                    system: Optional[str] = None, params: Optional[SamplingParams] = None) -> str:
+        """Validates and queues a request; returns its id. Bad input raises ValueError."""
+        if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
+            raise ValueError("input: give exactly one of prompt, prompt_token_ids, messages")
+        request_id = str(next(self._ids)) if request_id in (None, "") else request_id
+        if request_id in self._groups:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        params = params if params is not None else self.default_params()
+        if messages is not None:
+            ids = encode_chat(self.tokenizer, messages, system=system)
+            stop_ids = self.eos_token_ids | self.chat_stop_token_ids
+        elif prompt is not None:
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError("prompt: must be a non-empty string")
+            ids = self.tokenizer.encode(prompt)
+            stop_ids = self.eos_token_ids
+        else:
+            ids = validate_ids(list(prompt_token_ids))
+            stop_ids = self.eos_token_ids
+        if not ids:
+            raise ValueError("prompt: the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens leave no room to generate within "
+                             f"max_model_len ({self.max_model_len})")
+        if params.ignore_eos:
+            stop_ids = frozenset()
+        stop_ids = frozenset(stop_ids) | frozenset(params.stop_token_ids)
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        alpha = self.model_config.ntk_alpha(len(ids))
+
+        requests, trackers = [], []
+        for index in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = _with_seed(params, params.seed + index)
+            rid = request_id if params.n == 1 else f"{request_id}#{index}"
+            req = Request(rid, ids, child_params, max_tokens, alpha, stop_ids)
+            requests.append(req)
+            trackers.append(CompletionTracker(index, req, self.tokenizer, self.max_model_len))
+        for req in requests:  # completions are alike: if one fits, all do
+            self.scheduler.add_request(req)
+        group = _Group(request_id, prompt, ids, trackers)
+        self._groups[request_id] = group
+        for req, tracker in zip(requests, trackers):
+            self._trackers[req.request_id] = (group, tracker)
+        return request_id
+
+    def abort_request(self, request_id: str) -> Optional[RequestOutput]:
+        """Aborts a request (all its completions) and frees its blocks; unknown ids are ignored."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return None
+        for tracker in group.trackers:
+            self.scheduler.finish_request(tracker.request.request_id, RequestStatus.FINISHED_ABORTED)
+            self._trackers.pop(tracker.request.request_id, None)
+            tracker.abort()
+        return group.output()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """One forward pass; returns the outputs of the requests that changed."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        result = self.executor.execute_model(scheduler_output)
+        changed: dict[str, _Group] = {}
+        for rid, token, logprob, top in zip(result.request_ids, result.sampled_token_ids,
+                                           result.sampled_logprobs, result.logprobs):
+            entry = self._trackers.get(rid)
+            if entry is None:  # aborted while the step ran
+                continue
+            group, tracker = entry
+            tracker.request.append_token(token)
+            reason = tracker.append(token, logprob, top)
+            if reason is not None:
+                status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
+                self.scheduler.finish_request(rid, status)
+                del self._trackers[rid]
+            changed[group.request_id] = group
+        outputs = []
+        for request_id, group in changed.items():
+            outputs.append(group.output())
+            if group.finished:
+                del self._groups[request_id]
+        return outputs
+
+    # ------------------------------------------------------------------ introspection
+    def get_stats(self) -> dict:
+        kv = self.kv_cache
+        return {
+            "num_used_blocks": kv.num_used_blocks, "num_free_blocks": kv.num_free_blocks,
+            "num_total_blocks": kv.num_blocks - 1, "num_cached_blocks": kv.num_cached_blocks,
+            "num_waiting": self.scheduler.num_waiting, "num_running": self.scheduler.num_running,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_rate": kv.prefix_cache_stats.hit_rate,
+        }
+
+    def shutdown(self) -> None:
+        for request_id in list(self._groups):
+            self.abort_request(request_id)
+        self.executor.shutdown()
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    return dataclasses.replace(params, seed=seed % 2 ** 64)

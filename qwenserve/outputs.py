@@ -1,0 +1,29 @@
+"""`RequestOutput` and `CompletionOutput`: what callers of the engine and `LLM` get back."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str  # cumulative; only ever grows while the request runs
+    token_ids: list[int]  # cumulative
+    finish_reason: Optional[str] = None  # None while running; "stop" | "length" | "abort"
+    logprobs: Optional[list[list[tuple[int, float]]]] = None  # per token: top-N (id, logprob)
+    cumulative_logprob: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+    num_cached_tokens: int = 0

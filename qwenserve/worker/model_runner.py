@@ -1,0 +1,143 @@
+"""`ModelRunner`: turns a `SchedulerOutput` into flat input tensors and `AttentionMetadata`,
+runs the model, and samples (rank 0).
+
+It keeps a small state per request (token ids, block ids, computed count, sampling state)
+that the scheduler's per-step diffs update; nothing of the scheduler's objects crosses over.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from qwenserve.model.attention import AttentionMetadata, logn_scales
+from qwenserve.model.qwen import NUM_REAL_TOKENS, QWenLMHeadModel
+from qwenserve.sampling_params import SamplingParams
+from qwenserve.scheduler.output import SchedulerOutput
+from qwenserve.worker.sampler import Sampler, SamplingState, make_generator
+
+
+@dataclass
+class ModelRunnerOutput:
+    """Per request that reached the end of its known tokens this step: the sampled token."""
+
+    request_ids: list[str] = field(default_factory=list)
+    sampled_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Optional[list[tuple[int, float]]]] = field(default_factory=list)
+    sampled_logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RequestState:
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    rope_theta: float
+    sampling: SamplingState
+
+
+class ModelRunner:
+    def __init__(self, model: QWenLMHeadModel, block_size: int, device: torch.device, seed: int = 0,
+                 is_driver: bool = True):
+        self.model, self.block_size, self.device = model, block_size, device
+        self.config = model.config
+        self.is_driver = is_driver  # rank 0: computes logits and samples
+        self.sampler = Sampler(vocab_size_real=min(NUM_REAL_TOKENS, self.config.vocab_size), seed=seed)
+        self.requests: dict[str, RequestState] = {}
+        # Seeded generators outlive preemption so a resumed request continues its stream.
+        self._generators: dict[str, torch.Generator] = {}
+
+    # ------------------------------------------------------------------ state updates
+    def _update_states(self, out: SchedulerOutput) -> None:
+        for rid in out.finished_request_ids:
+            self.requests.pop(rid, None)
+            self._generators.pop(rid, None)
+        for rid in out.preempted_request_ids:
+            self.requests.pop(rid, None)
+        for new in out.new_requests:
+            tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
+            self.requests[new.request_id] = RequestState(
+                token_ids=tokens, num_prompt_tokens=len(new.prompt_token_ids), block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens, rope_theta=self.config.rope_theta(new.ntk_alpha),
+                sampling=SamplingState(params=new.params, prompt_token_ids=list(new.prompt_token_ids),
+                                       output_token_ids=list(new.output_token_ids),
+                                       generator=self._generator(new.request_id, new.params),
+                                       banned_token_ids=list(new.banned_token_ids)))
+        for cached in out.cached_requests:
+            state = self.requests[cached.request_id]
+            state.token_ids.extend(cached.new_token_ids)
+            state.sampling.output_token_ids.extend(cached.new_token_ids)
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _generator(self, request_id: str, params: SamplingParams) -> Optional[torch.Generator]:
+        if params.seed is None or params.is_greedy:
+            return None
+        if request_id not in self._generators:
+            self._generators[request_id] = make_generator(params.seed, self.device)
+        return self._generators[request_id]
+
+    # ------------------------------------------------------------------ inputs
+    def prepare_inputs(self, out: SchedulerOutput):
+        """Flat ids, positions, attention metadata, and the rows to sample (index, request id)."""
+        bs = self.block_size
+        ids, positions, slots, thetas = [], [], [], []
+        starts, seq_lens, tables, sample_rows = [0], [], [], []
+        for rid, num_new in out.num_scheduled_tokens.items():
+            state = self.requests[rid]
+            begin, end = state.num_computed_tokens, state.num_computed_tokens + num_new
+            pos = np.arange(begin, end, dtype=np.int64)
+            blocks = np.asarray(state.block_ids, dtype=np.int64)
+            ids.append(np.asarray(state.token_ids[begin:end], dtype=np.int64))
+            positions.append(pos)
+            slots.append(blocks[pos // bs] * bs + pos % bs)
+            thetas.append(np.full(num_new, state.rope_theta, dtype=np.float32))
+            starts.append(starts[-1] + num_new)
+            seq_lens.append(end)
+            tables.append(state.block_ids)
+            if end == len(state.token_ids):  # a partial prefill chunk has nothing to sample
+                sample_rows.append((starts[-1] - 1, rid))
+            state.num_computed_tokens = end
+
+        width = max(len(t) for t in tables)
+        table = np.zeros((len(tables), width), dtype=np.int32)
+        for b, t in enumerate(tables):
+            table[b, :len(t)] = t
+        dev = self.device
+        positions_t = torch.from_numpy(np.concatenate(positions)).to(dev)
+        query_lens = np.diff(starts)
+        meta = AttentionMetadata(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            max_query_len=int(query_lens.max()), max_seq_len=max(seq_lens),
+            rope_theta=torch.from_numpy(np.concatenate(thetas)).to(dev),
+            logn_scale=logn_scales(positions_t, self.config.seq_length) if self.config.use_logn_attn else None,
+            block_tables=torch.from_numpy(table).to(dev),
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            query_start_loc_list=starts, seq_lens_list=seq_lens)
+        input_ids = torch.from_numpy(np.concatenate(ids)).to(dev)
+        return input_ids, positions_t, meta, sample_rows
+
+    # ------------------------------------------------------------------ the step
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> Optional[ModelRunnerOutput]:
+        self._update_states(out)
+        if out.is_empty:
+            return ModelRunnerOutput() if self.is_driver else None
+        input_ids, positions, meta, sample_rows = self.prepare_inputs(out)
+        hidden = self.model(input_ids, positions, meta)
+        if not sample_rows:
+            # Other ranks still join the LM head's gather.
+            return ModelRunnerOutput() if self.is_driver else None
+        rows = torch.tensor([r for r, _ in sample_rows], device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        if not self.is_driver:
+            return None
+        states = [self.requests[rid].sampling for _, rid in sample_rows]
+        sampled = self.sampler.sample(logits, states)
+        return ModelRunnerOutput(request_ids=[rid for _, rid in sample_rows],
+                                 sampled_token_ids=sampled.token_ids, logprobs=sampled.logprobs,
+                                 sampled_logprobs=sampled.sampled_logprobs)

@@ -1,0 +1,98 @@
+"""`Worker`: one rank's device, weight shard, KV-cache tensors and model runner.
+
+The same class serves in-process (tp = 1) and inside a Ray actor (tp > 1); it knows its rank
+through the tensor-parallel group the caller set up before `load_model`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from qwenserve.config import EngineConfig
+from qwenserve.kernels import get_ops
+from qwenserve.model.config import QwenConfig
+from qwenserve.model.loader import load_weights
+from qwenserve.model.parallel import get_tp_group
+from qwenserve.model.qwen import QWenLMHeadModel
+from qwenserve.scheduler.output import SchedulerOutput
+from qwenserve.worker.model_runner import ModelRunner, ModelRunnerOutput
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(config: EngineConfig, local_rank: int = 0) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def resolve_dtype(config: EngineConfig, model_config: QwenConfig, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    if device.type == "cpu":
+        return torch.float32  # bf16 matmuls are slow on most CPUs
+    return _DTYPES.get(model_config.torch_dtype, torch.bfloat16)
+
+
+def kv_bytes_per_block(model_config: QwenConfig, block_size: int, dtype: torch.dtype, tp_size: int) -> int:
+    heads = model_config.num_attention_heads // tp_size
+    per_layer = 2 * block_size * heads * model_config.head_dim * torch.finfo(dtype).bits // 8
+    return per_layer * model_config.num_hidden_layers
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, model_dir: str, local_rank: int = 0):
+        self.config, self.model_dir = config, model_dir
+        self.model_config = QwenConfig.from_dir(model_dir)
+        self.device = resolve_device(config, local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.dtype = resolve_dtype(config, self.model_config, self.device)
+        self.tp = get_tp_group()
+        use_triton = config.use_triton if config.use_triton is not None else self.device.type == "cuda"
+        self.ops = get_ops(use_triton)
+        self.model: Optional[QWenLMHeadModel] = None
+        self.runner: Optional[ModelRunner] = None
+        self.num_blocks = 0
+
+    def load_model(self, progress: Optional[Callable[[int, int], None]] = None) -> None:
+        with torch.device(self.device):
+            self.model = QWenLMHeadModel(self.model_config, self.ops, self.dtype, self.tp)
+        load_weights(self.model, self.model_dir, progress)
+        self.model.eval()
+
+    def determine_num_blocks(self) -> int:
+        """How many KV blocks fit the memory budget on this rank."""
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, self.dtype, self.tp.size)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_by_others = total - free
+            # Activation headroom: a forward of the largest batch, measured coarsely as a fixed share.
+            activation_reserve = 2 * 1024 ** 3
+            budget = total * self.config.gpu_memory_utilization - used_by_others - activation_reserve
+        else:
+            budget = self.config.kv_cache_memory
+        num_blocks = int(budget // per_block)
+        if num_blocks < 2:
+            raise ValueError(f"the KV cache budget ({int(budget)} bytes) holds fewer than 2 blocks of "
+                             f"{per_block} bytes; raise gpu_memory_utilization or kv_cache_memory")
+        return num_blocks
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        heads = self.model_config.num_attention_heads // self.tp.size
+        shape = (num_blocks, self.config.block_size, heads, self.model_config.head_dim)
+        for layer in self.model.attention_layers():
+            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.runner = ModelRunner(self.model, self.config.block_size, self.device, seed=self.config.seed,
+                                  is_driver=self.tp.rank == 0)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
+        return self.runner.execute(scheduler_output)
