@@ -120,6 +120,7 @@ def offline_greedy():
 def test_health_is_serving_after_warm_up_and_ready_printed_once(server):
     assert sum("ready" in line for line in server.stdout_lines) == 1
     assert any(server.address in line for line in server.stdout_lines)
+    assert "loading weights [" in server.stderr_path.read_text()  # the progress bar
     with grpc.insecure_channel(server.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         for service in ("", "qwenserve.v1.Generation"):
@@ -175,6 +176,7 @@ def test_client_generate_chat_n_and_tokenize(client, offline_greedy):
     info = client.model_info()
     assert info["max_model_len"] == 256 and info["block_size"] == 16 and info["num_gpu_blocks"] > 0
     assert info["vocab_size"] >= 151851 and info["tensor_parallel_size"] == 1
+    assert (info["dtype"], info["device"]) == ("float32", "cpu")
 
 
 def test_async_client(server, offline_greedy):

@@ -45,10 +45,34 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _FLUSH_SECONDS = 3.0
 
 
+class LoadProgress:
+    """A text progress bar on stderr for `LLMEngine(load_progress=...)`: (done, total) tensors.
+
+    Redrawn in place on a terminal; on a pipe (logs, tests) one line per 10% instead.
+    """
+
+    def __init__(self, stream=None, width: int = 30):
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.tty = self.stream.isatty()
+        self.last_decile = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        frac = done / max(total, 1)
+        bar = "#" * int(frac * self.width)
+        line = f"loading weights [{bar:<{self.width}}] {done}/{total}"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done >= total else ""))
+        elif int(frac * 10) > self.last_decile:
+            self.last_decile = int(frac * 10)
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
 def build_engine(config: EngineConfig) -> Any:
     from qwenserve.engine import LLMEngine  # imported late: loads torch and the model code
 
-    return LLMEngine(config)
+    return LLMEngine(config, load_progress=LoadProgress())
 
 
 def shutdown_engine(engine: Any) -> None:

@@ -96,8 +96,10 @@ def model_info(engine: Any) -> pb.ModelInfo:
     max_model_len = (getattr(engine, "max_model_len", None) or config.max_model_len
                      or getattr(model_config, "max_model_len", None)
                      or getattr(model_config, "seq_length", None) or 0)
-    dtype = str(getattr(engine, "dtype", None) or config.dtype).replace("torch.", "")
-    device = str(getattr(engine, "device", None) or config.device)
+    # The executor knows what "auto" resolved to; older engines may not have one.
+    executor = getattr(engine, "executor", None)
+    dtype = str(getattr(executor, "dtype", None) or config.dtype).replace("torch.", "")
+    device = str(getattr(executor, "device", None) or config.device)
     return pb.ModelInfo(
         model=config.model or "built-in tiny Qwen (random weights)",
         max_model_len=int(max_model_len),
