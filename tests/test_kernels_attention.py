@@ -62,6 +62,14 @@ def test_prefill_mixed_batch(dtype, head_dim, logn):
     assert_close(out, REF.paged_attention(**batch))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_dim_128_prefill_and_decode(dtype):
+    batch = make_batch([(20, 20), (16, 3), (5, 1)], BS, 1, 128, dtype, logn=True)
+    assert_close(TRITON.paged_attention(**batch), REF.paged_attention(**batch))
+    batch = make_batch([(20, 1), (16, 1), (5, 1)], BS, 1, 128, dtype, logn=True)
+    assert_close(TRITON.paged_attention(**batch), REF.paged_attention(**batch))
+
+
 def test_prefill_block_size_16_and_grouped_kv_heads():
     batch = make_batch([(16, 16), (17, 17), (40, 5), (33, 1)], 16, 4, 32, torch.float32,
                        num_kv_heads=2, logn=True)
