@@ -1,0 +1,259 @@
+"""`RayExecutor`: tensor parallelism over Ray actors, one actor per rank (rank 0 included).
+
+    driver (engine)                      Ray placement group, one bundle per rank (PACK)
+    ───────────────                      ┌──────────────┐ ┌──────────────┐
+    execute_model(out) ── out ─────────► │ rank 0 actor │ │ rank 1 actor │ ...
+         one .remote() per rank,         │ Worker shard │◄┼►Worker shard │  gloo / NCCL
+         one wait over all refs  ◄─────  │ samples      │ │ returns None │  all-reduces
+                                         └──────────────┘ └──────────────┘
+
+Rank 0 lives in an actor too, so the driver process never joins the process group and its
+global tensor-parallel group stays the single-rank one (a tp = 1 engine can share the process).
+
+Fail fast: each step waits on all ranks with `ray.wait` in short polls; a rank whose call came
+back with an error (its actor died: killed, OOM, node lost) fails the step at once with a
+`RuntimeError` naming the rank, although its peers are still blocked in a collective (they
+give up after the process group's timeout, or are killed by `shutdown`). After a failure the
+executor stays failed: every later call raises the same error.
+
+Ray is imported only here; `make_executor` imports this module only when tp > 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import ray
+from ray.exceptions import RayActorError, RayError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+import qwenserve
+from qwenserve.config import EngineConfig
+from qwenserve.model.config import QwenConfig
+from qwenserve.scheduler.output import SchedulerOutput
+from qwenserve.worker.distributed import check_tp_size, destroy_distributed, free_port, init_distributed
+from qwenserve.worker.model_runner import ModelRunnerOutput
+
+# How often a waiting step looks for ranks that failed while their peers are still busy.
+POLL_S = 0.5
+PLACEMENT_TIMEOUT_S = float(os.environ.get("QWENSERVE_RAY_PLACEMENT_TIMEOUT_S", "120"))
+HEALTH_TIMEOUT_S = 10.0
+_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(qwenserve.__file__)))
+
+
+class RankWorker:
+    """One rank inside its Ray actor: process group, `Worker` (weights shard, KV cache, runner)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.worker = None
+
+    def node_address(self) -> tuple[str, int]:
+        """This node's IP and a free port on it: the rendezvous address when this is rank 0."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def load(self, config: EngineConfig, model_dir: str, master_addr: str, master_port: int) -> int:
+        """Joins the process group, loads this rank's shard; returns the KV blocks that fit here."""
+        from qwenserve.worker.worker import Worker, resolve_device
+
+        # Ray exposes only this actor's GPU (CUDA_VISIBLE_DEVICES), so it is always device 0.
+        device = resolve_device(config, 0)
+        init_distributed(self.rank, self.world_size, master_addr, master_port, device)
+        self.worker = Worker(config, model_dir, local_rank=0)
+        self.worker.load_model()
+        return self.worker.determine_num_blocks()
+
+    def init_kv_cache(self, num_blocks: int):
+        self.worker.init_kv_cache(num_blocks)
+        return self.worker.device, self.worker.dtype
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
+        return self.worker.execute_model(scheduler_output)
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> int:
+        # Its own concurrency group: answers while a step (or a stuck collective) runs.
+        return self.rank
+
+    def shutdown(self) -> None:
+        destroy_distributed()
+
+
+_RankActor = ray.remote(concurrency_groups={"health": 1})(RankWorker)
+
+
+def _init_ray(config: EngineConfig, tp: int) -> bool:
+    """Joins `config.ray_address` or $RAY_ADDRESS, else starts a small local Ray.
+    Returns whether this call started Ray (and so whether shutdown should stop it)."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, log_to_driver=False)
+        return True
+    # A driver-side CPU beyond the ranks' bundles; a small object store: steps carry only ids.
+    ray.init(address="local", num_cpus=tp + 1, object_store_memory=200 * 1024 ** 2,
+             include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _use_gpus(config: EngineConfig, tp: int) -> bool:
+    if config.device == "cpu":
+        return False
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if config.device == "cuda" and gpus < tp:
+        raise ValueError(f"device: 'cuda' with tensor_parallel_size {tp} needs {tp} GPUs; "
+                         f"the Ray cluster has {gpus:g}")
+    return gpus >= tp
+
+
+def _actor_env(tp: int) -> dict[str, str]:
+    """What an actor needs from the driver's environment: the source tree, the caches, one
+    thread pool per core share (two ranks on two cores must not each spawn two threads)."""
+    path = os.environ.get("PYTHONPATH", "")
+    env = {"PYTHONPATH": _SOURCE_ROOT + (os.pathsep + path if path else ""),
+           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // tp))}
+    env.update({k: v for k, v in os.environ.items()
+                if k.startswith("QWENSERVE_") or k in ("TRITON_INTERPRET", "HF_HOME")})
+    return env
+
+
+class RayExecutor:
+    def __init__(self, config: EngineConfig, model_dir: str,
+                 progress: Optional[Callable[[int, int], None]] = None):
+        self.tp = config.tensor_parallel_size
+        check_tp_size(QwenConfig.from_dir(model_dir), self.tp)  # before anything starts Ray
+        self.actors: list = []
+        self.num_blocks = 0
+        self._pg = None
+        self._owns_ray = False
+        self._failure: Optional[str] = None
+        try:
+            self._start(config, model_dir)
+        except BaseException:
+            self.shutdown()
+            raise
+        if progress:
+            progress(1, 1)  # the ranks load in their own processes; report only completion
+
+    def _start(self, config: EngineConfig, model_dir: str) -> None:
+        tp = self.tp
+        self._owns_ray = _init_ray(config, tp)
+        gpu = _use_gpus(config, tp)
+        worker_config = dataclasses.replace(config, device="cuda" if gpu else "cpu")
+        bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
+        self._pg = placement_group([dict(bundle) for _ in range(tp)], strategy="PACK")
+        ready, _ = ray.wait([self._pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            raise RuntimeError(f"Ray could not place {tp} ranks of {bundle} within "
+                               f"{PLACEMENT_TIMEOUT_S:g}s; cluster resources: {ray.cluster_resources()}")
+        env = _actor_env(tp)
+        self.actors = [
+            _RankActor.options(
+                num_cpus=1, num_gpus=1 if gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
+                runtime_env={"env_vars": env},
+            ).remote(r, tp)
+            for r in range(tp)
+        ]
+        (addr, port), = self._wait([self.actors[0].node_address.remote()], "finding the rendezvous address")
+        blocks = self._wait([a.load.remote(worker_config, model_dir, addr, port) for a in self.actors],
+                            "loading the model")
+        self.num_blocks = min(blocks)  # every rank must hold the same block ids
+        described = self._wait([a.init_kv_cache.remote(self.num_blocks) for a in self.actors],
+                               "allocating the KV cache")
+        self.device, self.dtype = described[0]
+
+    # ------------------------------------------------------------------ waiting on ranks
+    def _wait(self, refs: Sequence, what: str, ranks: Optional[Sequence[int]] = None,
+              timeout: Optional[float] = None) -> list:
+        """Results of `refs` (one per rank, in rank order), or a RuntimeError naming the first
+        rank that failed as soon as it fails, even while the other ranks are still running."""
+        ranks = list(range(len(refs))) if ranks is None else list(ranks)
+        rank_of = dict(zip(refs, ranks))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=POLL_S)
+            if not not_ready:
+                try:
+                    return ray.get(list(refs))
+                except RayError:
+                    self._raise_failure(refs, rank_of, what)
+            self._raise_failure(ready, rank_of, what)
+            if deadline is not None and time.monotonic() > deadline:
+                late = ", ".join(str(rank_of[r]) for r in not_ready)
+                raise RuntimeError(f"tensor-parallel rank(s) {late} did not answer within {timeout:g}s "
+                                   f"while {what}")
+
+    def _raise_failure(self, ready_refs: Sequence, rank_of: dict, what: str) -> None:
+        """Raises for the first finished ref that holds an error; returns if none does."""
+        for ref in sorted(ready_refs, key=lambda r: rank_of[r]):
+            try:
+                ray.get(ref, timeout=0)
+            except RayActorError as e:
+                self._fail(f"tensor-parallel worker rank {rank_of[ref]} died while {what}: "
+                           f"{_first_line(e)}", e)
+            except RayError as e:
+                self._fail(f"tensor-parallel worker rank {rank_of[ref]} failed while {what}: "
+                           f"{_first_line(e)}", e)
+
+    def _fail(self, message: str, cause: BaseException):
+        self._failure = message
+        raise RuntimeError(message) from cause
+
+    # ------------------------------------------------------------------ executor interface
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        if self._failure is not None:
+            raise RuntimeError(self._failure)
+        # One control message per step: every rank gets the same SchedulerOutput at once.
+        refs = [a.execute_model.remote(scheduler_output) for a in self.actors]
+        return self._wait(refs, "executing a step")[0]
+
+    def check_health(self) -> None:
+        """Raises RuntimeError when a rank is dead or does not answer (or a step failed)."""
+        if self._failure is not None:
+            raise RuntimeError(self._failure)
+        if not self.actors:
+            raise RuntimeError("the Ray executor is shut down")
+        self._wait([a.ping.remote() for a in self.actors], "answering a health check",
+                   timeout=HEALTH_TIMEOUT_S)
+
+    def worker_pids(self) -> list[int]:
+        """Each rank's process id, in rank order (tests kill one to check fail-fast)."""
+        return self._wait([a.pid.remote() for a in self.actors], "reporting its pid")
+
+    def shutdown(self) -> None:
+        actors, self.actors = self.actors, []
+        failed = self._failure is not None
+        if self._failure is None:
+            self._failure = "the Ray executor is shut down"
+        if actors and not failed:
+            # Leave the process group cleanly where the ranks can still answer; then kill, which
+            # frees a rank's memory even while it is stuck in a collective.
+            ray.wait([a.shutdown.remote() for a in actors], num_returns=len(actors), timeout=5)
+        for actor in actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # already dead
+                pass
+        if self._pg is not None:
+            try:
+                remove_placement_group(self._pg)
+            except Exception:
+                pass
+            self._pg = None
+        if self._owns_ray:
+            self._owns_ray = False
+            ray.shutdown()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
