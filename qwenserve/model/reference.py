@@ -55,8 +55,11 @@ def reference_greedy(model: QWenLMHeadModel, prompt: Sequence[int], max_tokens: 
     """Greedy decoding by full recomputation; NTK alpha fixed at the prompt length."""
     alpha = model.config.ntk_alpha(len(prompt))
     tokens, out = list(prompt), []
+    device = next(model.parameters()).device
     for _ in range(max_tokens):
-        last = reference_logits(model, [tokens], [alpha])[0][-1, :NUM_REAL_TOKENS]
+        ids, positions, meta = dense_inputs(model.config, [tokens], [alpha], device=str(device))
+        with torch.inference_mode():
+            last = model.compute_logits(model(ids, positions, meta)[-1:])[0, :NUM_REAL_TOKENS]
         token = int(torch.argmax(last))
         out.append(token)
         tokens.append(token)

@@ -1,0 +1,256 @@
+"""The engine against the no-cache reference: greedy outputs token for token in every
+scheduling regime (batching, preemption, chunked prefill, prefix caching on and off, dynamic
+NTK), no leaked blocks, aborts, stop conditions and seeded sampling."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from qwenserve import LLM, SamplingParams
+from qwenserve.model.reference import reference_greedy
+
+MAX_TOKENS = 8
+LENGTHS = [1, 7, 16, 17, 45, 128, 200, 300, 33]
+
+
+def _prompts(lengths, seed=0, prefix=()):
+    g = torch.Generator().manual_seed(seed)
+    return [list(prefix) + torch.randint(0, 151643, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def ntk_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny model with seq_length 64, so prompts up to 300 tokens use NTK alphas 1..15 and logn."""
+    path = tmp_path_factory.mktemp("ntk") / "model"
+    shutil.copytree(tiny_checkpoint, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["seq_length"] = 64
+    (path / "config.json").write_text(json.dumps(cfg))
+    return str(path)
+
+
+def _reference_model(path):
+    import torch as t
+
+    from qwenserve.kernels import get_ops
+    from qwenserve.model.config import QwenConfig
+    from qwenserve.model.loader import load_weights
+    from qwenserve.model.qwen import QWenLMHeadModel
+
+    model = QWenLMHeadModel(QwenConfig.from_dir(path), get_ops(False), t.float32)
+    load_weights(model, path)
+    return model
+
+
+_REFERENCE_CACHE = {}
+
+
+def _expected(path, prompts, max_tokens=MAX_TOKENS):
+    if path not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE[path] = (_reference_model(path), {})
+    model, memo = _REFERENCE_CACHE[path]
+    out = []
+    for p in prompts:
+        key = (tuple(p), max_tokens)
+        if key not in memo:
+            memo[key] = reference_greedy(model, p, max_tokens)
+        out.append(memo[key])
+    return out
+
+
+def _greedy(llm, prompts, max_tokens=MAX_TOKENS):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _assert_no_leak(llm):
+    stats = llm.get_stats()
+    assert stats["num_used_blocks"] == 0, stats
+    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
+    assert stats["num_running"] == 0 and stats["num_waiting"] == 0
+
+
+SETTINGS = {
+    "default": dict(),
+    "preemption": dict(num_kv_blocks=24, max_num_batched_tokens=256),
+    "chunked_prefill": dict(max_num_batched_tokens=64),
+    "prefix_caching_off": dict(enable_prefix_caching=False),
+    "tiny_blocks_chunked_and_preempted": dict(block_size=4, num_kv_blocks=90, max_num_batched_tokens=50),
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_greedy_matches_reference(tiny_checkpoint, setting):
+    llm = LLM(model=tiny_checkpoint, device="cpu", **SETTINGS[setting])
+    prompts = _prompts(LENGTHS)
+    assert _greedy(llm, prompts) == _expected(tiny_checkpoint, prompts)
+    stats = llm.get_stats()
+    if "preempt" in setting:
+        assert stats["num_preemptions"] > 0, "the cache was meant to be too small to avoid preemption"
+    _assert_no_leak(llm)
+
+
+def test_prefix_caching_hits_and_matches(tiny_checkpoint):
+    llm = LLM(model=tiny_checkpoint, device="cpu", max_num_batched_tokens=512)
+    shared = _prompts([150], seed=5)[0]
+    prompts = _prompts([1, 20, 60, 3, 90, 17, 40, 8], seed=6, prefix=shared)
+    first = _greedy(llm, prompts[:1])
+    rest = _greedy(llm, prompts[1:])
+    assert first + rest == _expected(tiny_checkpoint, prompts)
+    assert llm.get_stats()["prefix_cache_hit_rate"] > 0.5
+    _assert_no_leak(llm)
+
+
+def test_dynamic_ntk_and_logn_through_the_paged_path(ntk_checkpoint):
+    llm = LLM(model=ntk_checkpoint, device="cpu", max_num_batched_tokens=96)
+    prompts = _prompts([5, 64, 65, 129, 260], seed=3)
+    # The same prompt tokens at two NTK alphas must not share cached blocks.
+    prompts.append(prompts[3][:100])
+    assert _greedy(llm, prompts) == _expected(ntk_checkpoint, prompts)
+    _assert_no_leak(llm)
+
+
+def test_abort_mid_way_frees_blocks(tiny_checkpoint):
+    llm = LLM(model=tiny_checkpoint, device="cpu", max_num_batched_tokens=64)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(_prompts([10, 200, 30, 5])):
+        engine.add_request(f"r{i}", prompt_token_ids=p, params=params)
+    for _ in range(3):
+        engine.step()
+    assert llm.get_stats()["num_used_blocks"] > 0
+    engine.abort_request("r1")  # still prefilling in chunks
+    engine.abort_request("r2")
+    engine.abort_request("unknown")  # ignored
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id in ("r0", "r3")
+    _assert_no_leak(llm)
+    out = engine.abort_request("r0")
+    assert out is None  # already finished
+
+
+def test_n_completions_share_prompt_blocks(tiny_checkpoint):
+    llm = LLM(model=tiny_checkpoint, device="cpu")
+    prompt = _prompts([100])[0]
+    params = SamplingParams(n=3, max_tokens=6, temperature=0.0, ignore_eos=True)
+    out = llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)[0]
+    expected = _expected(tiny_checkpoint, [prompt], 6)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(c.token_ids == expected for c in out.outputs)
+    assert llm.get_stats()["prefix_cache_hit_rate"] > 0
+    _assert_no_leak(llm)
+
+
+def test_seeded_sampling_reproduces_across_batches(tiny_checkpoint):
+    llm = LLM(model=tiny_checkpoint, device="cpu")
+    prompt = _prompts([12])[0]
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = llm.generate(prompt_token_ids=[prompt], sampling_params=seeded, use_tqdm=False)[0]
+    others = _prompts([5, 40, 9], seed=9)
+    mixed = llm.generate(prompt_token_ids=others[:2] + [prompt] + others[2:],
+                         sampling_params=[SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True),
+                                          SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
+                                          seeded,
+                                          SamplingParams(max_tokens=12, temperature=0.7, seed=7)],
+                         use_tqdm=False)
+    assert mixed[2].outputs[0].token_ids == alone.outputs[0].token_ids
+    unseeded = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    a, b = llm.generate(prompt_token_ids=[prompt, prompt], sampling_params=unseeded, use_tqdm=False)
+    assert a.outputs[0].token_ids != b.outputs[0].token_ids  # unseeded rows draw independently
+    _assert_no_leak(llm)
+
+
+def test_stop_conditions(tiny_checkpoint):
+    llm = LLM(model=tiny_checkpoint, device="cpu")
+    tok = llm.tokenizer
+    prompt = _prompts([20], seed=11)[0]
+    free = _greedy(llm, [prompt], 12)[0]
+    full_text = tok.decode(free)
+
+    # stop_token_ids: ends at the first occurrence, the id is kept, its text is not.
+    stop_id = free[4]
+    out = llm.generate(prompt_token_ids=[prompt], use_tqdm=False, sampling_params=SamplingParams(
+        max_tokens=12, temperature=0.0, stop_token_ids=[stop_id]))[0].outputs[0]
+    assert out.token_ids == free[:free.index(stop_id) + 1] and out.finish_reason == "stop"
+    assert out.text == tok.decode(free[:free.index(stop_id)])
+
+    # A stop string spanning a token boundary: the last chars of token 3 + first of token 4.
+    t3, t4 = tok.decode(free[3:4]), tok.decode(free[4:5])
+    assert t3 and t4
+    stop = t3[-1:] + t4[:1]
+    cut = full_text.find(stop)
+    out = llm.generate(prompt_token_ids=[prompt], use_tqdm=False, sampling_params=SamplingParams(
+        max_tokens=12, temperature=0.0, stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.text == full_text[:cut]
+    assert stop not in out.text
+
+    # max_tokens and min_tokens with EOS banned until reached.
+    out = llm.generate(prompt_token_ids=[prompt], use_tqdm=False, sampling_params=SamplingParams(
+        max_tokens=5, temperature=0.0))[0].outputs[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    out = llm.generate(prompt_token_ids=[prompt], use_tqdm=False, sampling_params=SamplingParams(
+        max_tokens=8, min_tokens=8, temperature=0.0, stop_token_ids=[free[0]]))[0].outputs[0]
+    assert len(out.token_ids) == 8 and free[0] not in out.token_ids
+    _assert_no_leak(llm)
+
+
+def test_streamed_text_only_grows_and_holds_back_stop_prefixes(tiny_checkpoint):
+    llm = LLM(model=tiny_checkpoint, device="cpu")
+    prompt = _prompts([30], seed=12)[0]
+    free = _greedy(llm, [prompt], 10)[0]
+    full = llm.tokenizer.decode(free)
+    stop = full[len(full) // 2:len(full) // 2 + 3] + "\x00never"  # a prefix appears, never the whole
+    engine = llm.engine
+    engine.add_request("s", prompt_token_ids=prompt,
+                       params=SamplingParams(max_tokens=10, temperature=0.0, stop=[stop]))
+    seen = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            assert text.startswith(seen)
+            seen = text
+    assert seen == full
+
+
+def test_chat_and_defaults(tiny_checkpoint):
+    llm = LLM(model=tiny_checkpoint, device="cpu")
+    out = llm.chat([{"role": "user", "content": "你好"}], SamplingParams(max_tokens=4, temperature=0.0))[0]
+    assert out.prompt_token_ids[:3] == [151644, 8948, 198] and out.prompt_token_ids[-2:] == [77091, 198]
+    assert len(out.outputs[0].token_ids) <= 4
+    defaults = llm.engine.default_params()
+    assert defaults.top_p == 0.8 and defaults.repetition_penalty == 1.1 and defaults.max_tokens == 512
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(prompt=""), "prompt"),
+    (dict(prompt_token_ids=[]), "prompt"),
+    (dict(prompt_token_ids=[5, 999999]), "prompt_token_ids"),
+    (dict(messages=[{"role": "robot", "content": "x"}]), "role"),
+    (dict(prompt_token_ids=[1] * 9000), "max_model_len"),
+])
+def test_bad_requests_are_rejected_with_the_field(tiny_checkpoint, kwargs, field):
+    llm = _shared_llm(tiny_checkpoint)
+    with pytest.raises(ValueError, match=field):
+        llm.engine.add_request(params=SamplingParams(max_tokens=4), **kwargs)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_request_that_can_never_fit_is_rejected(tiny_checkpoint):
+    llm = LLM(model=tiny_checkpoint, device="cpu", num_kv_blocks=8)
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate(prompt_token_ids=[[1] * 100], sampling_params=SamplingParams(max_tokens=100),
+                     use_tqdm=False)
+    _assert_no_leak(llm)
+
+
+_SHARED = {}
+
+
+def _shared_llm(path):
+    if path not in _SHARED:
+        _SHARED[path] = LLM(model=path, device="cpu")
+    return _SHARED[path]
