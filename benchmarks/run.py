@@ -1,0 +1,556 @@
+"""qwenserve benchmarks: offline throughput against transformers, batch-1 decode against the
+bandwidth floor, and online serving latency over gRPC.
+
+    python benchmarks/run.py offline [--model DIR] [--tp N] --dataset mixed|random|FILE.jsonl
+        [--num-prompts N] [--input-len L --output-len L] [--baseline-batch-size 32] [--no-baseline]
+    python benchmarks/run.py decode  [--model DIR | --random-weights --preset 7b --layers 32]
+        [--batch-size 1] [--input-len 128] [--output-len 256]
+    python benchmarks/run.py serve   [--address HOST:PORT | --model DIR] [--request-rate 1 4 inf]
+        [--slo-ttft MS] [--slo-tpot MS] [--plot latency.png]
+
+Every mode takes `--json PATH` (all metrics plus date, device, commit and command line, the
+fields docs/PERFORMANCE.md records). Workloads come from `benchmarks/datasets.py`.
+
+offline: the workload runs through `LLM.generate` (greedy, ignore_eos), then the same token ids
+through Hugging Face `generate` on the same weights (`load_qwen2_model`) in static batches of
+`--baseline-batch-size` in arrival order, each left-padded and run to its longest output;
+only each request's own output length counts as output ("useful output tok/s", TARGETS.md).
+Each system is warmed up once, on other token ids, before it is timed.
+decode: per-step time of a batch after its prefill, against weight bytes / copy bandwidth.
+serve: Poisson arrivals per `--request-rate`, streamed through `AsyncQwenClient`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+_BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(_BENCH_DIR)
+# Run as a script, sys.path[0] is benchmarks/, where our datasets.py would shadow the
+# `datasets` package that transformers probes for; import everything from the repo root.
+if sys.path and os.path.abspath(sys.path[0] or ".") == _BENCH_DIR:
+    sys.path[0] = _REPO
+elif _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+
+from benchmarks.datasets import (BenchRequest, build_workload, describe, fixed_workload,  # noqa: E402
+                                 poisson_arrivals, serve_metrics, throughput)
+
+PAD_ID = 151643  # <|endoftext|>: the baseline's left padding (masked out)
+
+
+# ---------------------------------------------------------------- shared helpers
+def parse_bytes(text: str) -> int:
+    from qwenserve.server.commands import parse_bytes as parse
+    return parse(text)
+
+
+def engine_kwargs(args) -> dict:
+    """`LLM`/`EngineConfig` keywords from the engine flags that were given."""
+    kw = {"tensor_parallel_size": args.tp, "device": args.device, "dtype": args.dtype, "seed": args.seed}
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
+                 "kv_cache_memory", "gpu_memory_utilization"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    if args.no_prefix_caching:
+        kw["enable_prefix_caching"] = False
+    return kw
+
+
+def environment() -> dict:
+    import torch
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_REPO, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    if torch.cuda.is_available():
+        device = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    else:
+        device = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": device, "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
+            "command": "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+
+
+def write_json(path, result: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {path}")
+
+
+def load_workload(args, model_dir: str) -> list:
+    encode = None
+    if args.dataset not in ("mixed", "random"):
+        from qwenserve.model.tokenizer import QwenTokenizer
+        encode = QwenTokenizer.from_dir(model_dir).encode
+    return build_workload(args.dataset, args.num_prompts, args.input_len, args.output_len, args.seed, encode)
+
+
+def warmup_requests(requests: list, seed: int, n: int = 4) -> list:
+    """Short requests on token ids the workload never uses, so that no prefix is cached."""
+    return fixed_workload(min(n, len(requests)), min(32, requests[0].prompt_len), 4, seed=seed + 10_000)
+
+
+# ---------------------------------------------------------------- random weights
+def random_weights_dir(preset: str, layers) -> str:
+    """A checkpoint directory with config, generation config and tokenizer but no weights."""
+    import shutil
+
+    from qwenserve.model.checkpoint import GENERATION_CONFIG, preset_config
+    from qwenserve.model.tokenizer import QwenTokenizer
+    out = tempfile.mkdtemp(prefix=f"qwenserve-random-{preset}-")
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(preset_config(preset, layers), f, indent=2)
+    with open(os.path.join(out, "generation_config.json"), "w") as f:
+        json.dump(GENERATION_CONFIG, f, indent=2)
+    shutil.copyfile(QwenTokenizer.from_dir(None).path, os.path.join(out, "qwen.tiktoken"))
+    return out
+
+
+def use_random_weights(seed: int) -> None:
+    """Makes the in-process worker fill its parameters randomly on the device instead of reading
+    safetensors: a 32-layer 7B model without writing 15 GB to disk. Scales as the checkpoint maker."""
+    import torch
+
+    import qwenserve.worker.worker as worker_module
+
+    def random_init(model, path, progress=None):
+        torch.manual_seed(seed)
+        layers = sum(1 for n, _ in model.named_parameters() if n.endswith("ln_1.weight"))
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # norm weights near 1, biases small
+                p.normal_(1.0, 0.1) if "ln" in name else p.normal_(0.0, 0.1)
+            elif name.startswith("wte"):
+                p.normal_(0.0, 1.0)
+            else:
+                std = p.shape[1] ** -0.5
+                std *= 3.0 if name.startswith("lm_head") else (2 * layers) ** -0.5 if "c_proj" in name else 1.0
+                p.normal_(0.0, std)
+    worker_module.load_weights = random_init
+
+
+def resolve_model(args) -> str:
+    from qwenserve.model.checkpoint import builtin_model_dir
+    if getattr(args, "random_weights", False):
+        if args.tp != 1:
+            raise SystemExit("--random-weights works in-process only (--tp 1)")
+        use_random_weights(args.seed)
+        return random_weights_dir(args.preset, args.layers)
+    return args.model or builtin_model_dir()
+
+
+def free_device_memory() -> None:
+    """Returns dropped engines' and models' memory, so the next system finds the device empty."""
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- offline
+def run_qwenserve(llm, requests: list) -> tuple:
+    from qwenserve import SamplingParams
+    params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in requests]
+    start = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=[r.prompt_token_ids for r in requests], sampling_params=params,
+                        use_tqdm=sys.stderr.isatty())
+    elapsed = time.perf_counter() - start
+    return elapsed, sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def run_transformers(model, requests: list, batch_size: int, device) -> tuple:
+    """Static batches in arrival order; returns (elapsed, useful output tokens, generated tokens)."""
+    import torch
+    start = time.perf_counter()
+    useful = generated = 0
+    with torch.inference_mode():
+        for i in range(0, len(requests), batch_size):
+            batch = requests[i:i + batch_size]
+            width = max(r.prompt_len for r in batch)
+            ids = torch.full((len(batch), width), PAD_ID, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, r in enumerate(batch):  # left padding: every prompt ends at the last column
+                ids[row, width - r.prompt_len:] = torch.tensor(r.prompt_token_ids)
+                mask[row, width - r.prompt_len:] = 1
+            new = max(r.output_len for r in batch)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                                 do_sample=False, pad_token_id=PAD_ID)
+            produced = out.shape[1] - width
+            generated += produced * len(batch)
+            useful += sum(min(r.output_len, produced) for r in batch)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, useful, generated
+
+
+def cmd_offline(args) -> dict:
+    import torch
+
+    from qwenserve import LLM
+    from qwenserve.worker.worker import resolve_device, resolve_dtype
+    model_dir = resolve_model(args)
+    requests = load_workload(args, model_dir)
+    workload = dict(describe(requests), dataset=args.dataset, seed=args.seed)
+    print(f"workload: {args.dataset}, {workload['num_requests']} requests, "
+          f"{workload['total_input_tokens']} input + {workload['total_output_tokens']} output tokens")
+    result = {"mode": "offline", "environment": environment(), "workload": workload, "model": model_dir,
+              "engine": engine_kwargs(args)}
+
+    llm = LLM(model=model_dir, **engine_kwargs(args))
+    executor = llm.engine.executor
+    device = getattr(executor, "device", None) or resolve_device(llm.engine.config)
+    dtype = getattr(executor, "dtype", None) or resolve_dtype(llm.engine.config, llm.engine.model_config, device)
+    result["device"], result["dtype"] = str(device), str(dtype).replace("torch.", "")
+    run_qwenserve(llm, warmup_requests(requests, args.seed))
+    elapsed, out_tokens = run_qwenserve(llm, requests)
+    ours = result["qwenserve"] = throughput(requests, elapsed, out_tokens)
+    ours["num_preemptions"] = llm.get_stats().get("num_preemptions")
+    if out_tokens != workload["total_output_tokens"]:
+        print(f"warning: qwenserve produced {out_tokens} output tokens, the workload asks for "
+              f"{workload['total_output_tokens']}")
+    llm.shutdown()
+    del llm, executor
+    free_device_memory()
+
+    result["baseline"] = result["speedup"] = None
+    if args.no_baseline or getattr(args, "random_weights", False):
+        if not args.no_baseline:
+            print("note: no transformers baseline with --random-weights (it needs a checkpoint)")
+    else:
+        from qwenserve.model.hf_reference import load_qwen2_model
+        try:
+            model = load_qwen2_model(model_dir, dtype=dtype, device=str(device))
+            run_transformers(model, warmup_requests(requests, args.seed), args.baseline_batch_size, device)
+            elapsed, useful, generated = run_transformers(model, requests, args.baseline_batch_size, device)
+            base = result["baseline"] = throughput(requests, elapsed, useful)
+            base.update(batch_size=args.baseline_batch_size, generated_tokens_incl_padding_steps=generated,
+                        name=f"transformers generate, static batches of {args.baseline_batch_size}")
+            result["speedup"] = base["elapsed_s"] / ours["elapsed_s"]
+            del model
+            free_device_memory()
+        except torch.OutOfMemoryError as e:  # e.g. too large a batch: keep qwenserve's numbers
+            result["baseline"] = {"error": f"out of memory: {e}".splitlines()[0]}
+    print_offline(result)
+    return result
+
+
+def print_offline(result: dict) -> None:
+    rows = [("qwenserve", result["qwenserve"])]
+    if result["baseline"]:
+        rows.append(("transformers", result["baseline"]))
+    print(f"{'':14}{'req/s':>10}{'total tok/s':>14}{'output tok/s':>14}{'time (s)':>10}")
+    for name, m in rows:
+        if "error" in m:
+            print(f"{name:14}{m['error']}")
+            continue
+        print(f"{name:14}{m['requests_per_s']:>10.2f}{m['total_tokens_per_s']:>14.1f}"
+              f"{m['output_tokens_per_s']:>14.1f}{m['elapsed_s']:>10.2f}")
+    if result["speedup"]:
+        print(f"qwenserve / transformers: {result['speedup']:.2f}x "
+              f"(device {result['device']}, {result['dtype']}, baseline batch {result['baseline']['batch_size']})")
+
+
+# ---------------------------------------------------------------- decode
+def copy_bandwidth(device, nbytes: int, iters: int = 10) -> float:
+    """Bytes read + written per second by `dst.copy_(src)`, median of `iters` copies."""
+    import torch
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(iters + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    del src, dst
+    return 2 * nbytes / sorted(times[1:])[len(times[1:]) // 2]
+
+
+def timed_decode(engine, requests: list) -> dict:
+    """Steps the engine until done; times the steps after every request has its first token."""
+    from qwenserve import SamplingParams
+    counts = {}
+    for k, r in enumerate(requests):
+        rid = engine.add_request(f"decode-{time.monotonic_ns()}-{k}", prompt_token_ids=r.prompt_token_ids,
+                                 params=SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True))
+        counts[rid] = 0
+    start = time.perf_counter()
+    first_all = None
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            counts[out.request_id] = len(out.outputs[0].token_ids)
+        if first_all is None:
+            if all(counts.values()):
+                first_all = time.perf_counter()
+        else:
+            steps += 1
+    end = time.perf_counter()
+    step_s = (end - first_all) / max(steps, 1)
+    return {"prefill_s": first_all - start, "decode_steps": steps, "ms_per_step": 1e3 * step_s,
+            "tokens_per_s_per_seq": 1.0 / step_s, "output_tokens_per_s": len(requests) / step_s}
+
+
+def cmd_decode(args) -> dict:
+    from qwenserve import LLM, EngineConfig
+    from qwenserve.worker.worker import resolve_device
+    model_dir = resolve_model(args)
+    device = resolve_device(EngineConfig(device=args.device))
+    if args.copy_bandwidth is not None:
+        bandwidth = args.copy_bandwidth * 1e9
+    else:  # measured before the model and KV cache take the memory
+        size = args.copy_bytes or ("2GiB" if device.type == "cuda" else "256MiB")
+        bandwidth = copy_bandwidth(device, parse_bytes(size))
+    llm = LLM(model=model_dir, **engine_kwargs(args))
+    model = llm.engine.executor.worker.model
+    # A decode step reads every weight once except the embedding table (one row per token).
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("wte"))
+    requests = fixed_workload(args.batch_size, args.input_len, args.output_len, args.seed)
+    timed_decode(llm.engine, fixed_workload(args.batch_size, min(16, args.input_len), 8, args.seed + 10_000))
+    measured = timed_decode(llm.engine, requests)
+    floor = bandwidth / weight_bytes
+    result = {"mode": "decode", "environment": environment(), "model": model_dir, "engine": engine_kwargs(args),
+              "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
+              "device": str(device), "dtype": str(llm.engine.executor.dtype).replace("torch.", ""),
+              "weight_bytes_per_step": weight_bytes, "copy_bandwidth_GBps": bandwidth / 1e9,
+              "floor_tokens_per_s_per_seq": floor, **measured,
+              "fraction_of_floor": measured["tokens_per_s_per_seq"] / floor}
+    llm.shutdown()
+    print(f"decode, batch {args.batch_size}, {args.input_len} in / {args.output_len} out on {device} "
+          f"({result['dtype']}): {measured['ms_per_step']:.2f} ms/step, "
+          f"{measured['tokens_per_s_per_seq']:.1f} tok/s per sequence")
+    print(f"floor: {weight_bytes / 1e9:.2f} GB of weights / {bandwidth / 1e9:.1f} GB/s copy = "
+          f"{1e3 / floor:.2f} ms -> {floor:.1f} tok/s; measured = {100 * result['fraction_of_floor']:.0f}% of it")
+    return result
+
+
+# ---------------------------------------------------------------- serve
+class ServerProcess:
+    """`qwenserve launch --port 0` as a subprocess; `address` comes from its "ready ... on" line."""
+
+    def __init__(self, flags: list, timeout: float):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p))
+        cmd = [sys.executable, "-u", "-m", "qwenserve.cli", "launch", "--host", "127.0.0.1", "--port", "0", *flags]
+        print("starting:", " ".join(shlex.quote(c) for c in cmd))
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     cwd=_REPO, env=env)
+        self.lines, self.address = [], None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()  # also keeps the pipe drained
+        if not self._ready.wait(timeout) or self.address is None:
+            self.stop()
+            raise SystemExit("server did not become ready:\n" + "\n".join(self.lines[-30:]))
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if "ready" in line and " on " in line and self.address is None:
+                self.address = line.split(" on ", 1)[1].split()[0]
+                self._ready.set()
+        self._ready.set()  # exited before ready
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def one_request(client, req: BenchRequest, send_at: float, t0: float) -> dict:
+    import grpc
+    await asyncio.sleep(max(0.0, t0 + send_at - time.perf_counter()))
+    start = time.perf_counter()
+    token_times, tokens, error = [], 0, None
+    try:
+        async for delta in client.generate_stream(
+                prompt_token_ids=req.prompt_token_ids, max_tokens=req.output_len, temperature=0.0,
+                top_p=1.0, repetition_penalty=1.0, ignore_eos=True):
+            if delta.token_ids:
+                token_times.append(time.perf_counter())
+                tokens += len(delta.token_ids)
+    except grpc.RpcError as e:
+        error = f"{e.code().name}: {e.details()}"
+    end = time.perf_counter()
+    if error is None and not token_times:
+        error = "no tokens streamed"
+    return {"start": start, "end": end, "token_times": token_times, "output_tokens": tokens,
+            "input_tokens": req.prompt_len, "error": error}
+
+
+async def run_rate(address: str, requests: list, rate: float, seed: int) -> tuple:
+    from qwenserve.server.client import AsyncQwenClient
+    async with AsyncQwenClient(address) as client:
+        arrivals = poisson_arrivals(len(requests), rate, seed)
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one_request(client, r, a, t0) for r, a in zip(requests, arrivals)))
+    return results, time.perf_counter() - t0
+
+
+def print_serve(rate: float, m: dict) -> None:
+    print(f"rate {rate:g} req/s: {m['completed']} done, {m['failed']} failed in {m['duration_s']:.2f} s; "
+          f"{m['request_throughput']:.2f} req/s, {m['output_token_throughput']:.1f} output tok/s"
+          + (f", goodput {m['goodput']:.2f} req/s" if m["goodput"] is not None else ""))
+    for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2el_ms", "E2E")):
+        s = m[key]
+        if s["mean"] is not None:
+            print(f"  {label:5} ms  mean {s['mean']:9.1f}  p50 {s['p50']:9.1f}  p90 {s['p90']:9.1f}  p99 {s['p99']:9.1f}")
+    for e in m["errors"]:
+        print(f"  error: {e}")
+
+
+def plot_latency(runs: list, path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("--plot needs matplotlib, which qwenserve does not depend on: pip install matplotlib")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    finite = [r["request_rate"] for r in runs if not math.isinf(r["request_rate"])]
+    # inf ("all at once") is drawn one step beyond the largest finite rate.
+    x_inf = 2 * max(finite) if finite else 1.0
+    xs = [x_inf if math.isinf(r["request_rate"]) else r["request_rate"] for r in runs]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, title in zip(axes, ("ttft_ms", "tpot_ms", "e2el_ms"), ("TTFT", "TPOT", "end-to-end latency")):
+        for stat in ("mean", "p50", "p99"):
+            ax.plot(xs, [r["metrics"][key][stat] for r in runs], marker="o", label=stat)
+        ax.set_title(title)
+        ax.set_xlabel("request rate (req/s; rightmost = all at once)" if len(finite) < len(runs) else "request rate (req/s)")
+        ax.set_ylabel("ms")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
+def server_flags(args) -> list:
+    flags = ["--tp", str(args.tp), "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed)]
+    if args.model:
+        flags += ["--model", args.model]
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory",
+                 "gpu_memory_utilization"):
+        if getattr(args, name) is not None:
+            flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    if args.no_prefix_caching:
+        flags.append("--no-prefix-caching")
+    return flags + shlex.split(args.server_args or "")
+
+
+def cmd_serve(args) -> dict:
+    from qwenserve.server.client import QwenClient
+    server = None if args.address else ServerProcess(server_flags(args), args.server_timeout)
+    address = args.address or server.address
+    try:
+        with QwenClient(address) as client:
+            info = client.model_info(timeout=30)
+        # Without --model a JSONL is tokenized with the vendored qwen.tiktoken (all Qwen-1 models share it).
+        requests = load_workload(args, args.model)
+        workload = dict(describe(requests), dataset=args.dataset, seed=args.seed)
+        print(f"server {address} ({info.get('model')}); workload: {args.dataset}, {len(requests)} requests")
+        asyncio.run(run_rate(address, warmup_requests(requests, args.seed, 1), math.inf, args.seed))
+        runs = []
+        for rate in args.request_rate:
+            results, duration = asyncio.run(run_rate(address, requests, rate, args.seed))
+            metrics = serve_metrics(results, duration, args.slo_ttft, args.slo_tpot)
+            print_serve(rate, metrics)
+            runs.append({"request_rate": rate, "metrics": metrics})
+    finally:
+        if server:
+            server.stop()
+    if args.plot:
+        if len(runs) > 1:
+            plot_latency(runs, args.plot)
+        else:
+            print("--plot draws latency against request rate: give several --request-rate values")
+    return {"mode": "serve", "environment": environment(), "address": address, "model_info": info,
+            "workload": workload, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
+            "runs": [dict(r, request_rate=str(r["request_rate"]) if math.isinf(r["request_rate"])
+                          else r["request_rate"]) for r in runs]}
+
+
+# ---------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model)")
+    common.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    common.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
+    common.add_argument("--seed", type=int, default=0, help="workload and engine seed")
+    common.add_argument("--max-num-seqs", type=int, default=None)
+    common.add_argument("--max-num-batched-tokens", type=int, default=None)
+    common.add_argument("--max-model-len", type=int, default=None)
+    common.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="CPU KV budget, e.g. 1GiB")
+    common.add_argument("--gpu-memory-utilization", type=float, default=None)
+    common.add_argument("--num-kv-blocks", type=int, default=None, help="fixed KV block count (not serve)")
+    common.add_argument("--no-prefix-caching", action="store_true")
+    common.add_argument("--json", default=None, help="write every metric to this file")
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--dataset", default="random",
+                      help="random (fixed lengths), mixed (the standard workload) or a .jsonl of "
+                           "{\"prompt\", \"output_len\"} (default: %(default)s)")
+    data.add_argument("--num-prompts", type=int, default=None, help="default: 512 mixed, 64 random, all of a file")
+    data.add_argument("--input-len", type=int, default=128, help="prompt tokens (random dataset)")
+    data.add_argument("--output-len", type=int, default=128, help="output tokens (random dataset)")
+    weights = argparse.ArgumentParser(add_help=False)
+    weights.add_argument("--random-weights", action="store_true",
+                         help="no checkpoint: random weights made on the device (shapes: --preset/--layers)")
+    weights.add_argument("--preset", default="7b", help="shape preset for --random-weights")
+    weights.add_argument("--layers", type=int, default=None, help="depth for --random-weights")
+
+    p = sub.add_parser("offline", parents=[common, data, weights], help="throughput vs transformers")
+    p.add_argument("--baseline-batch-size", type=int, default=32)
+    p.add_argument("--no-baseline", action="store_true")
+    p.set_defaults(func=cmd_offline)
+
+    p = sub.add_parser("decode", parents=[common, weights], help="decode tok/s vs the bandwidth floor")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--copy-bytes", default=None, help="size of the measuring copy (default 2GiB on CUDA, 256MiB on CPU)")
+    p.add_argument("--copy-bandwidth", type=float, default=None, help="GB/s (read + write); skips measuring")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("serve", parents=[common, data], help="online latency over gRPC")
+    p.add_argument("--address", default=None, help="a running server; default: start one with --model")
+    p.add_argument("--request-rate", type=float, nargs="+", default=[math.inf],
+                   help="requests/s, Poisson arrivals; several allowed; inf = all at once")
+    p.add_argument("--slo-ttft", type=float, default=None, help="goodput: TTFT limit in ms")
+    p.add_argument("--slo-tpot", type=float, default=None, help="goodput: TPOT limit in ms")
+    p.add_argument("--plot", default=None, help="PNG of latency against request rate (needs matplotlib)")
+    p.add_argument("--server-args", default=None, help="extra `qwenserve launch` flags, quoted")
+    p.add_argument("--server-timeout", type=float, default=900, help="seconds to wait for the server")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    result = args.func(args)
+    write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
