@@ -172,12 +172,10 @@ class RayExecutor:
         self.device, self.dtype = described[0]
 
     # ------------------------------------------------------------------ waiting on ranks
-    def _wait(self, refs: Sequence, what: str, ranks: Optional[Sequence[int]] = None,
-              timeout: Optional[float] = None) -> list:
+    def _wait(self, refs: Sequence, what: str, timeout: Optional[float] = None) -> list:
         """Results of `refs` (one per rank, in rank order), or a RuntimeError naming the first
         rank that failed as soon as it fails, even while the other ranks are still running."""
-        ranks = list(range(len(refs))) if ranks is None else list(ranks)
-        rank_of = dict(zip(refs, ranks))
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             ready, not_ready = ray.wait(list(refs), num_returns=len(refs), timeout=POLL_S)
@@ -193,20 +191,27 @@ class RayExecutor:
                                    f"while {what}")
 
     def _raise_failure(self, ready_refs: Sequence, rank_of: dict, what: str) -> None:
-        """Raises for the first finished ref that holds an error; returns if none does."""
-        for ref in sorted(ready_refs, key=lambda r: rank_of[r]):
-            try:
-                ray.get(ref, timeout=0)
-            except RayActorError as e:
-                self._fail(f"tensor-parallel worker rank {rank_of[ref]} died while {what}: "
-                           f"{_first_line(e)}", e)
-            except RayError as e:
-                self._fail(f"tensor-parallel worker rank {rank_of[ref]} failed while {what}: "
-                           f"{_first_line(e)}", e)
-
-    def _fail(self, message: str, cause: BaseException):
+        """Raises for the failed ranks among `ready_refs`; returns if none failed. A dead rank
+        is named in preference to a peer whose collective broke because of that death."""
+        errors = _errors(ready_refs, rank_of)
+        if not errors:
+            return
+        pending = [r for r in rank_of if r not in ready_refs]
+        if pending and not any(isinstance(e, RayActorError) for e in errors.values()):
+            # A broken collective usually means a peer died; Ray may report that a moment later.
+            more, _ = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+            errors.update(_errors(more, rank_of))
+        dead = sorted(r for r, e in errors.items() if isinstance(e, RayActorError))
+        rank = dead[0] if dead else min(errors)
+        error = errors[rank]
+        if isinstance(error, RayActorError):
+            message = f"tensor-parallel worker rank {rank} died while {what}: {_first_line(error)}"
+        else:
+            cause = getattr(error, "cause", None) or error
+            message = (f"tensor-parallel worker rank {rank} failed while {what}: "
+                       f"{type(cause).__name__}: {_first_line(cause)}")
         self._failure = message
-        raise RuntimeError(message) from cause
+        raise RuntimeError(message) from error
 
     # ------------------------------------------------------------------ executor interface
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -252,6 +257,17 @@ class RayExecutor:
         if self._owns_ray:
             self._owns_ray = False
             ray.shutdown()
+
+
+def _errors(refs: Sequence, rank_of: dict) -> dict:
+    """rank -> the RayError held by each finished ref that failed."""
+    errors = {}
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+        except RayError as e:
+            errors[rank_of[ref]] = e
+    return errors
 
 
 def _first_line(error: BaseException) -> str:

@@ -1,0 +1,197 @@
+"""Tensor parallelism on Ray (CPU + gloo): tp = 2 and 4 generate the same greedy tokens as
+tp = 1, each rank loads exactly its slices, invalid tp sizes fail before Ray starts, and a
+killed rank fails the engine fast with the rank named.
+
+One Ray session serves the whole module; every executor joins it (and leaves it running).
+"""
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from qwenserve import LLM, SamplingParams
+from qwenserve.model import loader as loader_module
+from qwenserve.model.config import QwenConfig
+from qwenserve.model.loader import checkpoint_files
+from qwenserve.model.parallel import TensorParallelGroup, get_tp_group, set_tp_group
+from qwenserve.worker.distributed import check_tp_size, valid_tp_sizes
+
+PROMPTS = ["Hello, my name is", "蒙古国的首都是乌兰巴托（Ulaanbaatar）\n冰岛的首都是",
+           "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30",
+           "a"]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+# float32 on the CPU with a small KV cache: equal math up to the reduction order.
+ENGINE_KWARGS = dict(device="cpu", dtype="float32", kv_cache_memory=16 * 1024 ** 2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ray_session(tiny_checkpoint):
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local", num_cpus=5, object_store_memory=200 * 1024 ** 2,
+             include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tp1_tokens(tiny_checkpoint):
+    llm = LLM(tensor_parallel_size=1, **ENGINE_KWARGS)
+    try:
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+
+
+def _generate_tp(tp: int) -> list[list[int]]:
+    llm = LLM(tensor_parallel_size=tp, **ENGINE_KWARGS)
+    try:
+        assert llm.engine.executor.num_blocks >= 2
+        llm.engine.executor.check_health()
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+
+
+def test_tp2_matches_tp1(ray_session, tp1_tokens):
+    assert _generate_tp(2) == tp1_tokens
+    # The driver never joined a process group: its layers still see the single-rank group.
+    assert get_tp_group().size == 1
+
+
+def test_tp4_matches_tp1(ray_session, tp1_tokens):
+    assert _generate_tp(4) == tp1_tokens
+
+
+# ---------------------------------------------------------------------- sharded loading
+def _full_tensors(path: str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in checkpoint_files(path):
+        with safe_open(os.path.join(path, file), framework="pt") as f:
+            # The model loads in float32; the checkpoint's bf16 values convert exactly.
+            tensors.update({name: f.get_tensor(name).float() for name in f.keys()})
+    return tensors
+
+
+def _load_rank(path: str, rank: int, size: int, monkeypatch):
+    """Loads rank `rank` of `size` in-process (loading needs no communication); also returns
+    the largest number of elements read from each checkpoint tensor."""
+    from qwenserve.config import EngineConfig
+    from qwenserve.worker.worker import Worker
+
+    largest_read: dict[str, int] = {}
+    original_read = loader_module.SafetensorsSource.read
+
+    def recording_read(self, index=()):
+        out = original_read(self, index)
+        largest_read[self.name] = max(largest_read.get(self.name, 0), out.numel())
+        return out
+
+    monkeypatch.setattr(loader_module.SafetensorsSource, "read", recording_read)
+    previous = get_tp_group()
+    set_tp_group(TensorParallelGroup(rank=rank, size=size, group=None))
+    try:
+        worker = Worker(EngineConfig(device="cpu", dtype="float32"), path)
+        worker.load_model()
+    finally:
+        set_tp_group(previous)
+        monkeypatch.undo()
+    return worker.model, largest_read
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_each_rank_holds_exactly_its_shard(tiny_checkpoint, size, monkeypatch):
+    cfg = QwenConfig.from_dir(tiny_checkpoint)
+    full = _full_tensors(tiny_checkpoint)
+    h, width, vocab = cfg.hidden_size, cfg.mlp_width, cfg.vocab_size
+    hr, wr, vr = h // size, width // size, vocab // size
+    for rank in range(size):
+        model, largest_read = _load_rank(tiny_checkpoint, rank, size, monkeypatch)
+        heads = slice(rank * hr, (rank + 1) * hr)
+        cols = slice(rank * wr, (rank + 1) * wr)
+        rows = slice(rank * vr, (rank + 1) * vr)
+        assert model.wte.weight.shape == (vr, h)
+        torch.testing.assert_close(model.wte.weight, full["transformer.wte.weight"][rows], rtol=0, atol=0)
+        assert model.lm_head.weight.shape == (vr, h)
+        torch.testing.assert_close(model.lm_head.weight, full["lm_head.weight"][rows], rtol=0, atol=0)
+        for i, block in enumerate(model.h):
+            p = f"transformer.h.{i}."
+            w, b = full[p + "attn.c_attn.weight"], full[p + "attn.c_attn.bias"]
+            # q, k, v thirds first, then this rank's heads of each third.
+            q_k_v = [slice(t * h + heads.start, t * h + heads.stop) for t in range(3)]
+            assert block.attn.c_attn.weight.shape == (3 * hr, h)
+            torch.testing.assert_close(block.attn.c_attn.weight, torch.cat([w[s] for s in q_k_v]), rtol=0, atol=0)
+            torch.testing.assert_close(block.attn.c_attn.bias, torch.cat([b[s] for s in q_k_v]), rtol=0, atol=0)
+            assert block.attn.num_heads == cfg.num_attention_heads // size
+            assert block.attn.c_proj.weight.shape == (h, hr)
+            torch.testing.assert_close(block.attn.c_proj.weight, full[p + "attn.c_proj.weight"][:, heads],
+                                       rtol=0, atol=0)
+            assert block.mlp.gate_up.weight.shape == (2 * wr, h)
+            up_gate = torch.cat([full[p + "mlp.w1.weight"][cols], full[p + "mlp.w2.weight"][cols]])
+            torch.testing.assert_close(block.mlp.gate_up.weight, up_gate, rtol=0, atol=0)
+            assert block.mlp.c_proj.weight.shape == (h, wr)
+            torch.testing.assert_close(block.mlp.c_proj.weight, full[p + "mlp.c_proj.weight"][:, cols],
+                                       rtol=0, atol=0)
+        # Sliced reads: no sharded tensor was ever read whole by this rank.
+        for name, numel in largest_read.items():
+            if name.endswith(("c_attn.weight", "c_attn.bias", "c_proj.weight", "w1.weight", "w2.weight",
+                              "wte.weight", "lm_head.weight")):
+                assert numel <= full[name].numel() // size, name
+
+
+# ---------------------------------------------------------------------- checks
+def test_valid_tp_sizes_for_real_presets():
+    qwen_7b = QwenConfig(hidden_size=4096, num_attention_heads=32, num_hidden_layers=32,
+                         intermediate_size=22016, vocab_size=151936)
+    assert valid_tp_sizes(qwen_7b) == [1, 2, 4, 8, 16, 32]
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 3 does not divide the 32 attention heads; "
+                                         r"valid values: 1, 2, 4, 8, 16, 32"):
+        check_tp_size(qwen_7b, 3)
+
+
+@pytest.mark.parametrize("tp", [3, 8])
+def test_invalid_tp_fails_before_ray_starts(tiny_checkpoint, tp, monkeypatch):
+    from qwenserve.worker import ray_executor
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for an invalid tensor_parallel_size")
+
+    monkeypatch.setattr(ray_executor, "_init_ray", no_ray)
+    monkeypatch.setattr(ray_executor.ray, "init", no_ray)
+    with pytest.raises(ValueError, match=rf"tensor_parallel_size {tp} does not divide the 4 attention "
+                                         r"heads; valid values: 1, 2, 4$"):
+        LLM(tensor_parallel_size=tp, **ENGINE_KWARGS)
+
+
+# ---------------------------------------------------------------------- faults
+@pytest.mark.parametrize("victim", [1, 0])
+def test_killed_worker_fails_fast_naming_the_rank(ray_session, victim):
+    llm = LLM(tensor_parallel_size=2, **ENGINE_KWARGS)
+    executor = llm.engine.executor
+    pids = executor.worker_pids()
+    long_run = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
+    killed_at = []
+
+    def kill():
+        killed_at.append(time.monotonic())
+        os.kill(pids[victim], signal.SIGKILL)
+
+    timer = threading.Timer(1.0, kill)  # mid-generation: the decode loop is running by then
+    timer.start()
+    try:
+        with pytest.raises(RuntimeError, match=rf"rank {victim} died"):
+            llm.generate(["Hello"] * 4, long_run, use_tqdm=False)
+        assert time.monotonic() - killed_at[0] < 30
+        with pytest.raises(RuntimeError, match=rf"rank {victim}"):
+            executor.check_health()
+        with pytest.raises(RuntimeError, match=rf"rank {victim}"):  # stays failed, never hangs
+            llm.generate(["Hello"], GREEDY, use_tqdm=False)
+    finally:
+        timer.cancel()
+        started = time.monotonic()
+        llm.shutdown()
+        assert time.monotonic() - started < 30
