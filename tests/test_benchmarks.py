@@ -1,0 +1,156 @@
+"""Smoke tests of the benchmark harness (`benchmarks/run.py`, `benchmarks/datasets.py`).
+
+Each mode runs as a user runs it (a subprocess) on the built-in tiny model for a few seconds,
+and the test checks that the JSON holds every metric with sane values. Nothing here is timed:
+the numbers of a 2-core CI machine mean nothing, only their presence and consistency do.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks/ is not installed with the package
+
+from benchmarks import datasets  # noqa: E402
+ENGINE = ["--device", "cpu", "--dtype", "float32", "--kv-cache-memory", "32MiB"]
+
+
+def run_bench(tmp_path, *args, timeout=600) -> dict:
+    out = tmp_path / "result.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), *args, *ENGINE, "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def check_summary(s: dict) -> None:
+    assert set(s) == {"mean", "p50", "p90", "p99"}
+    assert all(isinstance(v, float) and v >= 0 for v in s.values()), s
+    assert s["p50"] <= s["p90"] <= s["p99"]
+
+
+def check_throughput(m: dict, workload: dict) -> None:
+    for key in ("elapsed_s", "requests_per_s", "total_tokens_per_s", "output_tokens_per_s"):
+        assert m[key] > 0, (key, m)
+    assert m["output_tokens"] == workload["total_output_tokens"]
+    assert m["requests_per_s"] * m["elapsed_s"] == pytest.approx(workload["num_requests"])
+    assert m["total_tokens_per_s"] > m["output_tokens_per_s"]
+
+
+def check_environment(env: dict) -> None:
+    for key in ("date", "device", "commit", "torch", "command"):
+        assert key in env
+    assert env["command"].startswith("python benchmarks/run.py")
+
+
+# ---------------------------------------------------------------- workloads and metrics
+def test_mixed_workload_is_the_standard_one():
+    full = datasets.mixed_workload()
+    assert len(full) == 512
+    assert all(64 <= r.prompt_len <= 1024 and 16 <= r.output_len <= 512 for r in full)
+    assert all(0 <= t < datasets.NUM_ORDINARY_TOKENS for r in full[:8] for t in r.prompt_token_ids)
+    # Smaller runs are prefixes of the full workload, and the workload never changes with the run.
+    assert datasets.mixed_workload(16) == full[:16]
+    assert datasets.mixed_workload(16, seed=1) != full[:16]
+    assert len({r.prompt_len for r in full}) > 100
+    assert datasets.build_workload("mixed", 3, 1, 1, seed=0) == full[:3]
+    assert datasets.build_workload("mixed", None, 1, 1, seed=0) == full
+
+
+def test_jsonl_workload(tmp_path):
+    path = tmp_path / "w.jsonl"
+    path.write_text('{"prompt": "hello there", "output_len": 5}\n\n{"prompt_token_ids": [1, 2], "output_len": 3}\n')
+    reqs = datasets.jsonl_workload(str(path), lambda text: [ord(c) for c in text])
+    assert [(r.prompt_len, r.output_len) for r in reqs] == [(11, 5), (2, 3)]
+    path.write_text('{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="w.jsonl:1"):
+        datasets.jsonl_workload(str(path), list)
+
+
+def test_poisson_arrivals_and_summaries():
+    times = datasets.poisson_arrivals(2000, rate=10.0, seed=0)
+    assert times == sorted(times) and times[0] == 0.0
+    assert 2000 / times[-1] == pytest.approx(10.0, rel=0.1)
+    assert datasets.poisson_arrivals(3, math.inf) == [0.0, 0.0, 0.0]
+    s = datasets.summarize([float(i) for i in range(1, 101)])
+    assert s["mean"] == 50.5 and s["p50"] == 50.5 and s["p99"] == pytest.approx(99.01)
+    assert datasets.summarize([]) == {"mean": None, "p50": None, "p90": None, "p99": None}
+
+
+def test_serve_metrics_definitions():
+    # Two requests started at 0: one streams 4 tokens in 3 messages, one fails.
+    ok = {"start": 0.0, "end": 0.5, "token_times": [0.1, 0.2, 0.4], "output_tokens": 4, "input_tokens": 10,
+          "error": None}
+    bad = dict(ok, token_times=[], output_tokens=0, error="UNAVAILABLE: down")
+    m = datasets.serve_metrics([ok, bad], duration=1.0, slo_ttft=100.0, slo_tpot=50.0)
+    assert (m["completed"], m["failed"], m["errors"]) == (1, 1, ["UNAVAILABLE: down"])
+    assert m["ttft_ms"]["mean"] == pytest.approx(100.0)
+    assert m["tpot_ms"]["mean"] == pytest.approx(100.0)  # (0.4 - 0.1) s / 3 tokens
+    assert m["itl_ms"]["mean"] == pytest.approx(150.0)  # gaps of 100 and 200 ms between messages
+    assert m["e2el_ms"]["mean"] == pytest.approx(500.0)
+    assert m["goodput"] == 0.0  # TPOT 100 ms > 50 ms SLO
+    assert datasets.serve_metrics([ok], 1.0, None, None)["goodput"] is None
+    assert datasets.serve_metrics([ok], 1.0, 150.0, 120.0)["goodput"] == 1.0
+
+
+# ---------------------------------------------------------------- the modes, end to end
+def test_offline_with_baseline(tmp_path):
+    result, stdout = run_bench(tmp_path, "offline", "--num-prompts", "4", "--input-len", "16",
+                               "--output-len", "8", "--baseline-batch-size", "2")
+    workload = result["workload"]
+    assert (workload["num_requests"], workload["total_input_tokens"], workload["total_output_tokens"]) == (4, 64, 32)
+    check_environment(result["environment"])
+    check_throughput(result["qwenserve"], workload)
+    check_throughput(result["baseline"], workload)
+    assert result["baseline"]["batch_size"] == 2
+    assert result["speedup"] == pytest.approx(result["baseline"]["elapsed_s"] / result["qwenserve"]["elapsed_s"])
+    assert "qwenserve / transformers:" in stdout
+
+
+def test_offline_jsonl_without_baseline(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "The capital of Iceland is", "output_len": 4}\n'
+                    '{"prompt_token_ids": [1, 2, 3], "output_len": 2}\n')
+    result, stdout = run_bench(tmp_path, "offline", "--dataset", str(path), "--no-baseline")
+    workload = result["workload"]
+    assert (workload["num_requests"], workload["total_input_tokens"], workload["total_output_tokens"]) == (2, 8, 6)
+    check_throughput(result["qwenserve"], workload)
+    assert result["baseline"] is None and result["speedup"] is None
+    assert "transformers" not in stdout
+
+
+def test_decode_against_floor(tmp_path):
+    result, _ = run_bench(tmp_path, "decode", "--random-weights", "--preset", "tiny", "--input-len", "8",
+                          "--output-len", "6", "--copy-bytes", "16MiB")
+    for key in ("weight_bytes_per_step", "copy_bandwidth_GBps", "floor_tokens_per_s_per_seq", "ms_per_step",
+                "tokens_per_s_per_seq", "output_tokens_per_s", "fraction_of_floor"):
+        assert result[key] > 0, key
+    assert result["decode_steps"] == 5  # the first token comes from the prefill step
+    assert result["floor_tokens_per_s_per_seq"] == pytest.approx(
+        result["copy_bandwidth_GBps"] * 1e9 / result["weight_bytes_per_step"])
+
+
+def test_serve_starts_a_server(tmp_path):
+    result, stdout = run_bench(tmp_path, "serve", "--num-prompts", "4", "--input-len", "16", "--output-len", "6",
+                               "--request-rate", "inf", "50", "--slo-ttft", "60000", "--slo-tpot", "60000",
+                               "--max-model-len", "256")
+    check_environment(result["environment"])
+    assert result["model_info"]["max_model_len"] == 256
+    assert [r["request_rate"] for r in result["runs"]] == ["inf", 50.0]
+    for run in result["runs"]:
+        m = run["metrics"]
+        assert (m["completed"], m["failed"]) == (4, 0), m["errors"]
+        for key in ("duration_s", "request_throughput", "output_token_throughput", "total_token_throughput"):
+            assert m[key] > 0, key
+        assert m["output_token_throughput"] * m["duration_s"] == pytest.approx(4 * 6)
+        assert m["goodput"] == pytest.approx(m["request_throughput"])  # SLOs of a minute: all meet them
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            check_summary(m[key])
+        assert m["ttft_ms"]["p50"] <= m["e2el_ms"]["p50"]
+    assert "TTFT" in stdout
