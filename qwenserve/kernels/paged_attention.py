@@ -151,26 +151,55 @@ def paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables
 
 def paged_attention_ref(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
                         logn_scale, max_query_len, max_seq_len):
-    """Gathers each request's K/V through its block table and attends with an explicit mask."""
+    """Gathers each request's K/V through its block table and attends with an explicit mask.
+
+    Decode requests (q_len 1) are attended together as one padded batch, since the CPU engine
+    runs this reference every step; prompts and chunks are attended one request at a time.
+    """
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 math; fp64 stays fp64
     out = torch.zeros_like(q)
     starts = query_start_loc.tolist()
-    for b, seq_len in enumerate(seq_lens.tolist()):
+    lens = seq_lens.tolist()
+    q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
+
+    def scaled_q(lo, hi):
+        qb = q[lo:hi].to(acc) * scale
+        if logn_scale is not None:
+            qb = qb * logn_scale[lo:hi].to(acc)[:, None, None]
+        return qb
+
+    decode = [b for b in range(len(lens)) if q_lens[b] == 1 and lens[b] > 0]
+    if decode:
+        rows = torch.tensor([starts[b] for b in decode], device=q.device)
+        width = math.ceil(max(lens[b] for b in decode) / block_size)
+        tables = block_tables[decode, :width].long()  # [Bd, W]
+        k = k_cache[tables].reshape(len(decode), -1, num_kv_heads, head_dim).to(acc)
+        v = v_cache[tables].reshape(len(decode), -1, num_kv_heads, head_dim).to(acc)
+        k = k.repeat_interleave(group, dim=2)
+        v = v.repeat_interleave(group, dim=2)
+        qd = q.index_select(0, rows).to(acc) * scale
+        if logn_scale is not None:
+            qd = qd * logn_scale.index_select(0, rows).to(acc)[:, None, None]
+        scores = torch.einsum("bhd,bkhd->bhk", qd, k)
+        valid = torch.arange(k.shape[1], device=q.device)[None, :] < torch.tensor(
+            [lens[b] for b in decode], device=q.device)[:, None]
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        out.index_copy_(0, rows, torch.einsum("bhk,bkhd->bhd", torch.softmax(scores, -1), v).to(q.dtype))
+
+    for b, seq_len in enumerate(lens):
         q_start, q_end = starts[b], starts[b + 1]
-        q_len = q_end - q_start
-        if q_len == 0 or seq_len == 0:
+        q_len = q_lens[b]
+        if q_len <= 1 or seq_len == 0:
             continue
         blocks = block_tables[b, : math.ceil(seq_len / block_size)].long()
         k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].to(acc)
         v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].to(acc)
-        k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        v = v.repeat_interleave(num_heads // num_kv_heads, dim=1)
-        qb = q[q_start:q_end].to(acc) * scale
-        if logn_scale is not None:
-            qb = qb * logn_scale[q_start:q_end].to(acc)[:, None, None]
-        scores = torch.einsum("qhd,khd->hqk", qb, k)
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", scaled_q(q_start, q_end), k)
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)
         scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))

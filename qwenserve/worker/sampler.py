@@ -81,6 +81,11 @@ def _row_index(rows: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long, device=device)
 
 
+def _select_rows(x: torch.Tensor, rows: list[int], idx: torch.Tensor) -> torch.Tensor:
+    """x[rows] without copying [B, V] logits when the rows are all of them, in order."""
+    return x if len(rows) == x.shape[0] else x.index_select(0, idx)
+
+
 def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     """Steps (c) and (d) on a copy of `logits` [B, V]; returns the penalised copy.
 
@@ -236,11 +241,11 @@ class Sampler:
         sampled = [i for i, s in enumerate(states) if not s.params.is_greedy]
         if greedy:
             idx = _row_index(greedy, device)
-            tokens.index_copy_(0, idx, processed.index_select(0, idx).argmax(dim=-1))
+            tokens.index_copy_(0, idx, _select_rows(processed, greedy, idx).argmax(dim=-1))
         if sampled:
             idx = _row_index(sampled, device)
             sub_states = [states[i] for i in sampled]
-            drawn = self._sample_random(processed.index_select(0, idx), sub_states)
+            drawn = self._sample_random(_select_rows(processed, sampled, idx), sub_states)
             tokens.index_copy_(0, idx, drawn)
 
         logprob_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
@@ -248,7 +253,7 @@ class Sampler:
         top_ids = top_vals = None
         if logprob_rows:
             idx = _row_index(logprob_rows, device)
-            logp = processed.index_select(0, idx).log_softmax(dim=-1)
+            logp = _select_rows(processed, logprob_rows, idx).log_softmax(dim=-1)
             sampled_logprobs.index_copy_(
                 0, idx, logp.gather(1, tokens.index_select(0, idx).unsqueeze(1)).squeeze(1)
             )
@@ -260,7 +265,7 @@ class Sampler:
         if other_rows:
             # Only the sampled token's logprob: no need for a full [n, V] log_softmax.
             idx = _row_index(other_rows, device)
-            sub = processed.index_select(0, idx)
+            sub = _select_rows(processed, other_rows, idx)
             picked = sub.gather(1, tokens.index_select(0, idx).unsqueeze(1)).squeeze(1)
             sampled_logprobs.index_copy_(0, idx, picked - sub.logsumexp(dim=-1))
 
