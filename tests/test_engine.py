@@ -254,3 +254,12 @@ def _shared_llm(path):
     if path not in _SHARED:
         _SHARED[path] = LLM(model=path, device="cpu")
     return _SHARED[path]
+
+
+def test_triton_path_matches_reference_path(tiny_checkpoint):
+    """The engine on the Triton kernels (interpreted on the CPU) gives the reference path's tokens,
+    through chunked prefill and decode."""
+    prompts = _prompts([1, 17, 40, 5], seed=21)
+    triton_llm = LLM(model=tiny_checkpoint, device="cpu", use_triton=True, max_num_batched_tokens=32)
+    assert _greedy(triton_llm, prompts, 4) == _expected(tiny_checkpoint, prompts, 4)
+    _assert_no_leak(triton_llm)
