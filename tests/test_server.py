@@ -243,6 +243,13 @@ def test_generate_command_streams_to_the_terminal(server, client):
     assert out.stdout == expected + "\n"
 
 
+def test_launch_on_a_busy_port_fails(server):
+    port = server.address.rsplit(":", 1)[1]
+    out = subprocess.run([sys.executable, "-m", "qwenserve.cli", "launch", "--port", port, *ENGINE_FLAGS],
+                         capture_output=True, text=True, cwd=REPO, env=_env(), timeout=120)
+    assert out.returncode == 1 and "cannot listen" in out.stderr, out.stderr
+
+
 def test_committed_stubs_match_a_fresh_generation():
     assert gen_protos.stale_stubs() == []
 

@@ -16,8 +16,10 @@ the process up, so that an orchestrator sees the failure through health.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -136,7 +138,8 @@ class _Server:
                               on_failure=lambda reason: self._on_engine_failure(loop, reason))
         bridge.start()
         servicer = GenerationServicer(bridge, self.engine)
-        server = grpc.aio.server()
+        # so_reuseport off: a second server on a busy port must fail, not share it.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -210,9 +213,23 @@ class _Server:
         return self.shutdown_grace < grace  # a second signal zeroed the grace
 
 
+def _port_is_free(host: str, port: int) -> bool:
+    """Best-effort early check; the real bind below still decides."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(addr)
+    except OSError as e:
+        return e.errno != errno.EADDRINUSE
+    return True
+
+
 def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 50051,
                shutdown_grace: float = 10.0, engine: Any = None) -> int:
     """Serves until SIGINT/SIGTERM; returns the process exit code."""
+    if port and not _port_is_free(host, port):  # fail before minutes of weight loading
+        print(f"qwenserve: error: cannot listen on {host}:{port}: address in use", file=sys.stderr)
+        return 1
     if engine is None:
         print(f"qwenserve: loading {config.model or 'the built-in tiny model'} ...",
               file=sys.stderr, flush=True)
