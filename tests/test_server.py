@@ -167,6 +167,10 @@ def test_client_generate_chat_n_and_tokenize(client, offline_greedy):
                               ignore_eos=True)
     assert [c.index for c in sampled.outputs] == [0, 1]
     assert all(len(c.token_ids) == 5 and c.finish_reason == "length" for c in sampled.outputs)
+    with_logprobs = client.generate(PROMPTS[0], max_tokens=3, logprobs=2, **GREEDY)
+    assert len(with_logprobs.outputs[0].logprobs) == 3
+    for token, top in zip(with_logprobs.token_ids, with_logprobs.outputs[0].logprobs):
+        assert len(top) >= 2 and top[0][0] == token and all(lp <= 0 for _, lp in top)
     reply = client.chat([{"role": "user", "content": "你好"}], system="You are a helpful assistant.",
                         max_tokens=4, **GREEDY)
     assert len(reply.token_ids) == 4
