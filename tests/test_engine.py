@@ -263,3 +263,31 @@ def test_triton_path_matches_reference_path(tiny_checkpoint):
     triton_llm = LLM(model=tiny_checkpoint, device="cpu", use_triton=True, max_num_batched_tokens=32)
     assert _greedy(triton_llm, prompts, 4) == _expected(tiny_checkpoint, prompts, 4)
     _assert_no_leak(triton_llm)
+
+
+def test_decode_graph_buffers_and_padding(tiny_checkpoint):
+    """The CUDA-graph decode path's static buffers, padding and size choice, checked on the CPU by
+    replaying eagerly over the same static buffers a captured graph would read."""
+    from qwenserve.worker.cuda_graphs import DecodeGraphs
+
+    class EagerReplay(DecodeGraphs):
+        used = []
+
+        def capture(self):
+            for size in self.sizes:
+                def replay(size=size):
+                    self.used.append(size)
+                    self.outputs[size] = self.model(self.input_ids[:size], self.positions[:size],
+                                                    self._meta(size))
+                self.replays[size] = replay
+
+    llm = LLM(model=tiny_checkpoint, device="cpu", use_triton=True, max_num_batched_tokens=64)
+    worker = llm.engine.executor.worker
+    graphs = EagerReplay(worker.model, 8, 256, worker.config.block_size, worker.device)
+    graphs.capture()
+    assert graphs.sizes == [1, 2, 4, 8]
+    worker.runner.decode_graphs = graphs
+    prompts = _prompts([3, 20, 9], seed=22)  # decodes 3 requests in a padded batch of 4
+    assert _greedy(llm, prompts, 4) == _expected(tiny_checkpoint, prompts, 4)
+    assert 4 in graphs.used  # three decoding requests ran in the padded size-4 graph
+    _assert_no_leak(llm)

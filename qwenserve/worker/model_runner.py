@@ -47,6 +47,7 @@ class ModelRunner:
         self.is_driver = is_driver  # rank 0: computes logits and samples
         self.sampler = Sampler(vocab_size_real=min(NUM_REAL_TOKENS, self.config.vocab_size), seed=seed)
         self.requests: dict[str, RequestState] = {}
+        self.decode_graphs = None  # a `DecodeGraphs` once the worker has captured them
         # Seeded generators outlive preemption so a resumed request continues its stream.
         self._generators: dict[str, torch.Generator] = {}
 
@@ -128,7 +129,10 @@ class ModelRunner:
         if out.is_empty:
             return ModelRunnerOutput() if self.is_driver else None
         input_ids, positions, meta, sample_rows = self.prepare_inputs(out)
-        hidden = self.model(input_ids, positions, meta)
+        if self.decode_graphs is not None and self.decode_graphs.can_run(meta.num_requests, meta):
+            hidden = self.decode_graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)
         if not sample_rows:
             # Other ranks still join the LM head's gather.
             return ModelRunnerOutput() if self.is_driver else None

@@ -16,6 +16,7 @@ from qwenserve.model.loader import load_weights
 from qwenserve.model.parallel import get_tp_group
 from qwenserve.model.qwen import QWenLMHeadModel
 from qwenserve.scheduler.output import SchedulerOutput
+from qwenserve.worker.cuda_graphs import try_capture
 from qwenserve.worker.model_runner import ModelRunner, ModelRunnerOutput
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -52,8 +53,9 @@ class Worker:
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config, self.model_config, self.device)
         self.tp = get_tp_group()
-        use_triton = config.use_triton if config.use_triton is not None else self.device.type == "cuda"
-        self.ops = get_ops(use_triton)
+        self.use_triton = config.use_triton if config.use_triton is not None else self.device.type == "cuda"
+        self.ops = get_ops(self.use_triton)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.model: Optional[QWenLMHeadModel] = None
         self.runner: Optional[ModelRunner] = None
         self.num_blocks = 0
@@ -93,6 +95,10 @@ class Worker:
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.runner = ModelRunner(self.model, self.config.block_size, self.device, seed=self.config.seed,
                                   is_driver=self.tp.rank == 0)
+        if self.device.type == "cuda" and self.config.use_cuda_graphs and self.use_triton:
+            # The torch reference kernels sync with the host, so only the Triton path is captured.
+            self.runner.decode_graphs = try_capture(self.model, min(self.config.max_num_seqs, 256),
+                                                    self.max_model_len, self.config.block_size, self.device)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
         return self.runner.execute(scheduler_output)
