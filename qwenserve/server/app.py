@@ -175,7 +175,7 @@ class _Server:
                 warm.result()
                 servicer.ready = True
                 await self._set_health(_SERVING)
-                print(f"qwenserve: ready on {address} (model: {servicer._model_info.model}, "
+                print(f"qwenserve: ready on {address} (model: {servicer.info.model}, "
                       f"warm-up {time.monotonic() - started:.1f}s)", flush=True)
                 await self.stop_requested.wait()
         except Exception as e:  # warm-up failed: never report SERVING

@@ -114,7 +114,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.bridge = bridge
         self.engine = engine
         self.generation_config = getattr(engine, "generation_config", None)
-        self._model_info = model_info(engine)
+        self.info = model_info(engine)
         # Set by the app once the warm-up generation succeeded; until then, UNAVAILABLE.
         self.ready = False
 
@@ -183,7 +183,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return pb.TokenizeResponse(ids=ids)
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
-        return self._model_info
+        return self.info
 
     async def GetStats(self, request, context) -> pb.Stats:
         stats = self.bridge.stats()
