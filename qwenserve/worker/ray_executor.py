@@ -33,6 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 import qwenserve
 from qwenserve.config import EngineConfig
 from qwenserve.model.config import QwenConfig
+from qwenserve.model.loader import checkpoint_files
 from qwenserve.scheduler.output import SchedulerOutput
 from qwenserve.worker.distributed import check_tp_size, destroy_distributed, free_port, init_distributed
 from qwenserve.worker.model_runner import ModelRunnerOutput
@@ -141,7 +142,9 @@ class RayExecutor:
             self.shutdown()
             raise
         if progress:
-            progress(1, 1)  # the ranks load in their own processes; report only completion
+            # The ranks load in their own processes; the driver reports only completion.
+            total = sum(len(names) for names in checkpoint_files(model_dir).values())
+            progress(total, total)
 
     def _start(self, config: EngineConfig, model_dir: str) -> None:
         tp = self.tp
