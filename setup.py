@@ -18,13 +18,13 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "ray>=2.9",
-        "grpcio>=1.60",
-        "grpcio-health-checking>=1.60",
-        "grpcio-reflection>=1.60",
-        "protobuf>=4.25",
+        "grpcio>=1.85.1",  # the generated stubs check this at import
+        "grpcio-health-checking>=1.85.1",
+        "grpcio-reflection>=1.85.1",
+        "protobuf>=7.35.1",  # gencode version of qwenserve_pb2.py
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.45", "grpcio-tools>=1.60"],
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.45", "grpcio-tools>=1.85.1"],
     },
     entry_points={"console_scripts": ["qwenserve=qwenserve.cli:main"]},
 )
