@@ -105,3 +105,59 @@ def test_ntk_alpha_formula():
                      vocab_size=8, seq_length=100)
     assert [cfg.ntk_alpha(n) for n in (1, 100, 101, 200, 201, 400, 401)] == [1, 1, 3, 3, 7, 7, 15]
     assert cfg.rope_theta(3.0) == pytest.approx(10000 * 3.0 ** (32 / 30))
+
+
+def test_bfloat16_on_cpu_close_to_float32(tiny_checkpoint, tiny_model):
+    from qwenserve.model.loader import load_weights
+
+    model = QWenLMHeadModel(tiny_model.config, get_ops(False), torch.bfloat16)
+    load_weights(model, tiny_checkpoint)
+    prompt = list(range(1000, 1040))
+    low = reference_logits(model, [prompt])[0]
+    high = reference_logits(tiny_model, [prompt])[0]
+    assert low.dtype == torch.float32  # logits are returned in float32 whatever the model dtype
+    # bf16 keeps ~3 significant digits; through 2 layers and a 151936-row head, 5% of the range.
+    assert rel_err(low, high) < 0.05
+    assert (low.argmax(-1) == high.argmax(-1)).float().mean() > 0.8
+
+
+def test_random_weights_do_not_collapse_greedy_decoding(tiny_model):
+    from qwenserve.model.reference import reference_greedy
+
+    tokens = reference_greedy(tiny_model, [9707, 11, 1879, 0], 24)
+    assert len(set(tokens)) >= 12, tokens
+
+
+def test_make_checkpoint_cli_layout(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from qwenserve.cli import main
+
+    out = tmp_path / "ckpt"
+    assert main(["make-checkpoint", "--preset", "tiny", "--layers", "3", "--seed", "7",
+                 "--shard-size-mb", "16", str(out)]) == 0
+    cfg = QwenConfig.from_dir(str(out))
+    assert cfg.num_hidden_layers == 3
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    model = QWenLMHeadModel(cfg, get_ops(False), torch.float32)
+    expected = {name for name, _, _ in model.checkpoint_targets()}
+    assert set(index) == expected
+    h, w = cfg.hidden_size, cfg.mlp_width
+    shapes = {"transformer.h.2.attn.c_attn.weight": [3 * h, h], "transformer.h.2.attn.c_attn.bias": [3 * h],
+              "transformer.h.2.mlp.w1.weight": [w, h], "transformer.h.2.mlp.c_proj.weight": [h, w],
+              "lm_head.weight": [151936, h], "transformer.wte.weight": [151936, h]}
+    for name, shape in shapes.items():
+        with safe_open(str(out / index[name]), framework="pt") as f:
+            assert list(f.get_slice(name).get_shape()) == shape, name
+    assert (out / "qwen.tiktoken").is_file() and (out / "generation_config.json").is_file()
+
+
+def test_make_checkpoint_rejects_bad_preset():
+    from qwenserve.model.checkpoint import preset_config
+
+    with pytest.raises(ValueError, match="preset must be one of"):
+        preset_config("huge")
+    with pytest.raises(ValueError, match="layers must be >= 1"):
+        preset_config("7b", layers=0)
