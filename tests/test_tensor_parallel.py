@@ -167,6 +167,34 @@ def test_invalid_tp_fails_before_ray_starts(tiny_checkpoint, tp, monkeypatch):
         LLM(tensor_parallel_size=tp, **ENGINE_KWARGS)
 
 
+@pytest.mark.parametrize("ray_address, env, expected", [
+    ("ray://head:10001", None, "ray://head:10001"),   # --ray-address joins that cluster
+    (None, "10.0.0.1:6379", "10.0.0.1:6379"),         # so does $RAY_ADDRESS
+    (None, None, "local"),                            # otherwise a small local Ray starts
+])
+def test_ray_address_choice(ray_address, env, expected, monkeypatch):
+    from qwenserve.config import EngineConfig
+    from qwenserve.worker import ray_executor
+
+    calls = []
+    monkeypatch.setattr(ray_executor.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_executor.ray, "init", lambda **kwargs: calls.append(kwargs))
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    assert ray_executor._init_ray(EngineConfig(ray_address=ray_address), 2) is True
+    assert calls[0]["address"] == expected
+    if expected == "local":
+        assert calls[0]["num_cpus"] == 3 and calls[0]["include_dashboard"] is False
+
+
+def test_bad_setting_in_a_rank_is_a_value_error(ray_session):
+    # 1 KB of KV cache holds no block: each rank refuses, as the tp = 1 worker does.
+    with pytest.raises(ValueError, match=r"rank 0 failed while loading the model: .*fewer than 2 blocks"):
+        LLM(tensor_parallel_size=2, **{**ENGINE_KWARGS, "kv_cache_memory": 1024})
+
+
 # ---------------------------------------------------------------------- faults
 @pytest.mark.parametrize("victim", [1, 0])
 def test_killed_worker_fails_fast_naming_the_rank(ray_session, victim):

@@ -136,11 +136,13 @@ class RayExecutor:
         self._pg = None
         self._owns_ray = False
         self._failure: Optional[str] = None
+        self._starting = True
         try:
             self._start(config, model_dir)
         except BaseException:
             self.shutdown()
             raise
+        self._starting = False
         if progress:
             # The ranks load in their own processes; the driver reports only completion.
             total = sum(len(names) for names in checkpoint_files(model_dir).values())
@@ -187,6 +189,7 @@ class RayExecutor:
                     return ray.get(list(refs))
                 except RayError:
                     self._raise_failure(refs, rank_of, what)
+                    raise
             self._raise_failure(ready, rank_of, what)
             if deadline is not None and time.monotonic() > deadline:
                 late = ", ".join(str(rank_of[r]) for r in not_ready)
@@ -213,6 +216,9 @@ class RayExecutor:
             cause = getattr(error, "cause", None) or error
             message = (f"tensor-parallel worker rank {rank} failed while {what}: "
                        f"{type(cause).__name__}: {_first_line(cause)}")
+            if self._starting and isinstance(cause, ValueError):
+                # A bad setting (e.g. a KV budget below 2 blocks) is the same ValueError as at tp = 1.
+                raise ValueError(message) from error
         self._failure = message
         raise RuntimeError(message) from error
 
