@@ -189,6 +189,23 @@ def test_ray_address_choice(ray_address, env, expected, monkeypatch):
         assert calls[0]["num_cpus"] == 3 and calls[0]["include_dashboard"] is False
 
 
+@pytest.mark.parametrize("device, gpus, expected", [
+    ("cpu", 8, False), ("auto", 0, False), ("auto", 2, True), ("cuda", 4, True),
+    ("auto", 1, ValueError), ("cuda", 0, ValueError),
+])
+def test_gpu_ranks_choice(device, gpus, expected, monkeypatch):
+    from qwenserve.config import EngineConfig
+    from qwenserve.worker import ray_executor
+
+    monkeypatch.setattr(ray_executor.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(gpus)})
+    config = EngineConfig(device=device, tensor_parallel_size=2)
+    if expected is ValueError:
+        with pytest.raises(ValueError, match=r"tensor_parallel_size 2 on CUDA needs 2 GPUs"):
+            ray_executor._use_gpus(config, 2)
+    else:
+        assert ray_executor._use_gpus(config, 2) is expected
+
+
 def test_bad_setting_in_a_rank_is_a_value_error(ray_session):
     # 1 KB of KV cache holds no block: each rank refuses, as the tp = 1 worker does.
     with pytest.raises(ValueError, match=r"rank 0 failed while loading the model: .*fewer than 2 blocks"):

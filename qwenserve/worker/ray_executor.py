@@ -106,13 +106,17 @@ def _init_ray(config: EngineConfig, tp: int) -> bool:
 
 
 def _use_gpus(config: EngineConfig, tp: int) -> bool:
+    """GPU ranks on "cuda", or on "auto" when the cluster has GPUs; too few GPUs is an error,
+    not a silent fall back to CPU ranks."""
     if config.device == "cpu":
         return False
     gpus = ray.cluster_resources().get("GPU", 0)
-    if config.device == "cuda" and gpus < tp:
-        raise ValueError(f"device: 'cuda' with tensor_parallel_size {tp} needs {tp} GPUs; "
-                         f"the Ray cluster has {gpus:g}")
-    return gpus >= tp
+    if config.device == "auto" and gpus == 0:
+        return False
+    if gpus < tp:
+        raise ValueError(f"device: tensor_parallel_size {tp} on CUDA needs {tp} GPUs; the Ray "
+                         f"cluster has {gpus:g} (device='cpu' runs the ranks on CPUs)")
+    return True
 
 
 def _actor_env(tp: int) -> dict[str, str]:
