@@ -47,16 +47,12 @@ elif _REPO not in sys.path:
 
 from benchmarks.datasets import (BenchRequest, build_workload, describe, fixed_workload,  # noqa: E402
                                  poisson_arrivals, serve_metrics, throughput)
+from qwenserve.server.commands import parse_bytes  # noqa: E402  (light: no torch, no grpc)
 
 PAD_ID = 151643  # <|endoftext|>: the baseline's left padding (masked out)
 
 
 # ---------------------------------------------------------------- shared helpers
-def parse_bytes(text: str) -> int:
-    from qwenserve.server.commands import parse_bytes as parse
-    return parse(text)
-
-
 def engine_kwargs(args) -> dict:
     """`LLM`/`EngineConfig` keywords from the engine flags that were given."""
     kw = {"tensor_parallel_size": args.tp, "device": args.device, "dtype": args.dtype, "seed": args.seed}
@@ -83,13 +79,6 @@ def environment() -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": device, "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
             "command": "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
-
-
-def write_json(path, result: dict) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {path}")
 
 
 def load_workload(args, model_dir: str) -> list:
@@ -270,17 +259,15 @@ def copy_bandwidth(device, nbytes: int, iters: int = 10) -> float:
     import torch
     src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).fill_(1.0)
     dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
-    for _ in range(iters + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    for _ in range(iters + 1):  # the first copy is a warm-up
+        sync()
         t = time.perf_counter()
         dst.copy_(src)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
-    del src, dst
-    return 2 * nbytes / sorted(times[1:])[len(times[1:]) // 2]
+    return 2 * nbytes / sorted(times[1:])[iters // 2]
 
 
 def timed_decode(engine, requests: list) -> dict:
@@ -291,19 +278,15 @@ def timed_decode(engine, requests: list) -> dict:
         rid = engine.add_request(f"decode-{time.monotonic_ns()}-{k}", prompt_token_ids=r.prompt_token_ids,
                                  params=SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True))
         counts[rid] = 0
-    start = time.perf_counter()
-    first_all = None
-    steps = 0
+    start, first_all, steps = time.perf_counter(), None, 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             counts[out.request_id] = len(out.outputs[0].token_ids)
-        if first_all is None:
-            if all(counts.values()):
-                first_all = time.perf_counter()
-        else:
+        if first_all is not None:
             steps += 1
-    end = time.perf_counter()
-    step_s = (end - first_all) / max(steps, 1)
+        elif all(counts.values()):
+            first_all = time.perf_counter()
+    step_s = (time.perf_counter() - first_all) / max(steps, 1)
     return {"prefill_s": first_all - start, "decode_steps": steps, "ms_per_step": 1e3 * step_s,
             "tokens_per_s_per_seq": 1.0 / step_s, "output_tokens_per_s": len(requests) / step_s}
 
@@ -311,6 +294,8 @@ def timed_decode(engine, requests: list) -> dict:
 def cmd_decode(args) -> dict:
     from qwenserve import LLM, EngineConfig
     from qwenserve.worker.worker import resolve_device
+    if args.tp != 1:  # the floor below reads the weights of the in-process worker
+        raise SystemExit("decode measures one device: use --tp 1")
     model_dir = resolve_model(args)
     device = resolve_device(EngineConfig(device=args.device))
     if args.copy_bandwidth is not None:
@@ -419,11 +404,7 @@ def print_serve(rate: float, m: dict) -> None:
 
 
 def plot_latency(runs: list, path: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:
-        print("--plot needs matplotlib, which qwenserve does not depend on: pip install matplotlib")
-        return
+    import matplotlib  # not a dependency of qwenserve: imported only for --plot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     finite = [r["request_rate"] for r in runs if not math.isinf(r["request_rate"])]
@@ -457,7 +438,13 @@ def server_flags(args) -> list:
 
 
 def cmd_serve(args) -> dict:
+    import importlib.util
+
     from qwenserve.server.client import QwenClient
+    if args.plot and importlib.util.find_spec("matplotlib") is None:  # said before the run, not after it
+        print("--plot needs matplotlib, which qwenserve does not depend on (pip install matplotlib); "
+              "running without the plot")
+        args.plot = None
     server = None if args.address else ServerProcess(server_flags(args), args.server_timeout)
     address = args.address or server.address
     try:
@@ -548,7 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     result = args.func(args)
-    write_json(args.json, result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
     return 0
 
 
