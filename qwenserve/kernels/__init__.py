@@ -7,6 +7,7 @@
     rotary.py           apply_rotary(q, k, positions, rope_theta)          in place
     rms_norm.py         rms_norm(x, weight, eps), add_rms_norm(x, residual, weight, eps)
     swiglu.py           swiglu(x)
+    gptq_matmul.py      gptq_matmul(x, qweight, qzeros, scales, group_size)   GPTQ Int4 linear
 
 `get_ops(use_triton)` hands the model one namespace of these, Triton or reference, so the
 model code never branches on the device. Shapes are in each module's docstring.
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 
 # Modules only, not their functions: a function bound here would shadow the module of the
 # same name (`qwenserve.kernels.rms_norm` must stay the module).
-from . import paged_attention, rms_norm, rotary, store_kv, swiglu
+from . import gptq_matmul, paged_attention, rms_norm, rotary, store_kv, swiglu
 from ._triton import HAS_TRITON
 
 _TRITON_OPS = SimpleNamespace(
@@ -25,6 +26,7 @@ _TRITON_OPS = SimpleNamespace(
     rms_norm=rms_norm.rms_norm,
     add_rms_norm=rms_norm.add_rms_norm,
     swiglu=swiglu.swiglu,
+    gptq_matmul=gptq_matmul.gptq_matmul,
 )
 _REFERENCE_OPS = SimpleNamespace(
     store_kv=store_kv.store_kv_ref,
@@ -33,6 +35,7 @@ _REFERENCE_OPS = SimpleNamespace(
     rms_norm=rms_norm.rms_norm_ref,
     add_rms_norm=rms_norm.add_rms_norm_ref,
     swiglu=swiglu.swiglu_ref,
+    gptq_matmul=gptq_matmul.gptq_matmul_ref,
 )
 
 
