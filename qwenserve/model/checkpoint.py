@@ -3,7 +3,8 @@
 `make_checkpoint` writes config.json, generation_config.json, qwen.tiktoken and safetensors
 shards with `model.safetensors.index.json`, with the real tensor names and shapes. Weights
 are scaled so that the residual stream keeps a useful size through depth and the logits are
-spread enough that greedy decoding does not collapse onto one token.
+spread enough that greedy decoding does not collapse onto one token. `int4=True` writes the
+Qwen-*-Int4 (GPTQ) layout instead: the same random weights quantized per group of 128.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from qwenserve.model.config import QwenConfig
+from qwenserve.model.quant import quantize_gptq
 from qwenserve.model.tokenizer import QwenTokenizer
 
 _BASE = {
@@ -46,12 +48,18 @@ GENERATION_CONFIG = {
     "top_p": 0.8, "stop_words_ids": [[151645], [151644]],
 }
 BUILTIN_VERSION = "tiny-v1"
+# The quantization block of the real Qwen-72B-Chat-Int4 config.json.
+GPTQ_CONFIG = {
+    "bits": 4, "group_size": 128, "damp_percent": 0.01, "desc_act": False, "static_groups": False,
+    "sym": True, "true_sequential": True, "model_file_base_name": "model", "quant_method": "gptq",
+}
+_GPTQ_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 
 
 def preset_config(preset: str, layers: Optional[int] = None, **overrides) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    raw = dict(_BASE, **PRESETS[preset], **overrides)
+    raw = {**_BASE, **PRESETS[preset], **overrides}  # overrides may replace preset keys
     if layers is not None:
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
@@ -91,6 +99,23 @@ def random_tensors(config: QwenConfig, seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def gptq_tensors(tensors: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """The Int4 checkpoint of the same model: each GPTQ linear's weight becomes qweight, qzeros,
+    scales, g_idx and an fp16 bias (zeros for the bias-less ones, as AutoGPTQ exports them);
+    everything else is stored in fp16, like the real Int4 checkpoints."""
+    out = {}
+    for name, tensor in tensors.items():
+        prefix, _, kind = name.rpartition(".")
+        if not prefix.endswith(_GPTQ_LINEARS):
+            out[name] = tensor.to(torch.float16)
+        elif kind == "weight":
+            for part, value in quantize_gptq(tensor, group_size).items():
+                out[f"{prefix}.{part}"] = value
+            bias = tensors.get(prefix + ".bias")
+            out[prefix + ".bias"] = (torch.zeros(tensor.shape[0]) if bias is None else bias).to(torch.float16)
+    return out
+
+
 def save_sharded(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int) -> list[str]:
     """Writes `model-0000k-of-0000n.safetensors` shards and the index; returns the shard names."""
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -116,9 +141,9 @@ def save_sharded(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_bytes
 
 def make_checkpoint(out_dir: str, preset: str = "tiny", layers: Optional[int] = None, seed: int = 0,
                     max_shard_bytes: int = 2 * 1024 ** 3, int4: bool = False, **overrides) -> str:
-    if int4:
-        raise NotImplementedError("--int4 checkpoints are not implemented yet (GPTQ support is future work)")
     raw = preset_config(preset, layers, **overrides)
+    if int4:
+        raw.update(bf16=False, fp16=True, quantization_config=dict(GPTQ_CONFIG))
     config = QwenConfig.from_dict(raw)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -126,7 +151,10 @@ def make_checkpoint(out_dir: str, preset: str = "tiny", layers: Optional[int] = 
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
         json.dump(GENERATION_CONFIG, f, indent=2)
     shutil.copyfile(QwenTokenizer.from_dir(None).path, os.path.join(out_dir, "qwen.tiktoken"))
-    save_sharded(random_tensors(config, seed), out_dir, max_shard_bytes)
+    tensors = random_tensors(config, seed)
+    if int4:
+        tensors = gptq_tensors(tensors, config.quantization.group_size)
+    save_sharded(tensors, out_dir, max_shard_bytes)
     return out_dir
 
 
@@ -150,7 +178,7 @@ def add_make_checkpoint_parser(subparsers) -> None:
     p = subparsers.add_parser("make-checkpoint", help="write a random-weight checkpoint in the Qwen layout")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--layers", type=int, default=None, help="override the preset's depth")
-    p.add_argument("--int4", action="store_true", help="GPTQ Int4 layout (not implemented yet)")
+    p.add_argument("--int4", action="store_true", help="GPTQ Int4 layout (4-bit, group size 128, like Qwen-*-Int4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size-mb", type=int, default=2048)
     p.add_argument("out_dir")
@@ -161,7 +189,7 @@ def _run_make_checkpoint(args: argparse.Namespace) -> int:
     try:
         make_checkpoint(args.out_dir, args.preset, args.layers, args.seed,
                         max_shard_bytes=args.shard_size_mb * 1024 ** 2, int4=args.int4)
-    except (ValueError, NotImplementedError) as e:
+    except ValueError as e:
         print(f"error: {e}")
         return 2
     print(f"wrote {args.preset} checkpoint to {args.out_dir}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -24,22 +25,51 @@ from qwenserve.model.parallel import TensorParallelGroup, set_tp_group
 DEFAULT_TIMEOUT_S = float(os.environ.get("QWENSERVE_DIST_TIMEOUT_S", "60"))
 
 
+def _tp_constraints(model_config: QwenConfig) -> list[tuple[str, int, int]]:
+    """(what, size, multiple): tp must divide `size` and leave a multiple of `multiple` per rank."""
+    dims = [("attention heads", model_config.num_attention_heads, 1),
+            ("MLP width (intermediate_size // 2)", model_config.mlp_width, 1),
+            ("vocabulary rows", model_config.vocab_size, 1)]
+    quant = model_config.quantization
+    if quant is not None:
+        group = quant.group_size
+        h, width = model_config.hidden_size, model_config.mlp_width
+        # Row-parallel GPTQ layers split their inputs in whole quantization groups; column-parallel
+        # ones keep whole qzeros words (8 output columns) on each rank. The group split implies the
+        # word split when the group size is a multiple of 8 (c_proj's inputs are as wide as
+        # c_attn's thirds and w1/w2); the word split is checked anyway, for odd group sizes.
+        dims += [(f"quantization groups of attn.c_proj (hidden {h} / group {group})",
+                  h // group if group > 0 else 1, 1),
+                 (f"quantization groups of mlp.c_proj (MLP width {width} / group {group})",
+                  width // group if group > 0 else 1, 1),
+                 ("c_attn output columns per third (hidden size)", h, 8),
+                 ("w1/w2 output columns (MLP width)", width, 8)]
+    return dims
+
+
+def _tp_fits(model_config: QwenConfig, tp: int) -> Optional[str]:
+    """None if `tp` fits, else what it breaks."""
+    for what, size, multiple in _tp_constraints(model_config):
+        if size % tp:
+            return f"does not divide the {size} {what}"
+        if (size // tp) % multiple:
+            return (f"leaves {size // tp} of the {size} {what} per rank, not a multiple of "
+                    f"{multiple} (GPTQ packs {multiple} columns of qzeros per int32 word)")
+    return None
+
+
 def valid_tp_sizes(model_config: QwenConfig) -> list[int]:
-    """The tensor-parallel sizes that divide the heads, the MLP width and the vocabulary."""
-    dims = (model_config.num_attention_heads, model_config.mlp_width, model_config.vocab_size)
-    return [n for n in range(1, model_config.num_attention_heads + 1) if all(d % n == 0 for d in dims)]
+    """The tensor-parallel sizes that divide the heads, the MLP width and the vocabulary (and,
+    for GPTQ Int4, the quantization groups of the row-parallel layers)."""
+    return [n for n in range(1, model_config.num_attention_heads + 1) if _tp_fits(model_config, n) is None]
 
 
 def check_tp_size(model_config: QwenConfig, tp: int) -> None:
-    """Raises ValueError naming the first dimension `tp` does not divide and the valid values."""
-    dims = (("attention heads", model_config.num_attention_heads),
-            ("MLP width (intermediate_size // 2)", model_config.mlp_width),
-            ("vocabulary rows", model_config.vocab_size))
-    for what, size in dims:
-        if size % tp:
-            valid = ", ".join(map(str, valid_tp_sizes(model_config)))
-            raise ValueError(f"tensor_parallel_size {tp} does not divide the {size} {what}; "
-                             f"valid values: {valid}")
+    """Raises ValueError naming the first dimension `tp` does not fit and the valid values."""
+    failure = _tp_fits(model_config, tp)
+    if failure is not None:
+        valid = ", ".join(map(str, valid_tp_sizes(model_config)))
+        raise ValueError(f"tensor_parallel_size {tp} {failure}; valid values: {valid}")
 
 
 def free_port(host: str = "") -> int:
