@@ -7,7 +7,8 @@ A quantized linear of K inputs, N outputs and group size G holds in the checkpoi
     scales  fp16  [K/G, N]
     g_idx   int32 [K]         arange(K) // G (desc_act false: checked, then unused)
     bias    fp16  [N]         c_attn's real bias; all zeros for Qwen's bias-less linears,
-                              which GPTQ exports carry anyway: accepted if zero, else an error
+                              which AutoGPTQ exports carry anyway: checked to be zero, else an
+                              error (they are expected: the loader has no optional tensors)
 
 and computes `x @ W + b` with W[k, n] = scales[k//G, n] * (q[k, n] - (qzeros[k//G, n] + 1))
 through `ops.gptq_matmul` (kernels/gptq_matmul.py). Each parameter's `weight_loader` checks
@@ -245,7 +246,8 @@ def quantize_gptq(weight: torch.Tensor, group_size: int = 128) -> dict[str, torc
     scales = exact.to(torch.float16)
     # Rounded up, never down, to fp16: the largest |w| stays within 7.5 steps of the zero,
     # so clamping to 0..15 never costs more than half a step.
-    scales = torch.where(scales.float() < exact, torch.nextafter(scales, torch.tensor(torch.inf, dtype=torch.float16)), scales)
+    up = torch.nextafter(scales, torch.full_like(scales, torch.inf))
+    scales = torch.where(scales.float() < exact, up, scales)
     q = torch.clamp(torch.round(w / scales.float().unsqueeze(1)) + 8, 0, 15).reshape(k, n)
     zeros = torch.full((groups, n), 8 - 1, dtype=torch.int64)  # AutoGPTQ stores zero - 1
     return {"qweight": pack_int4_rows(q), "qzeros": pack_int4_cols(zeros), "scales": scales,
