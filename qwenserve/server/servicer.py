@@ -89,24 +89,14 @@ def _logprobs_message(entry: Any) -> pb.TokenLogprobs:
 
 
 def model_info(engine: Any) -> pb.ModelInfo:
-    """ModelInfo from the engine's resolved settings (falling back to its config)."""
+    """ModelInfo from the engine's resolved settings (what "auto" became, the KV blocks it got)."""
     config = engine.config
-    model_config = getattr(engine, "model_config", None)
-    stats = engine.get_stats()
-    max_model_len = (getattr(engine, "max_model_len", None) or config.max_model_len
-                     or getattr(model_config, "max_model_len", None)
-                     or getattr(model_config, "seq_length", None) or 0)
-    # The executor knows what "auto" resolved to; older engines may not have one.
-    executor = getattr(engine, "executor", None)
-    dtype = str(getattr(executor, "dtype", None) or config.dtype).replace("torch.", "")
-    device = str(getattr(executor, "device", None) or config.device)
     return pb.ModelInfo(
         model=config.model or "built-in tiny Qwen (random weights)",
-        max_model_len=int(max_model_len),
-        vocab_size=int(getattr(model_config, "vocab_size", 0) or 0),
+        max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size,
         tensor_parallel_size=config.tensor_parallel_size,
-        dtype=dtype, device=device, block_size=config.block_size,
-        num_gpu_blocks=int(stats.get("num_total_blocks", 0)))
+        dtype=str(engine.executor.dtype).replace("torch.", ""), device=str(engine.executor.device),
+        block_size=config.block_size, num_gpu_blocks=engine.get_stats()["num_total_blocks"])
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
