@@ -282,3 +282,20 @@ def test_act_order_g_idx_and_float_qweight_are_errors():
         layer.g_idx.weight_loader(layer.g_idx, InMemorySource("x.g_idx", shuffled))
     with pytest.raises(ValueError, match=r"tensor x\.qweight: dtype torch.float16 where GPTQ stores int32"):
         layer.qweight.weight_loader(layer.qweight, InMemorySource("x.qweight", torch.zeros(32, 64).half()))
+
+
+def test_export_without_zero_biases_loads_the_same(int4_dir, tmp_path):
+    """Some GPTQ exports omit the all-zero biases of the bias-less linears: they are optional."""
+    tensors = read_all(int4_dir)
+    dropped = [n for n in tensors if n.endswith(".bias") and ".c_attn." not in n]
+    assert dropped
+    for name in dropped:
+        del tensors[name]
+    slim = load(write_checkpoint(int4_dir, str(tmp_path / "slim"), tensors))
+    full = load(int4_dir)
+    for (name, a), (_, b) in zip(slim.state_dict().items(), full.state_dict().items()):
+        assert torch.equal(a, b), name
+    tensors = read_all(int4_dir)
+    del tensors["transformer.h.0.attn.c_attn.bias"]  # a real bias stays required
+    with pytest.raises(ValueError, match=r"missing tensor\(s\): transformer\.h\.0\.attn\.c_attn\.bias"):
+        load(write_checkpoint(int4_dir, str(tmp_path / "bad"), tensors))

@@ -92,7 +92,8 @@ def load_weights(model: torch.nn.Module, path: str,
                 loaded.add(name)
                 if progress:
                     progress(done, total)
-    missing = sorted(set(targets) - loaded)
+    missing = sorted(name for name in set(targets) - loaded
+                     if not all(getattr(param, "optional", False) for param, _ in targets[name]))
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ValueError(f"checkpoint {path!r} is missing tensor(s): {', '.join(missing[:5])}{more}")

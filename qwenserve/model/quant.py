@@ -59,7 +59,10 @@ def _copy(param: torch.Tensor, piece: torch.Tensor, source: TensorSource) -> Non
 
 class ZeroBiasCheck:
     """The `bias` a GPTQ export carries for a linear that has none: loads nothing, but a
-    non-zero value would mean a model this code does not compute, so it is an error."""
+    non-zero value would mean a model this code does not compute, so it is an error. Exports
+    without these tensors load as well (`optional`)."""
+
+    optional = True
 
     def __init__(self, out_features: int):
         self.out_features = out_features
