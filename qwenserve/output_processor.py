@@ -22,7 +22,7 @@ class CompletionTracker:
         self.text = ""  # everything decoded so far (stop strings not yet cut)
         self.token_ids: list[int] = []
         self.logprobs: Optional[list] = [] if self.params.logprobs is not None else None
-        self.cumulative_logprob = 0.0
+        self.cumulative_logprob = 0.0 if self.params.logprobs is not None else None
         self.finish_reason: Optional[str] = None
         self._hold = max((len(s) for s in self.params.stop), default=1) - 1
 
@@ -30,8 +30,8 @@ class CompletionTracker:
         """Adds one sampled token; returns the finish reason when the completion ends."""
         params = self.params
         self.token_ids.append(token_id)
-        self.cumulative_logprob += logprob
         if self.logprobs is not None:
+            self.cumulative_logprob += logprob
             self.logprobs.append(top_logprobs or [])
         n = len(self.token_ids)
         can_stop = n >= params.min_tokens

@@ -12,7 +12,7 @@ class CompletionOutput:
     token_ids: list[int]  # cumulative
     finish_reason: Optional[str] = None  # None while running; "stop" | "length" | "abort"
     logprobs: Optional[list[list[tuple[int, float]]]] = None  # per token: top-N (id, logprob)
-    cumulative_logprob: float = 0.0
+    cumulative_logprob: Optional[float] = None  # only when logprobs were asked for
 
     @property
     def finished(self) -> bool:

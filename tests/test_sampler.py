@@ -266,7 +266,8 @@ def test_logprobs_are_from_processed_logits_before_temperature():
     for i, st in enumerate(states):
         n = st.params.logprobs
         if n is None:
-            assert out.logprobs[i] is None
+            assert out.logprobs[i] is None and out.sampled_logprobs[i] is None
+            continue
         else:
             vals, ids = logp[i].topk(n) if n else (torch.empty(0), torch.empty(0, dtype=torch.long))
             assert [t for t, _ in out.logprobs[i]] == ids.tolist()

@@ -23,6 +23,7 @@ bounds (e.g. max_model_len) so the grid stays the same from replay to replay.
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ._triton import tl, triton
 from .paged_decode import paged_decode_attention
@@ -165,44 +166,35 @@ def paged_attention_ref(q, k_cache, v_cache, query_start_loc, seq_lens, block_ta
     lens = seq_lens.tolist()
     q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
 
-    def scaled_q(lo, hi):
-        qb = q[lo:hi].to(acc) * scale
+    def gather(cache, tables):  # [B, W] block ids -> [B, heads, W * block_size, D]
+        kv = cache[tables.long()].flatten(1, 2).to(acc)
+        return kv.repeat_interleave(group, dim=2).transpose(1, 2)
+
+    def attend(rows, q_positions, seq_lens_b, tables):
+        """rows [B, Q] query rows of q; q_positions [B, Q]; -> writes out[rows]."""
+        qb = q[rows].to(acc)  # [B, Q, H, D]
         if logn_scale is not None:
-            qb = qb * logn_scale[lo:hi].to(acc)[:, None, None]
-        return qb
+            qb = qb * logn_scale[rows].to(acc)[..., None, None]
+        k, v = gather(k_cache, tables), gather(v_cache, tables)
+        k_pos = torch.arange(k.shape[2], device=q.device)
+        allowed = (k_pos[None, None, :] <= q_positions[:, :, None]) & \
+                  (k_pos[None, None, :] < seq_lens_b[:, None, None])
+        o = F.scaled_dot_product_attention(qb.transpose(1, 2), k, v, attn_mask=allowed[:, None],
+                                           scale=scale)
+        out[rows] = o.transpose(1, 2).to(q.dtype)
 
     decode = [b for b in range(len(lens)) if q_lens[b] == 1 and lens[b] > 0]
     if decode:
-        rows = torch.tensor([starts[b] for b in decode], device=q.device)
         width = math.ceil(max(lens[b] for b in decode) / block_size)
-        tables = block_tables[decode, :width].long()  # [Bd, W]
-        k = k_cache[tables].reshape(len(decode), -1, num_kv_heads, head_dim).to(acc)
-        v = v_cache[tables].reshape(len(decode), -1, num_kv_heads, head_dim).to(acc)
-        k = k.repeat_interleave(group, dim=2)
-        v = v.repeat_interleave(group, dim=2)
-        qd = q.index_select(0, rows).to(acc) * scale
-        if logn_scale is not None:
-            qd = qd * logn_scale.index_select(0, rows).to(acc)[:, None, None]
-        scores = torch.einsum("bhd,bkhd->bhk", qd, k)
-        valid = torch.arange(k.shape[1], device=q.device)[None, :] < torch.tensor(
-            [lens[b] for b in decode], device=q.device)[:, None]
-        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-        out.index_copy_(0, rows, torch.einsum("bhk,bkhd->bhd", torch.softmax(scores, -1), v).to(q.dtype))
-
+        seq = torch.tensor([lens[b] for b in decode], device=q.device)
+        attend(torch.tensor([[starts[b]] for b in decode], device=q.device), (seq - 1)[:, None], seq,
+               block_tables[decode, :width])
     for b, seq_len in enumerate(lens):
-        q_start, q_end = starts[b], starts[b + 1]
         q_len = q_lens[b]
         if q_len <= 1 or seq_len == 0:
             continue
-        blocks = block_tables[b, : math.ceil(seq_len / block_size)].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].to(acc)
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].to(acc)
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", scaled_q(q_start, q_end), k)
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-        k_pos = torch.arange(seq_len, device=q.device)
-        scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+        width = math.ceil(seq_len / block_size)
+        rows = torch.arange(starts[b], starts[b + 1], device=q.device)[None]
+        positions = torch.arange(seq_len - q_len, seq_len, device=q.device)[None]
+        attend(rows, positions, torch.tensor([seq_len], device=q.device), block_tables[b:b + 1, :width])
     return out

@@ -55,8 +55,9 @@ class SamplerOutput:
     token_ids: list[int]
     # Per row: the top-N (id, logprob) pairs, best first, or None if not requested.
     logprobs: list[list[tuple[int, float]] | None]
-    # Per row: the log-probability of the sampled token (before temperature).
-    sampled_logprobs: list[float]
+    # Per row that asked for logprobs: the sampled token's log-probability (before
+    # temperature); None for the others, whose full-vocabulary logsumexp is never computed.
+    sampled_logprobs: list[float | None]
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -261,13 +262,6 @@ class Sampler:
             if max_n > 0:
                 top_vals, top_ids = logp.topk(min(max_n, logp.shape[1]), dim=-1)
                 top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-        other_rows = [i for i, s in enumerate(states) if s.params.logprobs is None]
-        if other_rows:
-            # Only the sampled token's logprob: no need for a full [n, V] log_softmax.
-            idx = _row_index(other_rows, device)
-            sub = _select_rows(processed, other_rows, idx)
-            picked = sub.gather(1, tokens.index_select(0, idx).unsqueeze(1)).squeeze(1)
-            sampled_logprobs.index_copy_(0, idx, picked - sub.logsumexp(dim=-1))
 
         logprobs: list[list[tuple[int, float]] | None] = [None] * num_rows
         for j, i in enumerate(logprob_rows):
@@ -278,7 +272,8 @@ class Sampler:
         return SamplerOutput(
             token_ids=tokens.tolist(),
             logprobs=logprobs,
-            sampled_logprobs=sampled_logprobs.tolist(),
+            sampled_logprobs=[v if logprobs[i] is not None else None
+                              for i, v in enumerate(sampled_logprobs.tolist())],
         )
 
     def _sample_random(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
