@@ -167,8 +167,11 @@ def paged_attention_ref(q, k_cache, v_cache, query_start_loc, seq_lens, block_ta
     q_lens = [starts[b + 1] - starts[b] for b in range(len(lens))]
 
     def gather(cache, tables):  # [B, W] block ids -> [B, heads, W * block_size, D]
-        kv = cache[tables.long()].flatten(1, 2).to(acc)
-        return kv.repeat_interleave(group, dim=2).transpose(1, 2)
+        kv = cache.index_select(0, tables.flatten().long()).view(
+            tables.shape[0], -1, num_kv_heads, head_dim).to(acc)
+        if group > 1:  # grouped KV heads (Qwen-1 itself has none)
+            kv = kv.repeat_interleave(group, dim=2)
+        return kv.transpose(1, 2)
 
     def attend(rows, q_positions, seq_lens_b, tables):
         """rows [B, Q] query rows of q; q_positions [B, Q]; -> writes out[rows]."""
