@@ -3,7 +3,7 @@
 #
 #   env      GPU, driver, torch / triton / transformers versions
 #   ckpt     a 7B-shaped random checkpoint with 2 layers (qwenserve make-checkpoint --preset 7b --layers 2)
-#   tests    pytest tests -m "not slow" with CUDA visible (Triton kernels at real sizes)
+#   tests    the GPU tests: kernels at real sizes, engine Triton vs reference at 7B shapes, GPTQ
 #   kernels  benchmarks/kernels.py (bandwidth of each kernel against the copy roofline)
 #   offline  benchmarks/run.py offline on that checkpoint: a prefix of the standard mixed workload,
 #            qwenserve against transformers static batches of 32, in the same run
@@ -68,7 +68,11 @@ print(\"transformers\", transformers.__version__)'; git log -1 --format='commit 
         run_stage ckpt "$T_CKPT" "$PY" -m qwenserve.cli make-checkpoint --preset "$PRESET" --layers 2 "$CKPT"
       fi ;;
     tests)
-      run_stage tests "$T_TESTS" "$PY" -m pytest -q -m "not slow" -p no:cacheprovider tests ;;
+      # The GPU-relevant tests: kernels at real sizes, the engine on Triton vs the reference at
+      # 7B shapes (on the checkpoint above), GPTQ; the CPU-only rest is CI's job.
+      run_stage tests "$T_TESTS" env QWENSERVE_GPU_CHECKPOINT="$CKPT" "$PY" -m pytest -q -m "not slow" \
+        -p no:cacheprovider tests/test_gpu.py tests/test_kernels_attention.py tests/test_kernels_norm.py \
+        tests/test_kernels_rotary.py tests/test_kernels_store_kv.py tests/test_kernels_gptq.py ;;
     kernels)
       if [ -f benchmarks/kernels.py ]; then
         run_stage kernels "$T_KERNELS" "$PY" benchmarks/kernels.py --json "$OUT/kernels.json"

@@ -16,8 +16,13 @@ BF16_LOGPROB_ATOL = 0.15
 
 @pytest.fixture(scope="module")
 def checkpoint_7b(tmp_path_factory):
+    """gpu_check.sh passes the 2-layer 7B checkpoint it already made."""
+    import os
+
     from qwenserve.model.checkpoint import make_checkpoint
 
+    if os.environ.get("QWENSERVE_GPU_CHECKPOINT"):
+        return os.environ["QWENSERVE_GPU_CHECKPOINT"]
     return make_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "7b-2l"), "7b", layers=2, seed=0)
 
 
