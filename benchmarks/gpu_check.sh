@@ -7,6 +7,7 @@
 #   kernels  benchmarks/kernels.py (bandwidth of each kernel against the copy roofline)
 #   offline  benchmarks/run.py offline on that checkpoint: a prefix of the standard mixed workload,
 #            qwenserve against transformers static batches of 32, in the same run
+#   prefill  benchmarks/run.py prefill: 8 x 2048 prompt tokens/s, the decode stage's random 7B
 #   decode   benchmarks/run.py decode, batch 1, full-depth (32-layer) 7B with random weights made
 #            on the GPU (no 15 GB checkpoint on disk), against weight bytes / measured copy bandwidth
 #
@@ -24,15 +25,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python}"
 OUT="${1:-/tmp/qwenserve-gpu-check}"
 CKPT="${CKPT:-$OUT/qwen-${PRESET:-7b}-2layers}"
-STAGES="${STAGES:-env ckpt tests kernels offline decode}"
+STAGES="${STAGES:-env ckpt tests kernels offline decode prefill}"
 NUM_PROMPTS="${NUM_PROMPTS:-128}"
 DECODE_LAYERS="${DECODE_LAYERS:-32}"
 # Only for trying the script itself without a GPU: DEVICE=cpu PRESET=tiny DECODE_LAYERS=2.
 DEVICE="${DEVICE:-cuda}" PRESET="${PRESET:-7b}"
 DTYPE=bfloat16; [ "$DEVICE" = cpu ] && DTYPE=float32
-# Seconds per stage (sum: 565 s).
+# Seconds per stage (sum: 595 s).
 T_ENV="${T_ENV:-30}" T_CKPT="${T_CKPT:-90}" T_TESTS="${T_TESTS:-170}" T_KERNELS="${T_KERNELS:-60}"
-T_OFFLINE="${T_OFFLINE:-130}" T_DECODE="${T_DECODE:-85}"
+T_OFFLINE="${T_OFFLINE:-120}" T_DECODE="${T_DECODE:-80}" T_PREFILL="${T_PREFILL:-45}"
 mkdir -p "$OUT"
 : > "$OUT/stages.tsv"
 
@@ -86,7 +87,11 @@ print(\"transformers\", transformers.__version__)'; git log -1 --format='commit 
       run_stage decode "$T_DECODE" "$PY" benchmarks/run.py decode --random-weights --preset "$PRESET" \
         --layers "$DECODE_LAYERS" --device "$DEVICE" --dtype "$DTYPE" --batch-size 1 --input-len 128 \
         --output-len 256 --json "$OUT/decode.json" ;;
-    *) echo "unknown stage: $stage (stages: env ckpt tests kernels offline decode)"; exit 2 ;;
+    prefill)
+      run_stage prefill "$T_PREFILL" "$PY" benchmarks/run.py prefill --random-weights --preset "$PRESET" \
+        --layers "$DECODE_LAYERS" --device "$DEVICE" --dtype "$DTYPE" --batch-size 8 --input-len 2048 \
+        --json "$OUT/prefill.json" ;;
+    *) echo "unknown stage: $stage (stages: env ckpt tests kernels offline decode prefill)"; exit 2 ;;
   esac
 done
 
@@ -146,6 +151,12 @@ def summary(stage):
         return (f"batch 1: {r['tokens_per_s_per_seq']:.1f} tok/s ({r['ms_per_step']:.2f} ms/step) = "
                 f"{100 * r['fraction_of_floor']:.0f}% of floor {r['floor_tokens_per_s_per_seq']:.0f} tok/s "
                 f"({r['weight_bytes_per_step'] / 1e9:.1f} GB / {r['copy_bandwidth_GBps']:.0f} GB/s)")
+    if stage == "prefill":
+        r = load("prefill.json")
+        if not r:
+            return ""
+        return (f"{r['batch_size']} x {r['input_len']} in {r['engine_steps']} step(s): "
+                f"{r['prefill_tokens_per_s']:,.0f} tok/s")
     return ""
 
 print()

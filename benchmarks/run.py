@@ -5,6 +5,8 @@ bandwidth floor, and online serving latency over gRPC.
         [--num-prompts N] [--input-len L --output-len L] [--baseline-batch-size 32] [--no-baseline]
     python benchmarks/run.py decode  [--model DIR | --random-weights --preset 7b --layers 32]
         [--batch-size 1] [--input-len 128] [--output-len 256]
+    python benchmarks/run.py prefill [--model DIR | --random-weights --preset 7b --layers 32]
+        [--batch-size 8] [--input-len 2048]
     python benchmarks/run.py serve   [--address HOST:PORT | --model DIR] [--request-rate 1 4 inf]
         [--slo-ttft MS] [--slo-tpot MS] [--plot latency.png]
 
@@ -47,6 +49,7 @@ elif _REPO not in sys.path:
 
 from benchmarks.datasets import (BenchRequest, build_workload, describe, fixed_workload,  # noqa: E402
                                  poisson_arrivals, serve_metrics, throughput)
+from benchmarks.random_weights import random_weights_dir, use_random_weights  # noqa: E402
 from qwenserve.server.commands import parse_bytes  # noqa: E402  (light: no torch, no grpc)
 
 PAD_ID = 151643  # <|endoftext|>: the baseline's left padding (masked out)
@@ -92,44 +95,6 @@ def load_workload(args, model_dir: str) -> list:
 def warmup_requests(requests: list, seed: int, n: int = 4) -> list:
     """Short requests on token ids the workload never uses, so that no prefix is cached."""
     return fixed_workload(min(n, len(requests)), min(32, requests[0].prompt_len), 4, seed=seed + 10_000)
-
-
-# ---------------------------------------------------------------- random weights
-def random_weights_dir(preset: str, layers) -> str:
-    """A checkpoint directory with config, generation config and tokenizer but no weights."""
-    import shutil
-
-    from qwenserve.model.checkpoint import GENERATION_CONFIG, preset_config
-    from qwenserve.model.tokenizer import QwenTokenizer
-    out = tempfile.mkdtemp(prefix=f"qwenserve-random-{preset}-")
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(preset_config(preset, layers), f, indent=2)
-    with open(os.path.join(out, "generation_config.json"), "w") as f:
-        json.dump(GENERATION_CONFIG, f, indent=2)
-    shutil.copyfile(QwenTokenizer.from_dir(None).path, os.path.join(out, "qwen.tiktoken"))
-    return out
-
-
-def use_random_weights(seed: int) -> None:
-    """Makes the in-process worker fill its parameters randomly on the device instead of reading
-    safetensors: a 32-layer 7B model without writing 15 GB to disk. Scales as the checkpoint maker."""
-    import torch
-
-    import qwenserve.worker.worker as worker_module
-
-    def random_init(model, path, progress=None):
-        torch.manual_seed(seed)
-        layers = sum(1 for n, _ in model.named_parameters() if n.endswith("ln_1.weight"))
-        for name, p in model.named_parameters():
-            if p.dim() == 1:  # norm weights near 1, biases small
-                p.normal_(1.0, 0.1) if "ln" in name else p.normal_(0.0, 0.1)
-            elif name.startswith("wte"):
-                p.normal_(0.0, 1.0)
-            else:
-                std = p.shape[1] ** -0.5
-                std *= 3.0 if name.startswith("lm_head") else (2 * layers) ** -0.5 if "c_proj" in name else 1.0
-                p.normal_(0.0, std)
-    worker_module.load_weights = random_init
 
 
 def resolve_model(args) -> str:
@@ -326,6 +291,47 @@ def cmd_decode(args) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- prefill
+def cmd_prefill(args) -> dict:
+    """Prompt tokens/s of whole prompts (TARGETS.md: 8 x 2048), each request's first token only."""
+    from qwenserve import LLM
+    model_dir = resolve_model(args)
+    kwargs = engine_kwargs(args)
+    kwargs.setdefault("max_num_batched_tokens", args.batch_size * args.input_len)
+    llm = LLM(model=model_dir, **kwargs)
+    sync = _device_sync(llm.engine.executor.device)
+
+    def run(seed):
+        from qwenserve import SamplingParams
+        for k, r in enumerate(fixed_workload(args.batch_size, args.input_len, 1, seed)):
+            llm.engine.add_request(f"prefill-{seed}-{k}", prompt_token_ids=r.prompt_token_ids,
+                                   params=SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        sync()
+        start, steps = time.perf_counter(), 0
+        while llm.engine.has_unfinished_requests():
+            llm.engine.step()
+            steps += 1
+        sync()
+        return time.perf_counter() - start, steps
+
+    run(args.seed + 10_000)  # warm-up on other ids: nothing for the prefix cache to hit
+    elapsed, steps = run(args.seed)
+    tokens = args.batch_size * args.input_len
+    result = {"mode": "prefill", "environment": environment(), "model": model_dir, "engine": kwargs,
+              "batch_size": args.batch_size, "input_len": args.input_len, "seconds": elapsed,
+              "engine_steps": steps, "prefill_tokens_per_s": tokens / elapsed,
+              "dtype": str(llm.engine.executor.dtype).replace("torch.", "")}
+    llm.shutdown()
+    print(f"prefill, {args.batch_size} x {args.input_len} tokens in {steps} step(s) ({result['dtype']}): "
+          f"{elapsed * 1e3:.1f} ms, {result['prefill_tokens_per_s']:,.0f} tok/s")
+    return result
+
+
+def _device_sync(device):
+    import torch
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
 # ---------------------------------------------------------------- serve
 class ServerProcess:
     """`qwenserve launch --port 0` as a subprocess; `address` comes from its "ready ... on" line."""
@@ -518,6 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-bytes", default=None, help="size of the measuring copy (default 2GiB on CUDA, 256MiB on CPU)")
     p.add_argument("--copy-bandwidth", type=float, default=None, help="GB/s (read + write); skips measuring")
     p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("prefill", parents=[common, weights], help="prompt tok/s of whole prompts")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--input-len", type=int, default=2048)
+    p.set_defaults(func=cmd_prefill)
 
     p = sub.add_parser("serve", parents=[common, data], help="online latency over gRPC")
     p.add_argument("--address", default=None, help="a running server; default: start one with --model")

@@ -154,3 +154,10 @@ def test_serve_starts_a_server(tmp_path):
             check_summary(m[key])
         assert m["ttft_ms"]["p50"] <= m["e2el_ms"]["p50"]
     assert "TTFT" in stdout
+
+
+def test_prefill_tokens_per_second(tmp_path):
+    result, _ = run_bench(tmp_path, "prefill", "--random-weights", "--preset", "tiny", "--batch-size", "2",
+                          "--input-len", "40")
+    assert result["prefill_tokens_per_s"] > 0 and result["seconds"] > 0
+    assert result["engine_steps"] == 1  # 2 x 40 tokens fit one step's budget
