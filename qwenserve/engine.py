@@ -80,7 +80,8 @@ class LLMEngine:
         """Validates and queues a request; returns its id. Bad input raises ValueError."""
         if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
             raise ValueError("input: give exactly one of prompt, prompt_token_ids, messages")
-        request_id = str(next(self._ids)) if request_id in (None, "") else request_id
+        if request_id in (None, ""):
+            request_id = next(rid for rid in map(str, self._ids) if rid not in self._groups)
         if request_id in self._groups:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         params = params if params is not None else self.default_params()
@@ -107,12 +108,14 @@ class LLMEngine:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         alpha = self.model_config.ntk_alpha(len(ids))
 
+        child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        if any(rid in self._trackers for rid in child_ids):
+            raise ValueError(f"request_id: {request_id!r} collides with a running request's completion ids")
         requests, trackers = [], []
-        for index in range(params.n):
+        for index, rid in enumerate(child_ids):
             child_params = params
             if params.n > 1 and params.seed is not None:
                 child_params = _with_seed(params, params.seed + index)
-            rid = request_id if params.n == 1 else f"{request_id}#{index}"
             req = Request(rid, ids, child_params, max_tokens, alpha, stop_ids)
             requests.append(req)
             trackers.append(CompletionTracker(index, req, self.tokenizer, self.max_model_len))

@@ -291,3 +291,19 @@ def test_decode_graph_buffers_and_padding(tiny_checkpoint):
     assert _greedy(llm, prompts, 4) == _expected(tiny_checkpoint, prompts, 4)
     assert 4 in graphs.used  # three decoding requests ran in the padded size-4 graph
     _assert_no_leak(llm)
+
+
+def test_request_ids_never_collide(tiny_checkpoint):
+    engine = _shared_llm(tiny_checkpoint).engine
+    params = SamplingParams(max_tokens=2, temperature=0.0, n=2)
+    engine.add_request("x", prompt_token_ids=[1, 2], params=params)  # completions x#0, x#1
+    with pytest.raises(ValueError, match="request_id"):
+        engine.add_request("x", prompt_token_ids=[1, 2], params=params)
+    with pytest.raises(ValueError, match="request_id"):
+        engine.add_request("x#1", prompt_token_ids=[1, 2], params=SamplingParams(max_tokens=2))
+    engine.add_request("0", prompt_token_ids=[3], params=SamplingParams(max_tokens=2))
+    auto = engine.add_request(prompt_token_ids=[3], params=SamplingParams(max_tokens=2))
+    assert auto not in ("0", "x")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.get_stats()["num_used_blocks"] == 0
