@@ -254,6 +254,17 @@ def test_launch_on_a_busy_port_fails(server):
     assert out.returncode == 1 and "cannot listen" in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--model", "/nonexistent/qwen"], "no config.json in '/nonexistent/qwen'"),
+    (["--tp", "3"], "tensor_parallel_size 3 does not divide the 4 attention heads; valid values: 1, 2, 4"),
+])
+def test_launch_with_a_bad_model_or_setting_fails_cleanly(flags, message):
+    out = subprocess.run([sys.executable, "-m", "qwenserve.cli", "launch", "--port", "0", *flags, *ENGINE_FLAGS],
+                         capture_output=True, text=True, cwd=REPO, env=_env(), timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_committed_stubs_match_a_fresh_generation():
     assert gen_protos.stale_stubs() == []
 

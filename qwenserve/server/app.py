@@ -233,5 +233,9 @@ def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 50051,
     if engine is None:
         print(f"qwenserve: loading {config.model or 'the built-in tiny model'} ...",
               file=sys.stderr, flush=True)
-        engine = build_engine(config)
+        try:
+            engine = build_engine(config)
+        except (ValueError, OSError) as e:  # a bad model directory or setting: say so, no traceback
+            print(f"qwenserve: error: {e}", file=sys.stderr, flush=True)
+            return 2
     return asyncio.run(_Server(engine, config, host, port, shutdown_grace).run())
