@@ -5,7 +5,8 @@ Two numbers per tp size:
 
     empty step   `executor.execute_model` of a SchedulerOutput with nothing scheduled: the
                  workers return at once, so this is the pure control cost of a step (send the
-                 message to every rank, wait for all, bring rank 0's output back)
+                 message to every rank over the step channel, wait for all, bring rank 0's
+                 output back)
     decode step  `engine.step()` while B requests decode one token each: control + model +
                  all-reduces + sampling, the number a user sees
 
@@ -62,8 +63,10 @@ def _rank_all_reduce(rank_worker, hidden: int, iters: int) -> float:
 def _all_reduce_ms(executor, hidden: int, iters: int) -> float:
     import ray
 
-    # __ray_call__ runs a function on the actor's own instance: a probe, not an executor API.
-    refs = [a.__ray_call__.remote(_rank_all_reduce, hidden, iters) for a in executor.actors]
+    # __ray_call__ runs a function on the actor's own instance: a probe, not an executor API. It
+    # goes to the "health" concurrency group: the default one is busy serving the step channel.
+    refs = [a.__ray_call__.options(concurrency_group="health").remote(_rank_all_reduce, hidden, iters)
+            for a in executor.actors]
     return max(ray.get(refs))
 
 

@@ -240,3 +240,141 @@ def test_killed_worker_fails_fast_naming_the_rank(ray_session, victim):
         started = time.monotonic()
         llm.shutdown()
         assert time.monotonic() - started < 30
+
+
+# ---------------------------------------------------------------------- the step channel
+def _channel_with_ranks(handlers):
+    """A driver-side StepChannel on localhost with one thread per rank running `serve_steps`
+    (a handler of None: a fake rank that says hello, takes one frame and closes its socket)."""
+    import socket as socket_module
+
+    from qwenserve.worker import step_channel
+
+    channel = step_channel.StepChannel("127.0.0.1", len(handlers))
+    served = {}
+
+    def fake_dying_rank(rank):
+        sock = socket_module.create_connection(channel.address)
+        sock.sendall(channel.authkey + step_channel._RANK.pack(rank))
+        step_channel._recv_frame(sock)
+        time.sleep(0.3)  # dies mid-step
+        sock.close()  # what the kernel does when the rank's process is killed
+
+    def run(rank, handler):
+        if handler is None:
+            fake_dying_rank(rank)
+        else:
+            served[rank] = step_channel.serve_steps(channel.address, channel.authkey, rank, handler)
+
+    threads = [threading.Thread(target=run, args=(r, h), daemon=True) for r, h in enumerate(handlers)]
+    for t in threads:
+        t.start()
+    channel.accept(timeout=10)
+    return channel, threads, served
+
+
+def _scheduler_output():
+    from qwenserve.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
+
+    new = NewRequestData("a", [1, 2, 3], [], [1, 2], 0, 1.0, SamplingParams(max_tokens=3), [7])
+    cached = CachedRequestData("b", [42], [5], 17)
+    return SchedulerOutput([new], [cached], {"b": 1, "a": 3}, ["c"], ["d"])
+
+
+def test_step_channel_round_trip():
+    from qwenserve.worker.model_runner import ModelRunnerOutput
+
+    received = {0: [], 1: [], 2: []}
+
+    def handler(rank):
+        def run(out):
+            received[rank].append(out)
+            return ModelRunnerOutput(request_ids=list(out.num_scheduled_tokens), sampled_token_ids=[rank, 9])
+        return run
+
+    channel, threads, served = _channel_with_ranks([handler(r) for r in range(3)])
+    try:
+        out = _scheduler_output()
+        for _ in range(3):
+            result = channel.step(out)
+            # Rank 0's output comes back; every rank got an equal SchedulerOutput.
+            assert result == ModelRunnerOutput(request_ids=["b", "a"], sampled_token_ids=[0, 9])
+        for rank in range(3):
+            assert received[rank] == [out] * 3
+            assert list(received[rank][0].num_scheduled_tokens) == ["b", "a"]  # batch order kept
+    finally:
+        channel.close()
+    for t in threads:
+        t.join(timeout=10)
+    assert served == {0: 3, 1: 3, 2: 3}  # closing the channel ends every rank's loop
+
+
+def test_step_channel_returns_a_ranks_exception_with_its_rank():
+    from qwenserve.worker.step_channel import RankError
+
+    def fails(out):
+        raise ValueError("boom in the step")
+
+    channel, threads, _ = _channel_with_ranks([lambda out: "fine", fails])
+    try:
+        with pytest.raises(RankError) as info:
+            channel.step(_scheduler_output())
+        assert info.value.rank == 1 and not info.value.died
+        assert "Traceback" in info.value.detail and "ValueError: boom in the step" in info.value.detail
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize("peer", ["blocked", "errors first"])
+def test_step_channel_eof_names_the_dead_rank(peer):
+    from qwenserve.worker.step_channel import RankError
+
+    def rank0(out):
+        if peer == "blocked":
+            time.sleep(5)  # stuck in a collective with the dead rank
+            return "late"
+        # A broken collective reported before the peer's death shows: the dead rank is named.
+        raise RuntimeError("gloo: connection closed by peer")
+
+    channel, _, _ = _channel_with_ranks([rank0, None])
+    try:
+        started = time.monotonic()
+        with pytest.raises(RankError, match=r"rank 1 died") as info:
+            channel.step(_scheduler_output())
+        assert info.value.rank == 1 and info.value.died
+        assert time.monotonic() - started < 2
+    finally:
+        channel.close()
+
+
+def test_executor_names_the_rank_and_its_traceback():
+    from qwenserve.worker.ray_executor import RayExecutor
+
+    def fails(out):
+        raise KeyError("missing request")
+
+    channel, _, _ = _channel_with_ranks([lambda out: None, fails])
+    executor = RayExecutor.__new__(RayExecutor)  # only the step path: no Ray, no model
+    executor._failure, executor._channel, executor._serve_refs = None, channel, []
+    try:
+        with pytest.raises(RuntimeError, match=r"(?s)rank 1 failed while executing a step:\n"
+                                               r"Traceback.*KeyError: 'missing request'"):
+            executor.execute_model(_scheduler_output())
+        with pytest.raises(RuntimeError, match=r"rank 1 failed"):  # stays failed
+            executor.execute_model(_scheduler_output())
+    finally:
+        channel.close()
+
+
+def test_step_channel_asks_for_ranks_lost_without_eof():
+    # A lost node may leave its socket open: Ray's word on the actor (`dead_ranks`) names it.
+    from qwenserve.worker.step_channel import POLL_S, RankError
+
+    channel, _, _ = _channel_with_ranks([lambda out: time.sleep(3), lambda out: time.sleep(3)])
+    try:
+        started = time.monotonic()
+        with pytest.raises(RankError, match=r"rank 1 died: the actor died") as info:
+            channel.step(_scheduler_output(), dead_ranks=lambda: {1: (True, "the actor died")})
+        assert info.value.died and time.monotonic() - started < POLL_S + 1
+    finally:
+        channel.close()

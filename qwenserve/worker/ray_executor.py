@@ -3,18 +3,24 @@
     driver (engine)                      Ray placement group, one bundle per rank (PACK)
     ───────────────                      ┌──────────────┐ ┌──────────────┐
     execute_model(out) ── out ─────────► │ rank 0 actor │ │ rank 1 actor │ ...
-         one .remote() per rank,         │ Worker shard │◄┼►Worker shard │  gloo / NCCL
-         one wait over all refs  ◄─────  │ samples      │ │ returns None │  all-reduces
+      one pickle, same bytes to every    │ Worker shard │◄┼►Worker shard │  gloo / NCCL
+      rank over the step channel ◄─────  │ samples      │ │ acks         │  all-reduces
                                          └──────────────┘ └──────────────┘
+
+Ray places the ranks, starts and kills the actors and reports their deaths; it carries no
+per-step traffic. At start-up each actor runs one long `serve_steps` call whose loop connects
+to the driver's `StepChannel` (`step_channel.py`: TCP on the driver's node IP, so it works
+across nodes) and then serves every step over that socket.
 
 Rank 0 lives in an actor too, so the driver process never joins the process group and its
 global tensor-parallel group stays the single-rank one (a tp = 1 engine can share the process).
 
-Fail fast: each step waits on all ranks with `ray.wait` in short polls; a rank whose call came
-back with an error (its actor died: killed, OOM, node lost) fails the step at once with a
-`RuntimeError` naming the rank, although its peers are still blocked in a collective (they
-give up after the process group's timeout, or are killed by `shutdown`). After a failure the
-executor stays failed: every later call raises the same error.
+Fail fast: a step waits on every rank's socket in short polls. EOF or a reset on a rank's socket
+(its process died: killed, OOM), or its `serve_steps` call ending (Ray saw the actor die, e.g.
+a lost node), fails the step at once with a `RuntimeError` naming the rank, although its peers
+are still blocked in a collective (they give up after the process group's timeout, or are
+killed by `shutdown`); an exception inside a rank's step comes back with the rank and its
+traceback. After a failure the executor stays failed: every later call raises the same error.
 
 Ray is imported only here; `make_executor` imports this module only when tp > 1.
 """
@@ -37,9 +43,11 @@ from qwenserve.model.loader import checkpoint_files
 from qwenserve.scheduler.output import SchedulerOutput
 from qwenserve.worker.distributed import check_tp_size, destroy_distributed, free_port, init_distributed
 from qwenserve.worker.model_runner import ModelRunnerOutput
+from qwenserve.worker.step_channel import RankError, StepChannel, serve_steps
 
-# How often a waiting step looks for ranks that failed while their peers are still busy.
+# How often a waiting start-up call looks for ranks that failed while their peers are still busy.
 POLL_S = 0.5
+CONNECT_TIMEOUT_S = 60.0
 PLACEMENT_TIMEOUT_S = float(os.environ.get("QWENSERVE_RAY_PLACEMENT_TIMEOUT_S", "120"))
 HEALTH_TIMEOUT_S = 10.0
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(qwenserve.__file__)))
@@ -56,6 +64,7 @@ class RankWorker:
         """This node's IP and a free port on it: the rendezvous address when this is rank 0."""
         return ray.util.get_node_ip_address(), free_port()
 
+    @ray.method(concurrency_group="health")
     def pid(self) -> int:
         return os.getpid()
 
@@ -74,12 +83,14 @@ class RankWorker:
         self.worker.init_kv_cache(num_blocks)
         return self.worker.device, self.worker.dtype
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
-        return self.worker.execute_model(scheduler_output)
+    def serve_steps(self, address: tuple[str, int], authkey: bytes) -> int:
+        """Serves every step sent over the driver's step channel until it closes (occupies
+        this actor's default concurrency group for the engine's lifetime)."""
+        return serve_steps(address, authkey, self.rank, self.worker.execute_model, CONNECT_TIMEOUT_S)
 
     @ray.method(concurrency_group="health")
     def ping(self) -> int:
-        # Its own concurrency group: answers while a step (or a stuck collective) runs.
+        # Its own concurrency group: answers while the step loop (or a stuck collective) runs.
         return self.rank
 
     def shutdown(self) -> None:
@@ -136,6 +147,8 @@ class RayExecutor:
         self.tp = config.tensor_parallel_size
         check_tp_size(QwenConfig.from_dir(model_dir), self.tp)  # before anything starts Ray
         self.actors: list = []
+        self._channel: Optional[StepChannel] = None
+        self._serve_refs: list = []
         self.num_blocks = 0
         self._pg = None
         self._owns_ray = False
@@ -179,6 +192,13 @@ class RayExecutor:
         described = self._wait([a.init_kv_cache.remote(self.num_blocks) for a in self.actors],
                                "allocating the KV cache")
         self.device, self.dtype = described[0]
+        self._channel = StepChannel(ray.util.get_node_ip_address(), tp)
+        self._serve_refs = [a.serve_steps.remote(self._channel.address, self._channel.authkey)
+                            for a in self.actors]
+        try:
+            self._channel.accept(CONNECT_TIMEOUT_S, self._dead_ranks)
+        except RankError as e:
+            self._raise_rank_error(e, "connecting to the step channel")
 
     # ------------------------------------------------------------------ waiting on ranks
     def _wait(self, refs: Sequence, what: str, timeout: Optional[float] = None) -> list:
@@ -226,13 +246,42 @@ class RayExecutor:
         self._failure = message
         raise RuntimeError(message) from error
 
+    def _dead_ranks(self) -> dict:
+        """{rank: (died, why)} for the ranks whose `serve_steps` call has ended: the actor died
+        (Ray says so), or the loop raised or returned. Never blocks."""
+        refs = self._serve_refs
+        if not refs:
+            return {}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        gone = {}
+        for ref in ready:
+            rank = refs.index(ref)
+            try:
+                steps = ray.get(ref, timeout=0)
+                gone[rank] = (False, f"its step loop ended after {steps} steps")
+            except RayActorError as e:
+                gone[rank] = (True, _first_line(e))
+            except RayError as e:
+                cause = getattr(e, "cause", None) or e
+                gone[rank] = (False, f"its step loop failed: {type(cause).__name__}: {_first_line(cause)}")
+        return gone
+
+    def _raise_rank_error(self, error: RankError, what: str) -> None:
+        verb = "died" if error.died else "failed"
+        detail = error.detail.rstrip()
+        sep = "\n" if "\n" in detail else " "  # a remote traceback starts on its own line
+        self._failure = f"tensor-parallel worker rank {error.rank} {verb} while {what}:{sep}{detail}"
+        raise RuntimeError(self._failure) from error
+
     # ------------------------------------------------------------------ executor interface
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         if self._failure is not None:
             raise RuntimeError(self._failure)
-        # One control message per step: every rank gets the same SchedulerOutput at once.
-        refs = [a.execute_model.remote(scheduler_output) for a in self.actors]
-        return self._wait(refs, "executing a step")[0]
+        # One control message per step: pickled once, the same bytes to every rank.
+        try:
+            return self._channel.step(scheduler_output, self._dead_ranks)
+        except RankError as e:
+            self._raise_rank_error(e, "executing a step")
 
     def check_health(self) -> None:
         """Raises RuntimeError when a rank is dead or does not answer (or a step failed)."""
@@ -240,6 +289,10 @@ class RayExecutor:
             raise RuntimeError(self._failure)
         if not self.actors:
             raise RuntimeError("the Ray executor is shut down")
+        gone = self._dead_ranks()
+        if gone:
+            rank = min(gone)
+            self._raise_rank_error(RankError(rank, *gone[rank]), "serving steps")
         self._wait([a.ping.remote() for a in self.actors], "answering a health check",
                    timeout=HEALTH_TIMEOUT_S)
 
@@ -249,13 +302,19 @@ class RayExecutor:
 
     def shutdown(self) -> None:
         actors, self.actors = self.actors, []
+        channel, self._channel = self._channel, None
         failed = self._failure is not None
         if self._failure is None:
             self._failure = "the Ray executor is shut down"
+        if channel is not None:
+            channel.close()  # each rank's step loop sees EOF and returns
         if actors and not failed:
-            # Leave the process group cleanly where the ranks can still answer; then kill, which
-            # frees a rank's memory even while it is stuck in a collective.
-            ray.wait([a.shutdown.remote() for a in actors], num_returns=len(actors), timeout=5)
+            # Leave the process group cleanly where the ranks can still answer (after the step
+            # loop, in the same concurrency group); then kill, which frees a rank's memory even
+            # while it is stuck in a collective.
+            refs = self._serve_refs + [a.shutdown.remote() for a in actors]
+            ray.wait(refs, num_returns=len(refs), timeout=5)
+        self._serve_refs = []
         for actor in actors:
             try:
                 ray.kill(actor)
