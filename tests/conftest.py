@@ -29,3 +29,21 @@ def tiny_model(tiny_checkpoint):
     model = QWenLMHeadModel(QwenConfig.from_dir(tiny_checkpoint), get_ops(False), torch.float32)
     load_weights(model, tiny_checkpoint)
     return model.eval()
+
+
+@pytest.fixture
+def largest_reads(monkeypatch) -> dict:
+    """Per checkpoint tensor, the most elements any one read returned during the test: how
+    tensor-parallel tests check that a rank reads only its slice."""
+    from qwenserve.model import loader
+
+    sizes: dict[str, int] = {}
+    original = loader.SafetensorsSource.read
+
+    def recording_read(self, index=()):
+        out = original(self, index)
+        sizes[self.name] = max(sizes.get(self.name, 0), out.numel())
+        return out
+
+    monkeypatch.setattr(loader.SafetensorsSource, "read", recording_read)
+    return sizes

@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 from qwenserve import LLM, SamplingParams
 from qwenserve.kernels import get_ops
 from qwenserve.kernels.gptq_matmul import dequantize_gptq
-from qwenserve.model import loader as loader_module
 from qwenserve.model.checkpoint import make_checkpoint
 from qwenserve.model.config import QwenConfig
 from qwenserve.model.layers import InMemorySource
@@ -157,7 +156,7 @@ def wide_int4_dir(tmp_path_factory):
                            int4=True, hidden_size=256, kv_channels=64, intermediate_size=1024)
 
 
-def test_tp2_shards_of_every_gptq_layer(wide_int4_dir, monkeypatch):
+def test_tp2_shards_of_every_gptq_layer(wide_int4_dir, largest_reads):
     full = read_all(wide_int4_dir)
     cfg = QwenConfig.from_dir(wide_int4_dir)
     h, w = cfg.hidden_size, cfg.mlp_width
@@ -165,15 +164,7 @@ def test_tp2_shards_of_every_gptq_layer(wide_int4_dir, monkeypatch):
     x_h, x_w = torch.randn(3, h), torch.randn(3, w)
     ops = get_ops(False)
 
-    largest_read: dict[str, int] = {}
-    original_read = loader_module.SafetensorsSource.read
-
-    def recording_read(self, index=()):
-        out = original_read(self, index)
-        largest_read[self.name] = max(largest_read.get(self.name, 0), out.numel())
-        return out
-
-    monkeypatch.setattr(loader_module.SafetensorsSource, "read", recording_read)
+    largest_reads.clear()  # from here on only the ranks' own loads count
     column_parts, row_parts = [], []
     for rank in range(2):
         block = load(wide_int4_dir, TensorParallelGroup(rank=rank, size=2, group=None)).h[0]
@@ -207,7 +198,6 @@ def test_tp2_shards_of_every_gptq_layer(wide_int4_dir, monkeypatch):
         half = slice(rank * h // 2, (rank + 1) * h // 2)
         row_parts.append(ops.gptq_matmul(x_h[:, half], block.attn.c_proj.qweight, block.attn.c_proj.qzeros,
                                          block.attn.c_proj.scales, 128))
-    monkeypatch.undo()
 
     q0, q1 = (c[0].split(h // 2, -1) for c in column_parts)
     torch.testing.assert_close(torch.cat([q0[0], q1[0], q0[1], q1[1], q0[2], q1[2]], -1), whole.attn.c_attn(x_h))
@@ -216,7 +206,8 @@ def test_tp2_shards_of_every_gptq_layer(wide_int4_dir, monkeypatch):
     torch.testing.assert_close(row_parts[0] + row_parts[1], whole.attn.c_proj(x_h), rtol=1e-5, atol=1e-5)
     assert whole.mlp.c_proj(x_w).shape == (3, h)
     # Sliced reads: no rank read a whole packed tensor of a sharded layer.
-    for name, numel in largest_read.items():
+    assert largest_reads, "the loads went through SafetensorsSource.read"
+    for name, numel in largest_reads.items():
         if name.endswith((".qweight", ".qzeros", ".scales")):
             assert numel <= full[name].numel() // 2, name
 
