@@ -6,6 +6,7 @@ that the scheduler's per-step diffs update; nothing of the scheduler's objects c
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -83,43 +84,53 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ inputs
     def prepare_inputs(self, out: SchedulerOutput):
-        """Flat ids, positions, attention metadata, and the rows to sample (index, request id)."""
+        """Flat ids, positions, attention metadata, and the rows to sample (index, request id).
+
+        Runs on the host every step, so a decode token (the common case) costs a few scalar
+        operations; only prompt chunks go through numpy.
+        """
         bs = self.block_size
         ids, positions, slots, thetas = [], [], [], []
         starts, seq_lens, tables, sample_rows = [0], [], [], []
         for rid, num_new in out.num_scheduled_tokens.items():
             state = self.requests[rid]
-            begin, end = state.num_computed_tokens, state.num_computed_tokens + num_new
-            pos = np.arange(begin, end, dtype=np.int64)
-            blocks = np.asarray(state.block_ids, dtype=np.int64)
-            ids.append(np.asarray(state.token_ids[begin:end], dtype=np.int64))
-            positions.append(pos)
-            slots.append(blocks[pos // bs] * bs + pos % bs)
-            thetas.append(np.full(num_new, state.rope_theta, dtype=np.float32))
+            begin = state.num_computed_tokens
+            end = begin + num_new
+            blocks = state.block_ids
+            if num_new == 1:
+                ids.append(state.token_ids[begin])
+                positions.append(begin)
+                slots.append(blocks[begin // bs] * bs + begin % bs)
+            else:
+                pos = np.arange(begin, end, dtype=np.int64)
+                ids.extend(state.token_ids[begin:end])
+                positions.extend(pos.tolist())
+                slots.extend((np.asarray(blocks, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
+            thetas.extend([state.rope_theta] * num_new)
             starts.append(starts[-1] + num_new)
             seq_lens.append(end)
-            tables.append(state.block_ids)
+            tables.append(blocks)
             if end == len(state.token_ids):  # a partial prefill chunk has nothing to sample
                 sample_rows.append((starts[-1] - 1, rid))
             state.num_computed_tokens = end
 
-        width = max(len(t) for t in tables)
-        table = np.zeros((len(tables), width), dtype=np.int32)
-        for b, t in enumerate(tables):
-            table[b, :len(t)] = t
+        lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+        table = np.zeros((len(tables), int(lens.max())), dtype=np.int32)
+        # Row-major fill of each row's first len entries in one vectorized assignment.
+        table[np.arange(table.shape[1]) < lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lens.sum()))
         dev = self.device
-        positions_t = torch.from_numpy(np.concatenate(positions)).to(dev)
-        query_lens = np.diff(starts)
+        positions_t = torch.tensor(positions, dtype=torch.long).to(dev)
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            max_query_len=int(query_lens.max()), max_seq_len=max(seq_lens),
-            rope_theta=torch.from_numpy(np.concatenate(thetas)).to(dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev),
+            max_query_len=max(b - a for a, b in zip(starts, starts[1:])), max_seq_len=max(seq_lens),
+            rope_theta=torch.tensor(thetas, dtype=torch.float32).to(dev),
             logn_scale=logn_scales(positions_t, self.config.seq_length) if self.config.use_logn_attn else None,
             block_tables=torch.from_numpy(table).to(dev),
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev),
             query_start_loc_list=starts, seq_lens_list=seq_lens)
-        input_ids = torch.from_numpy(np.concatenate(ids)).to(dev)
+        input_ids = torch.tensor(ids, dtype=torch.long).to(dev)
         return input_ids, positions_t, meta, sample_rows
 
     # ------------------------------------------------------------------ the step
