@@ -196,9 +196,14 @@ class KVCacheManager:
         return num_full * self.block_size
 
     # -- queries --------------------------------------------------------------------------
-    def get_block_ids(self, request_id: str) -> list[int]:
+    def get_block_ids(self, request_id: str, start: int = 0) -> list[int]:
+        """The request's block ids from its `start`-th block on (all of them by default)."""
         state = self._requests.get(request_id)
-        return [b.block_id for b in state.blocks] if state is not None else []
+        return [b.block_id for b in state.blocks[start:]] if state is not None else []
+
+    def num_request_blocks(self, request_id: str) -> int:
+        state = self._requests.get(request_id)
+        return len(state.blocks) if state is not None else 0
 
     @property
     def num_blocks(self) -> int:

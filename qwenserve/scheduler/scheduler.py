@@ -124,18 +124,17 @@ class Scheduler:
             out.new_requests.append(NewRequestData(
                 request_id=rid, prompt_token_ids=request.prompt_token_ids,
                 output_token_ids=request.output_token_ids,
-                block_ids=list(self.kv_cache.get_block_ids(rid)),
+                block_ids=self.kv_cache.get_block_ids(rid),
                 num_computed_tokens=request.num_computed_tokens, ntk_alpha=request.ntk_alpha,
                 params=request.params, banned_token_ids=sorted(request.stop_token_ids)))
         else:
             sent = self._num_sent_tokens[rid]
-            block_ids = self.kv_cache.get_block_ids(rid)
             out.cached_requests.append(CachedRequestData(
                 request_id=rid, new_token_ids=request.all_token_ids[sent:],
-                new_block_ids=list(block_ids[self._num_sent_blocks[rid]:]),
+                new_block_ids=self.kv_cache.get_block_ids(rid, start=self._num_sent_blocks[rid]),
                 num_computed_tokens=request.num_computed_tokens))
         self._num_sent_tokens[rid] = request.num_tokens
-        self._num_sent_blocks[rid] = len(self.kv_cache.get_block_ids(rid))
+        self._num_sent_blocks[rid] = self.kv_cache.num_request_blocks(rid)
         out.num_scheduled_tokens[rid] = num_new
         request.num_computed_tokens += num_new
 
