@@ -367,3 +367,34 @@ def test_step_channel_asks_for_ranks_lost_without_eof():
         assert info.value.died and time.monotonic() - started < POLL_S + 1
     finally:
         channel.close()
+
+
+def test_tp_server_exits_when_the_whole_process_group_is_signalled(tiny_checkpoint):
+    """Ctrl-C or a service manager's SIGTERM reaches the local raylet too; the server must still
+    exit (0) instead of blocking forever in Ray's teardown."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("ray")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "qwenserve.cli", "launch", "--port", "0", "--tp", "2", "--device", "cpu",
+         "--model", tiny_checkpoint, "--max-model-len", "256", "--kv-cache-memory", "32MiB"],
+        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        for line in proc.stdout:
+            if "ready" in line or time.monotonic() > deadline:
+                break
+        assert "ready" in line, line
+        start = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert time.monotonic() - start < 60
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

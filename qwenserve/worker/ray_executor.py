@@ -27,7 +27,9 @@ Ray is imported only here; `make_executor` imports this module only when tp > 1.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import threading
 import time
 from typing import Callable, Optional, Sequence
 
@@ -50,6 +52,8 @@ POLL_S = 0.5
 CONNECT_TIMEOUT_S = 60.0
 PLACEMENT_TIMEOUT_S = float(os.environ.get("QWENSERVE_RAY_PLACEMENT_TIMEOUT_S", "120"))
 HEALTH_TIMEOUT_S = 10.0
+SHUTDOWN_TIMEOUT_S = 10.0
+logger = logging.getLogger(__name__)
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(qwenserve.__file__)))
 
 
@@ -315,20 +319,31 @@ class RayExecutor:
             refs = self._serve_refs + [a.shutdown.remote() for a in actors]
             ray.wait(refs, num_returns=len(refs), timeout=5)
         self._serve_refs = []
-        for actor in actors:
-            try:
-                ray.kill(actor)
-            except Exception:  # already dead
-                pass
-        if self._pg is not None:
-            try:
-                remove_placement_group(self._pg)
-            except Exception:
-                pass
-            self._pg = None
-        if self._owns_ray:
-            self._owns_ray = False
-            ray.shutdown()
+        pg, self._pg = self._pg, None
+        owns_ray, self._owns_ray = self._owns_ray, False
+
+        def teardown() -> None:
+            for actor in actors:
+                try:
+                    ray.kill(actor)
+                except Exception:  # already dead
+                    pass
+            if pg is not None:
+                try:
+                    remove_placement_group(pg)
+                except Exception:
+                    pass
+            if owns_ray:
+                ray.shutdown()
+
+        # A Ctrl-C or a service manager's SIGTERM reaches the whole process group, local
+        # raylet included; with the raylet gone these calls block forever, so bound them.
+        thread = threading.Thread(target=teardown, name="ray-teardown", daemon=True)
+        thread.start()
+        thread.join(SHUTDOWN_TIMEOUT_S)
+        if thread.is_alive():
+            logger.warning("Ray teardown did not finish within %.0f s (is the local Ray already gone?); "
+                           "leaving it to process exit", SHUTDOWN_TIMEOUT_S)
 
 
 def _errors(refs: Sequence, rank_of: dict) -> dict:
