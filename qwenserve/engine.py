@@ -61,13 +61,15 @@ class LLMEngine:
         ) | {self.tokenizer.im_end_id, self.tokenizer.im_start_id}
 
         self.executor = make_executor(config, self.model_dir, load_progress)
-        self.kv_cache = KVCacheManager(self.executor.num_blocks, config.block_size,
-                                       config.enable_prefix_caching)
+        # Hashing stays on either way: without prefix caching, blocks are shared only among the
+        # n completions of one request (`Request.cache_scope`).
+        self.kv_cache = KVCacheManager(self.executor.num_blocks, config.block_size, enable_prefix_caching=True)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
         self._groups: dict[str, _Group] = {}
         self._trackers: dict[str, tuple[_Group, CompletionTracker]] = {}  # by scheduler request id
         self._ids = itertools.count()
+        self._scopes = itertools.count()  # one per request when prefix caching is off
 
     # ------------------------------------------------------------------ requests
     def default_params(self, **overrides) -> SamplingParams:
@@ -111,12 +113,14 @@ class LLMEngine:
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         if any(rid in self._trackers for rid in child_ids):
             raise ValueError(f"request_id: {request_id!r} collides with a running request's completion ids")
+        scope = None if self.config.enable_prefix_caching else next(self._scopes)
         requests, trackers = [], []
         for index, rid in enumerate(child_ids):
             child_params = params
             if params.n > 1 and params.seed is not None:
                 child_params = _with_seed(params, params.seed + index)
             req = Request(rid, ids, child_params, max_tokens, alpha, stop_ids)
+            req.cache_scope = scope
             requests.append(req)
             trackers.append(CompletionTracker(index, req, self.tokenizer, self.max_model_len))
         for req in requests:  # completions are alike: if one fits, all do

@@ -145,6 +145,21 @@ def test_n_completions_share_prompt_blocks(tiny_checkpoint):
     _assert_no_leak(llm)
 
 
+def test_n_completions_share_prompt_blocks_with_prefix_caching_off(tiny_checkpoint):
+    llm = LLM(model=tiny_checkpoint, device="cpu", enable_prefix_caching=False)
+    prompt = _prompts([100])[0]
+    params = SamplingParams(n=3, max_tokens=6, temperature=0.0, ignore_eos=True)
+    out = llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)[0]
+    assert all(c.token_ids == _expected(tiny_checkpoint, [prompt], 6)[0] for c in out.outputs)
+    shared = llm.get_stats()["prefix_cache_hit_rate"]
+    assert shared > 0  # the siblings hit the first completion's prompt blocks
+    # ...but nothing is shared across requests: the same prompt again computes everything.
+    llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(max_tokens=2, ignore_eos=True),
+                 use_tqdm=False)
+    assert llm.engine.kv_cache.prefix_cache_stats.hit_tokens == 2 * 96  # still only the siblings' hits
+    _assert_no_leak(llm)
+
+
 def test_seeded_sampling_reproduces_across_batches(tiny_checkpoint):
     llm = LLM(model=tiny_checkpoint, device="cpu")
     prompt = _prompts([12])[0]

@@ -38,6 +38,9 @@ class Request:
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
+        # With prefix caching off, the n completions of one request still share their prompt's
+        # blocks: their hashes are scoped to the group, so no other request can hit them.
+        self.cache_scope: Optional[int] = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -56,9 +59,10 @@ class Request:
         return len(self.all_token_ids) - self.num_prompt_tokens
 
     @property
-    def cache_salt(self) -> float:
-        """What besides the tokens changes this request's K/V: Qwen's dynamic-NTK alpha."""
-        return self.ntk_alpha
+    def cache_salt(self):
+        """What a cached block must match besides its tokens: Qwen's dynamic-NTK alpha (it
+        changes the K/V), plus `cache_scope` when sharing is limited to one group of requests."""
+        return self.ntk_alpha if self.cache_scope is None else (self.ntk_alpha, self.cache_scope)
 
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
