@@ -55,10 +55,6 @@ class Request:
         return self.all_token_ids[self.num_prompt_tokens:]
 
     @property
-    def num_output_tokens(self) -> int:
-        return len(self.all_token_ids) - self.num_prompt_tokens
-
-    @property
     def cache_salt(self):
         """What a cached block must match besides its tokens: Qwen's dynamic-NTK alpha (it
         changes the K/V), plus `cache_scope` when sharing is limited to one group of requests."""

@@ -9,7 +9,7 @@ goes back to the front of the waiting queue to be recomputed later.
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable, Optional
+from typing import Optional
 
 from qwenserve.kvcache import KVCacheManager
 from qwenserve.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
@@ -148,6 +148,3 @@ class Scheduler:
         self._num_sent_blocks.pop(request.request_id, None)
         out.preempted_request_ids.append(request.request_id)
         self.waiting.appendleft(request)
-
-    def iter_requests(self) -> Iterable[Request]:
-        return self.requests.values()
