@@ -7,6 +7,10 @@ kernel is decorated, which is why it must happen here and not in the tests.
 
 If Triton is not installed at all, a stand-in keeps the modules importable so
 the torch references (`*_ref`) still work; `HAS_TRITON` says which case holds.
+
+`compiled_launch(device)` is how a kernel wrapper decides between GPU tile sizes and the small
+ones the interpreter can afford. `tests/compile_kernels.py` turns on `COMPILE_ONLY` to compile
+every kernel for an H100 on a machine with no GPU, with the GPU's tile sizes.
 """
 import os
 
@@ -41,4 +45,14 @@ except ImportError:  # pragma: no cover - only on machines without triton
 
     triton = _MissingTriton()
 
-__all__ = ["triton", "tl", "HAS_TRITON"]
+# Only tests/compile_kernels.py sets these: launches compile for a GPU and run nothing.
+COMPILE_ONLY = False
+COMPILE_ONLY_SM_COUNT = 132  # an H100 SXM
+
+
+def compiled_launch(device: torch.device) -> bool:
+    """Whether kernels launched on `device` run compiled GPU code (so take GPU-sized tiles)."""
+    return device.type == "cuda" or COMPILE_ONLY
+
+
+__all__ = ["triton", "tl", "HAS_TRITON", "compiled_launch"]

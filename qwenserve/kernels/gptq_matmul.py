@@ -28,7 +28,7 @@ the block sizes are fixed constants: no compiled variant per batch size.
 """
 import torch
 
-from ._triton import tl, triton
+from ._triton import compiled_launch, tl, triton
 
 # Tokens above which a dense dequantize + matmul beats the fused kernel (see the docstring).
 FUSED_MAX_TOKENS = 64
@@ -167,7 +167,7 @@ def gptq_matmul(x, qweight, qzeros, scales, group_size: int):
     grid = (triton.cdiv(num_tokens, _BLOCK_M), triton.cdiv(n, _BLOCK_N))
     # The CPU interpreter's tl.dot multiplies bf16 operands as their raw 16-bit patterns
     # (triton 3.9), so there the operands are widened to fp32 first (as paged_attention does).
-    upcast = x.device.type != "cuda" and x.dtype == torch.bfloat16
+    upcast = not compiled_launch(x.device) and x.dtype == torch.bfloat16
     _gptq_matmul_kernel[grid](x, qweight, qzeros, scales, out, num_tokens, n, k, group_size,
                               x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0),
                               out.stride(0), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,

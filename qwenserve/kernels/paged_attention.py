@@ -25,7 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton import tl, triton
+from ._triton import compiled_launch, tl, triton
 from .paged_decode import paged_decode_attention
 
 _LOG2E = 1.4426950408889634
@@ -105,12 +105,14 @@ def _prefill_kernel(
 
 
 def _prefill_config(head_dim, dtype, device):
-    if device.type != "cuda":
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). On the GPU: the largest tiles that compile for
+    sm_90 without spilling registers (ptxas -v, checked by tests/compile_kernels.py). fp32 dots
+    run on FMA units, not tensor cores, and hold twice the bytes, hence smaller fp32 tiles."""
+    if not compiled_launch(device):
         return 16, 32, 4, 1  # interpreter: few, small programs
-    if head_dim <= 64:
-        return 64, 64, 4, 2
-    # fp32 tiles are twice the shared memory of bf16 ones.
-    return (64, 64, 4, 2) if dtype == torch.float32 else (128, 64, 8, 2)
+    if dtype == torch.float32:
+        return (32, 64, 8, 2) if head_dim > 64 else (64, 32, 8, 2)
+    return (128, 64, 8, 2) if head_dim > 64 else (64, 64, 4, 2)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
@@ -124,7 +126,7 @@ def paged_prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, bloc
     grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
     # The CPU interpreter's tl.dot multiplies bf16 operands as their raw 16-bit patterns
     # (triton 3.9), so there the operands are widened to fp32 first.
-    upcast = q.device.type != "cuda" and q.dtype == torch.bfloat16
+    upcast = not compiled_launch(q.device) and q.dtype == torch.bfloat16
     _prefill_kernel[grid](
         q, k_cache, v_cache, out,
         query_start_loc, seq_lens, block_tables,

@@ -17,7 +17,8 @@ SM count), never from a constexpr, so nothing recompiles from batch to batch.
 """
 import torch
 
-from ._triton import tl, triton
+from . import _triton
+from ._triton import compiled_launch, tl, triton
 
 _LOG2E = 1.4426950408889634
 _MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost outweighs the parallelism gained
@@ -119,7 +120,8 @@ def _reduce_kernel(
 
 def _sm_count(device):
     if device.type != "cuda":
-        return 4  # interpreter: keep the program count small
+        # interpreter: keep the program count small
+        return _triton.COMPILE_ONLY_SM_COUNT if _triton.COMPILE_ONLY else 4
     if device.index not in _SM_COUNT:
         _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
     return _SM_COUNT[device.index]
@@ -129,7 +131,7 @@ def choose_num_splits(num_seqs, num_heads, max_seq_len, device):
     """Enough (request, head, split) programs to give every SM several, no split under
     _MIN_SPLIT_TOKENS tokens (smaller on the CPU interpreter, so tests exercise splitting)."""
     target_programs = 8 * _sm_count(device)
-    min_split = _MIN_SPLIT_TOKENS if device.type == "cuda" else 16
+    min_split = _MIN_SPLIT_TOKENS if compiled_launch(device) else 16
     wanted = triton.cdiv(target_programs, max(1, num_seqs * num_heads))
     return max(1, min(wanted, triton.cdiv(max(1, max_seq_len), min_split)))
 
@@ -143,7 +145,7 @@ def paged_decode_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block
         return out
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_heads, max_seq_len, q.device)
-    block_n = 64 if q.device.type == "cuda" else 16
+    block_n = 64 if compiled_launch(q.device) else 16
     # Whole tiles per split, so only a split's last tile is partial.
     split_len = triton.cdiv(triton.cdiv(max(1, max_seq_len), num_splits), block_n) * block_n
     part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32,
