@@ -11,7 +11,6 @@ from qwenserve.worker.sampler import (
     SamplingState,
     apply_penalties,
     make_generator,
-    process_logits,
 )
 
 QWEN_V = 151936
@@ -261,8 +260,10 @@ def test_logprobs_are_from_processed_logits_before_temperature():
         state(logprobs=20, top_p=0.3, output=[1], presence_penalty=1.0),
     ]
     out = Sampler(vocab_size_real=V - 3, seed=0).sample(logits, states)
-    processed = process_logits(logits, states, vocab_size_real=V - 3)
-    logp = torch.log_softmax(processed, dim=-1)
+    # Expected from the formulas by hand, not from process_logits (which sample() itself uses).
+    processed = torch.stack([_penalised_by_hand(logits[i], st) for i, st in enumerate(states)])
+    processed[:, V - 3:] = float("-inf")
+    logp = torch.log_softmax(processed.double(), dim=-1).float()
     for i, st in enumerate(states):
         n = st.params.logprobs
         if n is None:
@@ -313,3 +314,40 @@ def test_top_k_and_top_p_keep_ties():
     assert torch.isfinite(_apply_top_k(x, [2])).tolist() == [[True, False, True, True, False]]
     # probs of 3.0 alone is ~0.53 < 0.6, so the nucleus ends on a value-2.0 token: both stay.
     assert torch.isfinite(_apply_top_p(x, [0.6])).tolist() == [[True, False, True, True, False]]
+
+
+def _first_argmax(row: torch.Tensor, limit: int) -> int:
+    """Index of the largest of row[:limit], the first one on ties, by a Python scan."""
+    values = row[:limit].float().tolist()
+    return max(range(limit), key=lambda j: (values[j], -j))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_greedy_rows_take_the_first_maximum_of_the_real_vocabulary(dtype):
+    g = torch.Generator().manual_seed(11)
+    logits = (torch.randn(6, QWEN_V, generator=g) * 3).to(dtype)
+    logits[:, QWEN_REAL:] = 1e4  # padding ids hold the largest values: never chosen
+    logits[1, 100] = logits[1, 2000] = 50.0  # a tie: the first index wins
+    logits[2, QWEN_REAL - 1] = 60.0  # the last real id is still eligible
+    plain = [state(temperature=0.0) for _ in range(6)]
+    out = Sampler().sample(logits, plain)
+    assert out.token_ids == [_first_argmax(logits[i], QWEN_REAL) for i in range(6)]
+    assert out.token_ids[1] == 100 and out.token_ids[2] == QWEN_REAL - 1
+    assert out.logprobs == [None] * 6 and out.sampled_logprobs == [None] * 6
+    # The same rows next to one that needs the general path (a penalty) get the same tokens.
+    mixed = plain[:5] + [state(temperature=0.0, prompt=[7], repetition_penalty=1.5)]
+    assert Sampler().sample(logits, mixed).token_ids[:5] == out.token_ids[:5]
+
+
+def test_greedy_rows_with_a_ban_or_penalty_in_force_are_not_plain():
+    logits = torch.zeros(1, 12)
+    logits[0, 9] = 5.0  # eos
+    logits[0, 4] = 4.0
+    sampler = Sampler(vocab_size_real=12)
+    banned = state(temperature=0.0, banned=[9], min_tokens=2, max_tokens=5)
+    assert sampler.sample(logits, [banned]).token_ids == [4]
+    penalised = state(temperature=0.0, output=[9], presence_penalty=2.0)
+    assert sampler.sample(logits, [penalised]).token_ids == [4]
+    with_logprobs = state(temperature=0.0, logprobs=1)
+    out = sampler.sample(logits, [with_logprobs])
+    assert out.token_ids == [9] and out.logprobs[0][0][0] == 9 and out.sampled_logprobs[0] < 0

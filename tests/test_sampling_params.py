@@ -8,7 +8,8 @@ import pytest
 
 from qwenserve.sampling_params import SamplingParams
 
-REFERENCE_GEN_CFG = Path("/work/shared/reference/configs/generation_config-chat.json")
+# A copy of the real Qwen-7B-Chat generation_config.json (shared/reference/configs/).
+REFERENCE_GEN_CFG = Path(__file__).parent / "data" / "configs" / "generation_config-chat.json"
 
 # (field, bad value); each must raise ValueError whose message starts with the field name.
 INVALID = [

@@ -94,7 +94,17 @@ def apply_penalties(logits: torch.Tensor, states: list[SamplingState]) -> torch.
         logit < 0 → logit * penalty, else logit / penalty.
     (d) OpenAI: logit -= presence * (count > 0) + frequency * count, counts over the output.
     """
-    logits = logits.clone()
+    return _apply_penalties_(logits.clone(), states)
+
+
+def _needs_penalties(s: SamplingState) -> bool:
+    p = s.params
+    return p.repetition_penalty != 1.0 or (
+        (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and bool(s.output_token_ids))
+
+
+def _apply_penalties_(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """`apply_penalties` in place on `logits`, which it returns."""
     vocab = logits.shape[1]
     device = logits.device
 
@@ -147,7 +157,7 @@ def process_logits(
     float32 tensor; the input is left untouched."""
     if logits.dim() != 2 or logits.shape[0] != len(states):
         raise ValueError(f"logits must be [B={len(states)}, V], got {tuple(logits.shape)}")
-    logits = logits.to(torch.float32, copy=True)
+    logits = logits.to(torch.float32, copy=True)  # the one copy: everything below is in place
     vocab = logits.shape[1]
 
     # (a) Rows of the embedding beyond the tokenizer's vocabulary are padding.
@@ -167,7 +177,7 @@ def process_logits(
             "-inf"
         )
 
-    return apply_penalties(logits, states)
+    return _apply_penalties_(logits, states)
 
 
 def _apply_top_k(x: torch.Tensor, top_k: list[int]) -> torch.Tensor:
@@ -209,6 +219,12 @@ def _apply_top_p(x: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     return x.index_copy(0, idx, sub.masked_fill(probs < last_kept, float("-inf")))
 
 
+def _is_plain_greedy(s: SamplingState) -> bool:
+    """Greedy with no logprobs, no penalty and no min_tokens ban in force this step."""
+    return (s.params.is_greedy and s.params.logprobs is None and not _needs_penalties(s)
+            and not (len(s.output_token_ids) < s.params.min_tokens and s.banned_token_ids))
+
+
 class Sampler:
     """`Sampler(vocab_size_real, seed)`; `sample(logits [B, V], states) -> SamplerOutput`.
 
@@ -233,6 +249,8 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
+        if all(_is_plain_greedy(s) for s in states):
+            return self._sample_plain_greedy(logits)
         processed = process_logits(logits, states, self.vocab_size_real)
         num_rows = processed.shape[0]
         device = processed.device
@@ -275,6 +293,17 @@ class Sampler:
             sampled_logprobs=[v if logprobs[i] is not None else None
                               for i, v in enumerate(sampled_logprobs.tolist())],
         )
+
+    def _sample_plain_greedy(self, logits: torch.Tensor) -> SamplerOutput:
+        """Every row greedy, with nothing to mask, penalise or report: the argmax over the real
+        vocabulary of the logits as they are. Same tokens as the general path (widening to fp32
+        is exact, so the maximum and its first index do not change), without its [B, V] copy."""
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [B, V], got {tuple(logits.shape)}")
+        real = logits[:, :self.vocab_size_real] if logits.shape[1] > self.vocab_size_real else logits
+        num_rows = logits.shape[0]
+        return SamplerOutput(token_ids=real.argmax(dim=-1).tolist(), logprobs=[None] * num_rows,
+                             sampled_logprobs=[None] * num_rows)
 
     def _sample_random(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """Step (g) on the non-greedy rows [n, V]; returns [n] token ids."""
