@@ -102,6 +102,16 @@ def test_decode_with_more_splits_than_tiles():
     assert_close(paged_decode_attention(**args, num_splits=5), REF.paged_attention(**batch))
 
 
+@pytest.mark.parametrize("num_splits", [None, 7])
+def test_decode_with_max_seq_len_far_above_the_batch(num_splits):
+    # Under CUDA graphs max_seq_len is max_model_len whatever the contexts are: the splits
+    # come from it, and each request still divides its own length among them.
+    batch = make_batch([(3, 1), (70, 1), (33, 1), (16, 1)], BS, 2, 32, torch.float32, logn=True)
+    args = {k: v for k, v in batch.items() if k != "max_query_len"}
+    args["max_seq_len"] = 8192
+    assert_close(paged_decode_attention(**args, num_splits=num_splits), REF.paged_attention(**batch))
+
+
 def dense_attention(q, k, v, scale, logn):
     """SDPA on contiguous K/V; queries are the last q_len of seq_len positions."""
     q_len, seq_len = q.shape[0], k.shape[0]

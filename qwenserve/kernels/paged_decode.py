@@ -13,7 +13,9 @@ the GPU idle when there are few, long sequences, so the KV range [0, max_seq_len
 `num_splits` equal parts, one program per (request, head, split); each writes an unnormalised
 partial output with its running max and sum, and `_reduce_kernel` merges the splits of a
 (request, head). The number of splits comes from runtime sizes only (batch, heads, max_seq_len,
-SM count), never from a constexpr, so nothing recompiles from batch to batch.
+SM count), never from a constexpr, so nothing recompiles from batch to batch. Each request cuts
+its OWN length into `num_splits` whole tiles, not max_seq_len: under CUDA graphs max_seq_len is
+max_model_len, and cutting that would leave a short sequence in one or two busy splits.
 """
 import torch
 
@@ -30,7 +32,7 @@ def _split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr,
     qsl_ptr, seq_lens_ptr, block_tables_ptr, logn_ptr,
     part_out_ptr, part_m_ptr, part_l_ptr,
-    scale_log2e, kv_group, num_heads, num_splits, split_len,
+    scale_log2e, kv_group, num_heads, num_splits,
     stride_qt, stride_qh, stride_qd,
     stride_cb, stride_co, stride_ch, stride_cd,
     stride_bt,
@@ -44,6 +46,8 @@ def _split_kernel(
     if tl.load(qsl_ptr + b + 1) == q_start:
         return
     seq_len = tl.load(seq_lens_ptr + b)
+    # Whole tiles per split, so only a split's last tile is partial.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     kv_start = split * split_len
     kv_end = tl.minimum(seq_len, kv_start + split_len)
     offs_d = tl.arange(0, BLOCK_D)
@@ -146,8 +150,6 @@ def paged_decode_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_heads, max_seq_len, q.device)
     block_n = 64 if compiled_launch(q.device) else 16
-    # Whole tiles per split, so only a split's last tile is partial.
-    split_len = triton.cdiv(triton.cdiv(max(1, max_seq_len), num_splits), block_n) * block_n
     part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32,
                            device=q.device)
     part_m = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -157,7 +159,7 @@ def paged_decode_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block
         q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
         logn_scale if logn_scale is not None else q,
         part_out, part_m, part_l,
-        float(scale) * _LOG2E, num_heads // k_cache.shape[2], num_heads, num_splits, split_len,
+        float(scale) * _LOG2E, num_heads // k_cache.shape[2], num_heads, num_splits,
         *q.stride(), *k_cache.stride(), block_tables.stride(0),
         HAS_LOGN=logn_scale is not None, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4, num_stages=3,
