@@ -61,7 +61,10 @@ for stage in $STAGES; do
         $PY -c 'import torch, transformers; import importlib.util as u; \
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); \
 print(\"triton\", __import__(\"triton\").__version__ if u.find_spec(\"triton\") else None); \
-print(\"transformers\", transformers.__version__)'; git log -1 --format='commit %h %s'" ;;
+print(\"transformers\", transformers.__version__); \
+print(\"grpcio\", __import__(\"grpc\").__version__ if u.find_spec(\"grpc\") else None, \"protobuf\", \
+__import__(\"google.protobuf\").protobuf.__version__ if u.find_spec(\"google.protobuf\") else None)'; \
+        git log -1 --format='commit %h %s'" ;;
     ckpt)
       if [ -f "$CKPT/model.safetensors.index.json" ]; then
         echo "=== ckpt: reusing $CKPT"; printf 'ckpt\tok\t0\n' >> "$OUT/stages.tsv"
