@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark harness (`benchmarks/run.py`, `benchmarks/datasets.py`).
+"""Smoke tests of the benchmark harness (`benchmarks/run.py`, `benchmarks/datasets.py`, `benchmarks/kernels.py`).
 
 Each mode runs as a user runs it (a subprocess) on the built-in tiny model for a few seconds,
 and the test checks that the JSON holds every metric with sane values. Nothing here is timed:
@@ -161,3 +161,28 @@ def test_prefill_tokens_per_second(tmp_path):
                           "--input-len", "40")
     assert result["prefill_tokens_per_s"] > 0 and result["seconds"] > 0
     assert result["engine_steps"] == 1  # 2 x 40 tokens fit one step's budget
+
+
+def test_kernel_benchmark_smoke_writes_what_gpu_check_reads(tmp_path):
+    """benchmarks/kernels.py --smoke (tiny shapes, Triton interpreter): every kernel of the issue's
+    list is measured, and the JSON has the fields gpu_check.sh's table reads."""
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels.py"), "--smoke", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["smoke"] is True and result["copy_gb_per_s"] > 0
+    rows = {r["kernel"]: r for r in result["results"]}
+    assert set(rows) == {"paged_attention decode", "paged_attention prefill", "rms_norm", "add_rms_norm",
+                         "apply_rotary (q, k)", "store_kv", "swiglu"}
+    decode = [r for r in result["results"] if r["kernel"] == "paged_attention decode"]
+    assert [r["target_share"] for r in decode] == [0.8, 0.6]  # batch 64 x 4096, batch 1 x 32768 on CUDA
+    for r in result["results"]:
+        assert r["time_us"] > 0
+        if r["kernel"] == "paged_attention prefill":
+            assert r["tflop_per_s"] > 0
+        else:
+            assert r["gb_per_s"] > 0 and r["share_of_copy"] == pytest.approx(
+                r["gb_per_s"] / result["copy_gb_per_s"])
+    for name in ("rms_norm", "add_rms_norm", "apply_rotary (q, k)"):
+        assert rows[name]["target_share"] == 0.8
