@@ -73,6 +73,19 @@ def dequantized(tensors: dict[str, torch.Tensor], group_size: int = 128) -> dict
     return out
 
 
+class UnreducedGroup(TensorParallelGroup):
+    """Rank `rank` of a tp group with no process behind it: each all-reduce is counted and its
+    input returned unreduced, so a test sums the ranks' partial outputs itself."""
+
+    def __init__(self, rank: int, size: int):
+        super().__init__(rank=rank, size=size, group=None)
+        self.all_reduces = 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        self.all_reduces += 1
+        return x
+
+
 def load(path: str, tp: TensorParallelGroup = None, ops=None) -> QWenLMHeadModel:
     model = QWenLMHeadModel(QwenConfig.from_dir(path), ops or get_ops(False), torch.float32, tp)
     load_weights(model, path)
@@ -162,12 +175,12 @@ def test_tp2_shards_of_every_gptq_layer(wide_int4_dir, largest_reads):
     h, w = cfg.hidden_size, cfg.mlp_width
     whole = load(wide_int4_dir).h[0]
     x_h, x_w = torch.randn(3, h), torch.randn(3, w)
-    ops = get_ops(False)
 
     largest_reads.clear()  # from here on only the ranks' own loads count
     column_parts, row_parts = [], []
     for rank in range(2):
-        block = load(wide_int4_dir, TensorParallelGroup(rank=rank, size=2, group=None)).h[0]
+        tp = UnreducedGroup(rank, 2)
+        block = load(wide_int4_dir, tp).h[0]
         p = "transformer.h.0."
 
         def cols(name, width, pack=1, start=0):
@@ -194,17 +207,22 @@ def test_tp2_shards_of_every_gptq_layer(wide_int4_dir, largest_reads):
                 assert torch.equal(getattr(layer, part), expected), (name, part)
             assert layer.bias is None
         # The shards compute the whole layer: column outputs concatenate, row outputs sum.
+        # The layers' own forwards: each row-parallel rank takes its slice of the input and
+        # hands its partial output to the all-reduce once (UnreducedGroup leaves the sum to us).
         column_parts.append((qkv(x_h), gate_up(x_h)))
-        half = slice(rank * h // 2, (rank + 1) * h // 2)
-        row_parts.append(ops.gptq_matmul(x_h[:, half], block.attn.c_proj.qweight, block.attn.c_proj.qzeros,
-                                         block.attn.c_proj.scales, 128))
+        assert tp.all_reduces == 0
+        half_h = slice(rank * h // 2, (rank + 1) * h // 2)
+        half_w = slice(rank * w // 2, (rank + 1) * w // 2)
+        row_parts.append((block.attn.c_proj(x_h[:, half_h]), block.mlp.c_proj(x_w[:, half_w])))
+        assert tp.all_reduces == 2
 
     q0, q1 = (c[0].split(h // 2, -1) for c in column_parts)
     torch.testing.assert_close(torch.cat([q0[0], q1[0], q0[1], q1[1], q0[2], q1[2]], -1), whole.attn.c_attn(x_h))
     g0, g1 = (c[1].split(w // 2, -1) for c in column_parts)
     torch.testing.assert_close(torch.cat([g0[0], g1[0], g0[1], g1[1]], -1), whole.mlp.gate_up(x_h))
-    torch.testing.assert_close(row_parts[0] + row_parts[1], whole.attn.c_proj(x_h), rtol=1e-5, atol=1e-5)
-    assert whole.mlp.c_proj(x_w).shape == (3, h)
+    # Row outputs: the same float32 products as the whole layer's, summed in two halves.
+    for i, (layer, x) in enumerate(((whole.attn.c_proj, x_h), (whole.mlp.c_proj, x_w))):
+        torch.testing.assert_close(row_parts[0][i] + row_parts[1][i], layer(x), rtol=1e-5, atol=1e-5)
     # Sliced reads: no rank read a whole packed tensor of a sharded layer.
     assert largest_reads, "the loads went through SafetensorsSource.read"
     for name, numel in largest_reads.items():
