@@ -36,6 +36,11 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request_id: {request.request_id!r} is already in use")
+        if request.num_prompt_tokens >= self.max_model_len:
+            # The engine checks this first; a scheduler driven directly must not accept a
+            # request that has no room for one new token (it would never run).
+            raise ValueError(f"prompt: {request.num_prompt_tokens} tokens leave no room for a new token "
+                             f"within max_model_len {self.max_model_len}")
         needed = self.blocks_needed(min(request.num_prompt_tokens + request.max_tokens, self.max_model_len))
         usable = self.kv_cache.num_blocks - 1
         if needed > usable:
