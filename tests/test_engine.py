@@ -66,6 +66,38 @@ def _greedy(llm, prompts, max_tokens=MAX_TOKENS):
     return [o.outputs[0].token_ids for o in outs]
 
 
+def _record_steps(llm):
+    """Records, per engine step, what the scheduler handed the workers: the total number of
+    tokens scheduled, and for each request scheduled from scratch (or resumed after a
+    preemption) (request_id, tokens it had, tokens already computed, tokens scheduled now).
+    Summarised when the step is made: `NewRequestData` aliases the live request's token lists."""
+    steps = []
+    scheduler = llm.engine.scheduler
+    schedule = scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        steps.append((out.total_num_scheduled_tokens,
+                      [(r.request_id, len(r.prompt_token_ids) + len(r.output_token_ids),
+                        r.num_computed_tokens, out.num_scheduled_tokens[r.request_id])
+                       for r in out.new_requests]))
+        return out
+
+    scheduler.schedule = recording_schedule
+    return steps
+
+
+def _assert_chunked(llm, steps):
+    """No step went over the configured token budget, and at least one prompt was split across
+    steps (scheduled with fewer tokens than it still had to compute). Returns the split ids."""
+    budget = llm.engine.config.max_num_batched_tokens
+    most = max(total for total, _ in steps)
+    assert most <= budget, f"a step scheduled {most} tokens, over max_num_batched_tokens={budget}"
+    split = {rid for _, new in steps for rid, known, computed, n in new if computed + n < known}
+    assert split, "no prompt was chunked: the budget was meant to be smaller than a prompt"
+    return split
+
+
 def _assert_no_leak(llm):
     stats = llm.get_stats()
     assert stats["num_used_blocks"] == 0, stats
@@ -85,11 +117,13 @@ SETTINGS = {
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_greedy_matches_reference(tiny_checkpoint, setting):
     llm = LLM(model=tiny_checkpoint, device="cpu", **SETTINGS[setting])
+    steps = _record_steps(llm)
     prompts = _prompts(LENGTHS)
     assert _greedy(llm, prompts) == _expected(tiny_checkpoint, prompts)
-    stats = llm.get_stats()
+    if "max_num_batched_tokens" in SETTINGS[setting]:  # every such budget is below max(LENGTHS)
+        _assert_chunked(llm, steps)
     if "preempt" in setting:
-        assert stats["num_preemptions"] > 0, "the cache was meant to be too small to avoid preemption"
+        assert llm.get_stats()["num_preemptions"] > 0, "the cache was meant to be too small to avoid preemption"
     _assert_no_leak(llm)
 
 
@@ -116,12 +150,16 @@ def test_dynamic_ntk_and_logn_through_the_paged_path(ntk_checkpoint):
 def test_abort_mid_way_frees_blocks(tiny_checkpoint):
     llm = LLM(model=tiny_checkpoint, device="cpu", max_num_batched_tokens=64)
     engine = llm.engine
+    steps = _record_steps(llm)
     params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(_prompts([10, 200, 30, 5])):
         engine.add_request(f"r{i}", prompt_token_ids=p, params=params)
     for _ in range(3):
         engine.step()
     assert llm.get_stats()["num_used_blocks"] > 0
+    assert "r1" in _assert_chunked(llm, steps)
+    r1 = engine.scheduler.requests["r1"]
+    assert 0 < r1.num_computed_tokens < 200 and not r1.output_token_ids  # mid-prefill
     engine.abort_request("r1")  # still prefilling in chunks
     engine.abort_request("r2")
     engine.abort_request("unknown")  # ignored
@@ -276,7 +314,9 @@ def test_triton_path_matches_reference_path(tiny_checkpoint):
     through chunked prefill and decode."""
     prompts = _prompts([1, 17, 40, 5], seed=21)
     triton_llm = LLM(model=tiny_checkpoint, device="cpu", use_triton=True, max_num_batched_tokens=32)
+    steps = _record_steps(triton_llm)
     assert _greedy(triton_llm, prompts, 4) == _expected(tiny_checkpoint, prompts, 4)
+    _assert_chunked(triton_llm, steps)  # the 40-token prompt is split
     _assert_no_leak(triton_llm)
 
 
