@@ -351,3 +351,21 @@ def test_greedy_rows_with_a_ban_or_penalty_in_force_are_not_plain():
     with_logprobs = state(temperature=0.0, logprobs=1)
     out = sampler.sample(logits, [with_logprobs])
     assert out.token_ids == [9] and out.logprobs[0][0][0] == 9 and out.sampled_logprobs[0] < 0
+
+
+def test_repetition_penalty_follows_a_growing_output_step_by_step():
+    # The sampler keeps each state's context ids as an array it extends with the new output
+    # tokens; each step must still penalise exactly prompt + output so far (by hand), also
+    # after the output is cut back (a state rebuilt for a resumed request).
+    g = torch.Generator().manual_seed(3)
+    V = 300
+    st = state(prompt=[5, 7, 7, 299], output=[], repetition_penalty=1.7)
+    other = state(prompt=[1], output=[], presence_penalty=0.5)  # a row that takes no repetition penalty
+    outputs = [[], [11], [11, 250], [11, 250, 5], [11, 250, 5, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
+                                                    24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37], [40]]
+    for out in outputs:
+        st.output_token_ids[:] = out
+        logits = torch.randn(2, V, generator=g) * 4
+        got = apply_penalties(logits, [st, other])
+        torch.testing.assert_close(got[0], _penalised_by_hand(logits[0], st), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[1], _penalised_by_hand(logits[1], other), rtol=1e-6, atol=1e-6)

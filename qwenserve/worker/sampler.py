@@ -48,6 +48,28 @@ class SamplingState:
     output_token_ids: list[int]
     generator: torch.Generator | None = None
     banned_token_ids: list[int] = field(default_factory=list)
+    # prompt + output ids as int64, kept in step with output_token_ids by appending only the
+    # new tokens: the repetition penalty reads the whole context every step, and converting
+    # thousands of Python ints per request per step would cost milliseconds of host time.
+    _context: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _context_len: int = field(default=0, repr=False, compare=False)
+
+    def context_ids(self) -> np.ndarray:
+        """prompt_token_ids + output_token_ids as an int64 array (a view; do not modify)."""
+        num_prompt = len(self.prompt_token_ids)
+        total = num_prompt + len(self.output_token_ids)
+        if self._context is None or total < self._context_len:  # first call, or the output was cut
+            self._context = np.empty(max(16, 2 * total), dtype=np.int64)
+            self._context[:num_prompt] = self.prompt_token_ids
+            self._context_len = num_prompt
+        if total > self._context_len:
+            if total > self._context.shape[0]:
+                grown = np.empty(2 * total, dtype=np.int64)
+                grown[:self._context_len] = self._context[:self._context_len]
+                self._context = grown
+            self._context[self._context_len:total] = self.output_token_ids[self._context_len - num_prompt:]
+            self._context_len = total
+        return self._context[:total]
 
 
 @dataclass
@@ -108,23 +130,30 @@ def _apply_penalties_(logits: torch.Tensor, states: list[SamplingState]) -> torc
     vocab = logits.shape[1]
     device = logits.device
 
-    rep_rows = [i for i, s in enumerate(states) if s.params.repetition_penalty != 1.0]
+    contexts = {i: states[i].context_ids() for i, s in enumerate(states)
+                if s.params.repetition_penalty != 1.0}
+    contexts = {i: ids[(ids >= 0) & (ids < vocab)] for i, ids in contexts.items()}
+    rep_rows = [i for i, ids in contexts.items() if ids.size]
     if rep_rows:
-        ids = _padded(
-            [states[i].prompt_token_ids + states[i].output_token_ids for i in rep_rows],
-            vocab,
-            device,
-        )
-        # One extra column absorbs the padding ids, then is dropped.
-        seen = torch.zeros(len(rep_rows), vocab + 1, dtype=torch.bool, device=device)
-        seen.scatter_(1, ids, True)
+        # Only the context's ids are touched: gather their logits, penalise, scatter back. An id
+        # seen twice is written twice with the same value (each is computed from the original
+        # logit), so it is penalised once, as HF does. Rows are padded with their own first id.
+        width = max(contexts[i].size for i in rep_rows)
+        ids_np = np.empty((len(rep_rows), width), dtype=np.int64)
+        for row, i in enumerate(rep_rows):
+            ids_np[row, :contexts[i].size] = contexts[i]
+            ids_np[row, contexts[i].size:] = contexts[i][0]
+        ids = torch.from_numpy(ids_np).to(device)
         penalty = torch.tensor(
             [states[i].params.repetition_penalty for i in rep_rows], device=device
         ).unsqueeze(1)
-        idx = _row_index(rep_rows, device)
-        sub = logits.index_select(0, idx)
-        penalised = torch.where(sub < 0, sub * penalty, sub / penalty)
-        logits.index_copy_(0, idx, torch.where(seen[:, :vocab], penalised, sub))
+        all_rows = len(rep_rows) == logits.shape[0]
+        idx = None if all_rows else _row_index(rep_rows, device)
+        target = logits if all_rows else logits.index_select(0, idx)
+        seen = target.gather(1, ids)
+        target.scatter_(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+        if not all_rows:
+            logits.index_copy_(0, idx, target)
 
     pf_rows = [
         i
