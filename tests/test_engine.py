@@ -251,22 +251,56 @@ def test_stop_conditions(tiny_checkpoint):
     _assert_no_leak(llm)
 
 
-def test_streamed_text_only_grows_and_holds_back_stop_prefixes(tiny_checkpoint):
-    llm = LLM(model=tiny_checkpoint, device="cpu")
-    prompt = _prompts([30], seed=12)[0]
-    free = _greedy(llm, [prompt], 10)[0]
-    full = llm.tokenizer.decode(free)
-    stop = full[len(full) // 2:len(full) // 2 + 3] + "\x00never"  # a prefix appears, never the whole
-    engine = llm.engine
-    engine.add_request("s", prompt_token_ids=prompt,
-                       params=SamplingParams(max_tokens=10, temperature=0.0, stop=[stop]))
-    seen = ""
+def _stream(engine, request_id, prompt, params):
+    """Adds one request and steps the engine until it finishes; returns every CompletionOutput
+    streamed for it, in order."""
+    engine.add_request(request_id, prompt_token_ids=prompt, params=params)
+    streamed = []
     while engine.has_unfinished_requests():
         for out in engine.step():
-            text = out.outputs[0].text
-            assert text.startswith(seen)
-            seen = text
-    assert seen == full
+            assert out.request_id == request_id
+            streamed.append(out.outputs[0])
+    return streamed
+
+
+def test_streamed_text_only_grows_and_holds_back_stop_prefixes(tiny_checkpoint):
+    llm = LLM(model=tiny_checkpoint, device="cpu")
+    tok = llm.tokenizer
+    prompt = _prompts([30], seed=12)[0]
+    free = _greedy(llm, [prompt], 16)[0]
+    full = tok.decode(free)
+    # The stop string: the text of two consecutive tokens from the middle of the free output,
+    # so that it completes one token after its first token's text (a proper prefix of it)
+    # was decoded; that text must be held back, never streamed and then taken back.
+    for k in range(len(free) // 3, len(free) - 4):
+        before, first, second = tok.decode(free[:k]), tok.decode(free[k:k + 1]), tok.decode(free[k + 1:k + 2])
+        stop = first + second
+        if (first and second and "\ufffd" not in stop and before + stop == tok.decode(free[:k + 2])
+                and full.find(stop) == len(before)):
+            break
+    else:
+        pytest.fail("no clean pair of tokens to build the stop string from")
+    streamed = _stream(llm.engine, "s", prompt, SamplingParams(max_tokens=16, temperature=0.0, stop=[stop]))
+    final = streamed[-1]
+    assert final.finish_reason == "stop" and final.text == before  # ends right before the stop
+    assert final.token_ids == free[:k + 2]  # stopped as soon as the stop string completed
+    seen = ""
+    for out in streamed:
+        assert out.text.startswith(seen)  # only grows...
+        assert before.startswith(out.text)  # ...and never showed any of what was cut off
+        seen = out.text
+    assert any(len(out.token_ids) == k + 1 for out in streamed)  # the step that had to hold back
+
+    # A prefix of a stop string that never completes is held back only until the text moves past
+    # it, and whatever is still held back is released when the request ends.
+    never = full[len(full) // 2:len(full) // 2 + 3] + "\x00never"
+    streamed = _stream(llm.engine, "t", prompt, SamplingParams(max_tokens=16, temperature=0.0, stop=[never]))
+    seen = ""
+    for out in streamed:
+        assert out.text.startswith(seen) and full.startswith(out.text)
+        seen = out.text
+    assert seen == full and streamed[-1].finish_reason == "length"
+    _assert_no_leak(llm)
 
 
 def test_chat_and_defaults(tiny_checkpoint):
