@@ -248,14 +248,25 @@ def test_no_hashing_when_disabled(monkeypatch):
     assert kv.prefix_cache_stats.queries == 0
 
 
-def test_stats_and_reset():
-    kv = KVCacheManager(16, 4)
-    run(kv, FakeRequest("a", list(range(12))), 12)
-    kv.get_computed_blocks(FakeRequest("b", list(range(10))))   # 8 of 10 hit
-    kv.get_computed_blocks(FakeRequest("c", [5] * 10))          # miss
+def test_stats_count_admissions_and_reset():
+    kv = KVCacheManager(8, 4)
+    run(kv, FakeRequest("a", list(range(12))), 12)             # admitted: 12 tokens, no hit
+    b = FakeRequest("b", list(range(10)))
+    hits, n_hit = kv.get_computed_blocks(b)                    # 8 of 10 hit
+    # Looked up again and again while it waits (the cache is full): not counted until admitted.
+    big = FakeRequest("big", [7] * 40)
+    for _ in range(3):
+        assert kv.get_computed_blocks(big) == ([], 0)
+        assert run(kv, big, 40) is None
+    assert kv.prefix_cache_stats.queries == 1
+    run(kv, b, 10 - n_hit, hits)
+    c = FakeRequest("c", [5] * 6)
+    assert kv.get_computed_blocks(c) == ([], 0)                # miss
+    run(kv, c, 6)
+    run(kv, c, 0)  # a running request's later steps are not admissions
     s = kv.prefix_cache_stats
-    assert (s.queries, s.hits, s.query_tokens, s.hit_tokens) == (2, 1, 20, 8)
-    assert s.hit_rate == pytest.approx(0.4)
+    assert (s.queries, s.hits, s.query_tokens, s.hit_tokens) == (3, 1, 28, 8)
+    assert s.hit_rate == pytest.approx(8 / 28)
     kv.reset_prefix_cache()
     assert kv.num_cached_blocks == 0
     assert kv.get_computed_blocks(FakeRequest("b", list(range(10)))) == ([], 0)
@@ -387,9 +398,9 @@ def test_randomized_invariants(seed):
             hits, n_hit = kv.get_computed_blocks(req)
             assert n_hit == len(hits) * bs and n_hit <= req.num_tokens - 1
             shadow.check_hits(req, hits)
-            num_hit_tokens += n_hit
             chunk = rng.randint(1, req.num_tokens - n_hit)
-            schedule(req, chunk, hits)
+            if schedule(req, chunk, hits):  # only admissions count
+                num_hit_tokens += n_hit
         elif op < 0.8 and running:
             # A running request: next prefill chunk, or decode one sampled token.
             req = rng.choice(running)

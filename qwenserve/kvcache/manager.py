@@ -25,11 +25,14 @@ from .block_pool import BlockHash, BlockPool, KVBlock, hash_block_tokens
 
 @dataclass
 class PrefixCacheStats:
-    """Counted by `get_computed_blocks`: one query per call."""
-    queries: int = 0          # calls of get_computed_blocks (with prefix caching on)
-    hits: int = 0             # queries that hit at least one block
-    query_tokens: int = 0     # sum of request.num_tokens over the queries
-    hit_tokens: int = 0       # sum of the num_computed_tokens returned
+    """One query per admission: counted when `allocate_slots` succeeds for a request that holds
+    no blocks and has computed nothing (a new or preempted request), with the hits it was
+    given. A request that waits at the head of the queue is looked up again every step, but
+    counted once, when it gets in. Nothing is counted with prefix caching off."""
+    queries: int = 0          # admissions
+    hits: int = 0             # admissions that hit at least one block
+    query_tokens: int = 0     # sum of request.num_tokens over the admissions
+    hit_tokens: int = 0       # sum of the hit blocks' tokens
 
     @property
     def hit_rate(self) -> float:
@@ -85,12 +88,7 @@ class KVCacheManager:
             hit_ids.append(block.block_id)
             hit_hashes.append(parent)
         self._last_hits = (request.request_id, hit_hashes)
-        num_hit_tokens = len(hit_ids) * bs
-        self._stats.queries += 1
-        self._stats.hits += bool(hit_ids)
-        self._stats.query_tokens += num_tokens
-        self._stats.hit_tokens += num_hit_tokens
-        return hit_ids, num_hit_tokens
+        return hit_ids, len(hit_ids) * bs
 
     # -- allocation -----------------------------------------------------------------------
     def allocate_slots(self, request, num_new_tokens: int,
@@ -143,6 +141,11 @@ class KVCacheManager:
         state.num_tokens = max(state.num_tokens, total_tokens)
         if self.enable_prefix_caching:
             self._cache_full_blocks(request, state, min(total_tokens, request.num_tokens))
+            if num_held == 0 and request.num_computed_tokens == 0:  # an admission
+                self._stats.queries += 1
+                self._stats.hits += bool(hits)
+                self._stats.query_tokens += request.num_tokens
+                self._stats.hit_tokens += len(hits) * bs
         return [b.block_id for b in new_blocks]
 
     def _expected_hit_hashes(self, request, num_hits: int) -> list[BlockHash]:
