@@ -7,7 +7,6 @@ One Ray session serves the whole module; every executor joins it (and leaves it 
 import os
 import signal
 import threading
-import time
 
 import pytest
 import torch
@@ -202,39 +201,51 @@ def test_bad_setting_in_a_rank_is_a_value_error(ray_session):
 
 
 # ---------------------------------------------------------------------- faults
+KILL_AT_STEP = 3  # step 0 is the prefill of the 4 prompts; the decode loop runs from step 1
+
+
+@pytest.mark.timeout(300)  # failing "fast" means not hanging: a hang is this timeout's to catch
 @pytest.mark.parametrize("victim", [1, 0])
 def test_killed_worker_fails_fast_naming_the_rank(ray_session, victim):
     llm = LLM(tensor_parallel_size=2, **ENGINE_KWARGS)
     executor = llm.engine.executor
     pids = executor.worker_pids()
     long_run = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
-    killed_at = []
+    steps = []  # what each execute_model call did: "ok" or the error it raised
+    real_execute_model = executor.execute_model
 
-    def kill():
-        killed_at.append(time.monotonic())
-        os.kill(pids[victim], signal.SIGKILL)
+    def execute_model(scheduler_output):
+        if len(steps) == KILL_AT_STEP:  # mid-generation, between two decode steps
+            os.kill(pids[victim], signal.SIGKILL)
+        try:
+            result = real_execute_model(scheduler_output)
+        except Exception as e:
+            steps.append(e)
+            raise
+        steps.append("ok")
+        return result
 
-    timer = threading.Timer(1.0, kill)  # mid-generation: the decode loop is running by then
-    timer.start()
+    executor.execute_model = execute_model  # what LLMEngine.step calls
     try:
         with pytest.raises(RuntimeError, match=rf"rank {victim} died"):
             llm.generate(["Hello"] * 4, long_run, use_tqdm=False)
-        assert time.monotonic() - killed_at[0] < 30
+        # The very step after the kill raised: nothing waited on the dead rank for a reply.
+        assert steps[:KILL_AT_STEP] == ["ok"] * KILL_AT_STEP
+        assert len(steps) == KILL_AT_STEP + 1 and isinstance(steps[-1], RuntimeError), steps
         with pytest.raises(RuntimeError, match=rf"rank {victim}"):
             executor.check_health()
         with pytest.raises(RuntimeError, match=rf"rank {victim}"):  # stays failed, never hangs
             llm.generate(["Hello"], GREEDY, use_tqdm=False)
     finally:
-        timer.cancel()
-        started = time.monotonic()
-        llm.shutdown()
-        assert time.monotonic() - started < 30
+        llm.shutdown()  # returns although a rank is dead (a hang is the timeout's)
 
 
 # ---------------------------------------------------------------------- the step channel
-def _channel_with_ranks(handlers):
+def _channel_with_ranks(handlers, die: threading.Event = None):
     """A driver-side StepChannel on localhost with one thread per rank running `serve_steps`
-    (a handler of None: a fake rank that says hello, takes one frame and closes its socket)."""
+    (a handler of None: a fake rank that says hello, takes one frame and closes its socket,
+    at once or once `die` is set). `served` holds each real rank's step count, or the OSError
+    of a reply sent after the test closed the channel."""
     import socket as socket_module
 
     from qwenserve.worker import step_channel
@@ -246,19 +257,23 @@ def _channel_with_ranks(handlers):
         sock = socket_module.create_connection(channel.address)
         sock.sendall(channel.authkey + step_channel._RANK.pack(rank))
         step_channel._recv_frame(sock)
-        time.sleep(0.3)  # dies mid-step
+        if die is not None:
+            die.wait()  # dies mid-step, when the test says so
         sock.close()  # what the kernel does when the rank's process is killed
 
     def run(rank, handler):
         if handler is None:
             fake_dying_rank(rank)
-        else:
+            return
+        try:
             served[rank] = step_channel.serve_steps(channel.address, channel.authkey, rank, handler)
+        except OSError as e:  # a handler released after the test closed the channel
+            served[rank] = e
 
     threads = [threading.Thread(target=run, args=(r, h), daemon=True) for r, h in enumerate(handlers)]
     for t in threads:
         t.start()
-    channel.accept(timeout=10)
+    channel.accept(timeout=300)  # a hang guard only: pytest's timeout ends a hung test first
     return channel, threads, served
 
 
@@ -270,6 +285,7 @@ def _scheduler_output():
     return SchedulerOutput([new], [cached], {"b": 1, "a": 3}, ["c"], ["d"])
 
 
+@pytest.mark.timeout(60)
 def test_step_channel_round_trip():
     from qwenserve.worker.model_runner import ModelRunnerOutput
 
@@ -294,10 +310,11 @@ def test_step_channel_round_trip():
     finally:
         channel.close()
     for t in threads:
-        t.join(timeout=10)
-    assert served == {0: 3, 1: 3, 2: 3}  # closing the channel ends every rank's loop
+        t.join()  # closing the channel ends every rank's loop (a hang is the timeout's)
+    assert served == {0: 3, 1: 3, 2: 3}
 
 
+@pytest.mark.timeout(60)
 def test_step_channel_returns_a_ranks_exception_with_its_rank():
     from qwenserve.worker.step_channel import RankError
 
@@ -314,28 +331,47 @@ def test_step_channel_returns_a_ranks_exception_with_its_rank():
         channel.close()
 
 
+@pytest.mark.timeout(60)  # a step that waited for the blocked rank 0 would hang
 @pytest.mark.parametrize("peer", ["blocked", "errors first"])
 def test_step_channel_eof_names_the_dead_rank(peer):
     from qwenserve.worker.step_channel import RankError
 
+    release, returned, failed = threading.Event(), threading.Event(), threading.Event()
+    die = threading.Event() if peer == "errors first" else None  # "blocked": rank 1 dies at once
+
     def rank0(out):
         if peer == "blocked":
-            time.sleep(5)  # stuck in a collective with the dead rank
+            release.wait()  # stuck in a collective with the dead rank until the test ends
+            returned.set()
             return "late"
         # A broken collective reported before the peer's death shows: the dead rank is named.
+        failed.set()
         raise RuntimeError("gloo: connection closed by peer")
 
-    channel, _, _ = _channel_with_ranks([rank0, None])
+    def dead_ranks():
+        # Asked when rank 0's error has come in (or no rank answered yet): only once rank 0
+        # has failed does rank 1 die, so its death shows after rank 0's error.
+        if failed.is_set():
+            die.set()
+        return {}
+
+    channel, _, _ = _channel_with_ranks([rank0, None], die=die)
     try:
-        started = time.monotonic()
         with pytest.raises(RankError, match=r"rank 1 died") as info:
-            channel.step(_scheduler_output())
+            channel.step(_scheduler_output(), dead_ranks=dead_ranks)
         assert info.value.rank == 1 and info.value.died
-        assert time.monotonic() - started < 2
+        if peer == "blocked":
+            assert not returned.is_set()  # raised while rank 0 was still blocked
+        else:
+            assert die.is_set()  # rank 1 died only after the driver had rank 0's error
     finally:
         channel.close()
+        release.set()
+        if die is not None:
+            die.set()
 
 
+@pytest.mark.timeout(60)
 def test_executor_names_the_rank_and_its_traceback():
     from qwenserve.worker.ray_executor import RayExecutor
 
@@ -355,20 +391,35 @@ def test_executor_names_the_rank_and_its_traceback():
         channel.close()
 
 
+@pytest.mark.timeout(60)  # a step that waited for a reply would hang
 def test_step_channel_asks_for_ranks_lost_without_eof():
     # A lost node may leave its socket open: Ray's word on the actor (`dead_ranks`) names it.
-    from qwenserve.worker.step_channel import POLL_S, RankError
+    from qwenserve.worker.step_channel import RankError
 
-    channel, _, _ = _channel_with_ranks([lambda out: time.sleep(3), lambda out: time.sleep(3)])
+    release, returned = threading.Event(), threading.Event()
+
+    def blocked(out):
+        release.wait()  # neither rank replies nor closes its socket until the test ends
+        returned.set()
+
+    asked = []
+
+    def dead_ranks():
+        asked.append(True)
+        return {1: (True, "the actor died")}
+
+    channel, _, _ = _channel_with_ranks([blocked, blocked])
     try:
-        started = time.monotonic()
         with pytest.raises(RankError, match=r"rank 1 died: the actor died") as info:
-            channel.step(_scheduler_output(), dead_ranks=lambda: {1: (True, "the actor died")})
-        assert info.value.died and time.monotonic() - started < POLL_S + 1
+            channel.step(_scheduler_output(), dead_ranks=dead_ranks)
+        assert info.value.rank == 1 and info.value.died and asked
+        assert not returned.is_set()  # no rank answered: the death came from dead_ranks alone
     finally:
         channel.close()
+        release.set()
 
 
+@pytest.mark.timeout(300)  # the failure this guards against is a server that never exits
 def test_tp_server_exits_when_the_whole_process_group_is_signalled(tiny_checkpoint):
     """Ctrl-C or a service manager's SIGTERM reaches the local raylet too; the server must still
     exit (0) instead of blocking forever in Ray's teardown."""
@@ -385,15 +436,13 @@ def test_tp_server_exits_when_the_whole_process_group_is_signalled(tiny_checkpoi
         cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        for line in proc.stdout:
-            if "ready" in line or time.monotonic() > deadline:
+        line = ""
+        for line in proc.stdout:  # ends at the first "ready" line, or when the server exits
+            if "ready" in line:
                 break
         assert "ready" in line, line
-        start = time.monotonic()
         os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        assert time.monotonic() - start < 60
+        assert proc.wait() == 0  # exits at all (a hang is the timeout's), and cleanly
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
