@@ -73,10 +73,9 @@ class LLM:
             finished: dict[str, RequestOutput] = {}
             bar = _ProgressBar(len(ids), use_tqdm)
             while len(finished) < len(ids):
-                for out in engine.step():
-                    if out.finished:
-                        finished[out.request_id] = out
-                        bar.update()
+                for out in engine.step(finished_only=True):
+                    finished[out.request_id] = out
+                    bar.update()
             bar.close()
         except BaseException:
             for rid in ids:  # a failed or interrupted batch leaves nothing behind

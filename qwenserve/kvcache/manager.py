@@ -113,6 +113,18 @@ class KVCacheManager:
         rid = request.request_id
         state = self._requests.get(rid)
         num_held = len(state.blocks) if state is not None else 0
+        if state is not None and not new_computed_blocks:
+            # The common case, a decode token that fits the blocks already held: nothing to
+            # allocate; at most a block that just became full to register (the general path
+            # below does the same, step by step, at several times the cost per request).
+            total_tokens = request.num_computed_tokens + num_new_tokens
+            if total_tokens <= num_held * bs:
+                if total_tokens > state.num_tokens:
+                    state.num_tokens = total_tokens
+                if self.enable_prefix_caching and \
+                        len(state.hashes) < min(total_tokens, request.num_tokens) // bs:
+                    self._cache_full_blocks(request, state, min(total_tokens, request.num_tokens))
+                return []
         hits = [self.pool.blocks[i] for i in new_computed_blocks]
         if hits:
             if num_held or request.num_computed_tokens:
