@@ -5,6 +5,7 @@ sampling."""
 import json
 import os
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -377,6 +378,63 @@ def test_logprobs_match_reference(tiny_checkpoint):
             rest[ids] = float("-inf")
             assert rest.max().item() <= values[-1] + tol, (rid, i)
     assert off_top > 0  # the sampled row's logprobs were checked also for tokens other than the top
+    _assert_no_leak(llm)
+
+
+@torch.inference_mode()
+def _reference_penalised_greedy(model, prompt, max_tokens, repetition_penalty=1.0,
+                                presence_penalty=0.0, frequency_penalty=0.0):
+    """Greedy decoding by full recomputation with the penalties applied by hand each step:
+    HF repetition penalty once per distinct id of prompt + output (logit < 0: * p, else / p),
+    then OpenAI presence / frequency over the output's counts. Returns the tokens and whether
+    the penalties changed the argmax at some step."""
+    alpha = model.config.ntk_alpha(len(prompt))
+    out, changed = [], False
+    for _ in range(max_tokens):
+        logits = _reference_logits(model, prompt + out, [-1], alpha)[0]
+        unpenalised = int(logits.argmax())
+        for t in set(prompt + out):
+            logits[t] = logits[t] * repetition_penalty if logits[t] < 0 else logits[t] / repetition_penalty
+        for t, count in Counter(out).items():
+            logits[t] -= presence_penalty + frequency_penalty * count
+        out.append(int(logits.argmax()))
+        changed |= out[-1] != unpenalised
+    return out, changed
+
+
+# Chosen so that on the tiny model the penalties change the argmax of every penalised row at some
+# step (its logits spread ~3 around, so mild positive penalties rarely would); row 2's output also
+# differs from that of repetition + presence alone, rows 3 and 4 from repetition alone: the
+# output counts matter.
+PENALTIES = [
+    (40, dict(repetition_penalty=0.3)),
+    (90, dict(repetition_penalty=0.5, presence_penalty=-1.0, frequency_penalty=1.0)),
+    (25, dict(repetition_penalty=0.5, presence_penalty=1.0, frequency_penalty=0.5)),
+    (120, dict(repetition_penalty=0.45, presence_penalty=-2.0, frequency_penalty=2.0)),
+    (33, dict()),  # no penalties, in the same batches
+]
+
+
+def test_penalties_match_reference_through_preemption_and_chunking(tiny_checkpoint):
+    """Exact greedy tokens: the engine's penalties (which must see the output tokens of a request
+    resumed after preemption) against the reference loop above."""
+    llm = LLM(model=tiny_checkpoint, device="cpu", num_kv_blocks=12, max_num_batched_tokens=48)
+    steps = _record_steps(llm)
+    prompts = _prompts([n for n, _ in PENALTIES], seed=31)
+    for i, (prompt, (_, kw)) in enumerate(zip(prompts, PENALTIES)):
+        llm.engine.add_request(str(i), prompt_token_ids=prompt, params=SamplingParams(
+            max_tokens=12, temperature=0.0, ignore_eos=True, **kw))
+    outs = {}
+    while llm.engine.has_unfinished_requests():
+        outs.update((out.request_id, out.outputs[0]) for out in llm.engine.step())
+    model, _ = _reference(tiny_checkpoint)
+    for i, (prompt, (_, kw)) in enumerate(zip(prompts, PENALTIES)):
+        expected, changed = _reference_penalised_greedy(model, prompt, 12, **kw)
+        assert outs[str(i)].token_ids == expected, kw
+        assert changed == bool(kw), kw  # every penalised row's penalties decide some step
+    _assert_chunked(llm, steps)
+    resumed = [int(rid) for _, new in steps for rid, known, _, _ in new if known > PENALTIES[int(rid)][0]]
+    assert any(PENALTIES[i][1] for i in resumed), "no penalised request was resumed with output"
     _assert_no_leak(llm)
 
 
