@@ -438,6 +438,33 @@ def test_penalties_match_reference_through_preemption_and_chunking(tiny_checkpoi
     _assert_no_leak(llm)
 
 
+def test_max_tokens_none_runs_to_max_model_len(tiny_checkpoint):
+    """max_tokens=None generates until prompt + output == max_model_len, then "length"; a larger
+    max_tokens is cut there too. Tokens against the reference's greedy run of that length."""
+    max_model_len = 45
+    llm = LLM(model=tiny_checkpoint, device="cpu", max_model_len=max_model_len)
+    engine = llm.engine
+    prompts = _prompts([30, 44, 12, 40], seed=51)
+    max_tokens = [None, None, None, 100]
+    for i, (prompt, m) in enumerate(zip(prompts, max_tokens)):
+        engine.add_request(str(i), prompt_token_ids=prompt,
+                           params=SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True))
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            c = out.outputs[0]
+            total = len(out.prompt_token_ids) + len(c.token_ids)
+            assert total <= max_model_len
+            assert c.finished == (total == max_model_len), (out.request_id, total)
+            final[out.request_id] = c
+    for i, prompt in enumerate(prompts):
+        c = final[str(i)]
+        assert c.finish_reason == "length"
+        assert len(prompt) + len(c.token_ids) == max_model_len
+        assert c.token_ids == _expected(tiny_checkpoint, [prompt], max_model_len - len(prompt))[0]
+    _assert_no_leak(llm)
+
+
 def test_chat_and_defaults(tiny_checkpoint):
     llm = LLM(model=tiny_checkpoint, device="cpu")
     out = llm.chat([{"role": "user", "content": "你好"}], SamplingParams(max_tokens=4, temperature=0.0))[0]
