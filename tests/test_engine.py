@@ -558,3 +558,30 @@ def test_request_ids_never_collide(tiny_checkpoint):
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.get_stats()["num_used_blocks"] == 0
+
+
+def test_finished_only_steps_return_each_request_once_when_it_ends(tiny_checkpoint):
+    # LLM.generate steps with finished_only=True: a request's output must come back exactly
+    # once, on the step it finishes, equal to what plain steps report at the end.
+    def drive(finished_only):
+        llm = LLM(model=tiny_checkpoint, device="cpu")
+        engine = llm.engine
+        for i, (prompt, n) in enumerate(zip(_prompts([5, 30, 12]), (3, 9, 1))):
+            engine.add_request(f"r{i}", prompt_token_ids=prompt,
+                               params=SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        per_step = []
+        while engine.has_unfinished_requests():
+            per_step.append(engine.step(finished_only=finished_only))
+        llm.shutdown()
+        return per_step
+
+    plain, finished_only = drive(False), drive(True)
+    assert len(plain) == len(finished_only)
+    for step_plain, step_finished in zip(plain, finished_only):
+        ended = [o for o in step_plain if o.finished]
+        assert [o.request_id for o in step_finished] == [o.request_id for o in ended]
+        for a, b in zip(step_finished, ended):
+            assert a.finished and [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+            assert [c.text for c in a.outputs] == [c.text for c in b.outputs]
+    assert any(len(s) > len([o for o in s if o.finished]) for s in plain)  # plain steps do report unfinished ones
+    assert sorted(o.request_id for s in finished_only for o in s) == ["r0", "r1", "r2"]
