@@ -44,6 +44,26 @@ def kv_bytes_per_block(model_config: QwenConfig, block_size: int, dtype: torch.d
     return per_layer * model_config.num_hidden_layers
 
 
+_MIN_ACTIVATION_RESERVE = 2 * 1024 ** 3  # cuBLAS workspaces, CUDA graph pools, fragmentation
+_ALLOCATOR_SLACK = 512 * 1024 ** 2
+
+
+def activation_reserve_bytes(model_config: QwenConfig, max_num_batched_tokens: int, max_num_seqs: int,
+                             dtype: torch.dtype, tp_size: int) -> int:
+    """GPU memory left out of the KV cache for the activations of the largest step: an upper
+    bound that counts every per-token tensor of a layer as live at once, plus the logits and
+    the sampler's float32 copy of them for max_num_seqs rows, never under 2 GiB. Scales with
+    max_num_batched_tokens, so raising the token budget cannot run a full cache out of memory."""
+    hidden, inter = model_config.hidden_size, model_config.intermediate_size  # inter: w1 | w2 fused
+    # residual in/out, normed input, the o_proj / c_proj output; qkv and attention output per
+    # rank; the fused MLP projection and the SwiGLU output per rank.
+    per_token = 4 * hidden + (3 * hidden + hidden) // tp_size + (inter + inter // 2) // tp_size
+    elem = torch.finfo(dtype).bits // 8
+    logits = 3 * max_num_seqs * model_config.vocab_size * 4
+    estimate = max_num_batched_tokens * per_token * elem + logits + _ALLOCATOR_SLACK
+    return max(_MIN_ACTIVATION_RESERVE, estimate)
+
+
 class Worker:
     def __init__(self, config: EngineConfig, model_dir: str, local_rank: int = 0):
         self.config, self.model_dir = config, model_dir
@@ -75,8 +95,9 @@ class Worker:
             torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info(self.device)
             used_by_others = total - free
-            # Activation headroom: a forward of the largest batch, measured coarsely as a fixed share.
-            activation_reserve = 2 * 1024 ** 3
+            activation_reserve = activation_reserve_bytes(
+                self.model_config, self.config.max_num_batched_tokens, self.config.max_num_seqs,
+                self.dtype, self.tp.size)
             budget = total * self.config.gpu_memory_utilization - used_by_others - activation_reserve
         else:
             budget = self.config.kv_cache_memory
