@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 _DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes a uint64
 
 
 @dataclass
@@ -34,20 +37,44 @@ class EngineConfig:
             if not ok:
                 raise ValueError(f"{field} {message}, got {getattr(self, field)!r}")
 
-        check(self.device in _DEVICES, "device", f"must be one of {', '.join(_DEVICES)}")
-        check(self.dtype in _DTYPES, "dtype", f"must be one of {', '.join(_DTYPES)}")
+        def is_int(value) -> bool:  # True is not a count
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+        def is_real(value) -> bool:
+            return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+        if isinstance(self.model, os.PathLike):
+            self.model = os.fspath(self.model)
+        check(self.model is None or isinstance(self.model, str), "model", "must be a checkpoint directory or None")
+        check(isinstance(self.device, str) and self.device in _DEVICES, "device",
+              f"must be one of {', '.join(_DEVICES)}")
+        check(isinstance(self.dtype, str) and self.dtype in _DTYPES, "dtype", f"must be one of {', '.join(_DTYPES)}")
         for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens",
                      "block_size", "max_waiting_requests"):
             value = getattr(self, name)
-            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                  name, "must be a positive integer")
+            check(is_int(value) and value >= 1, name, "must be a positive integer")
         check(self.block_size & (self.block_size - 1) == 0, "block_size", "must be a power of two")
-        check(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 1),
-              "max_model_len", "must be a positive integer")
-        check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
-        check(isinstance(self.kv_cache_memory, int) and self.kv_cache_memory > 0,
-              "kv_cache_memory", "must be a positive number of bytes")
-        check(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks", "must be >= 2")
+        check(self.max_model_len is None or (is_int(self.max_model_len) and self.max_model_len >= 1),
+              "max_model_len", "must be a positive integer or None")
+        check(is_real(self.gpu_memory_utilization) and 0.0 < self.gpu_memory_utilization <= 1.0,
+              "gpu_memory_utilization", "must be a number in (0, 1]")
+        check(is_int(self.kv_cache_memory) and self.kv_cache_memory > 0,
+              "kv_cache_memory", "must be a positive integer number of bytes")
+        check(self.num_kv_blocks is None or (is_int(self.num_kv_blocks) and self.num_kv_blocks >= 2),
+              "num_kv_blocks", "must be an integer >= 2 or None")
+        check(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching", "must be a bool")
+        # Anything outside SEED_LIMIT (SamplingParams.seed's range too) would only fail at
+        # the first sampled token, killing the engine.
+        check(is_int(self.seed) and 0 <= self.seed < SEED_LIMIT, "seed", "must be an integer in [0, 2**64)")
+        check(self.ray_address is None or isinstance(self.ray_address, str), "ray_address", "must be a string or None")
+        check(self.use_triton is None or isinstance(self.use_triton, bool), "use_triton", "must be a bool or None")
+        check(isinstance(self.use_cuda_graphs, bool), "use_cuda_graphs", "must be a bool")
+        for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                     "max_waiting_requests", "max_model_len", "kv_cache_memory", "num_kv_blocks", "seed"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, int(value))  # numpy integers -> int
+        self.gpu_memory_utilization = float(self.gpu_memory_utilization)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
