@@ -14,6 +14,17 @@ from qwenserve.outputs import CompletionOutput
 from qwenserve.scheduler.request import Request
 
 
+def logprob_entry(token_id: int, logprob: float, top_logprobs) -> list[tuple[int, float]]:
+    """One token's logprobs entry (vLLM's semantics): the top-N (id, logprob) pairs, best
+    first, followed by the sampled token's pair when it is not among them (N=0: only it)."""
+    entry = list(top_logprobs or ())
+    for t, _ in entry:
+        if t == token_id:
+            return entry
+    entry.append((token_id, logprob))
+    return entry
+
+
 class CompletionTracker:
     def __init__(self, index: int, request: Request, tokenizer: QwenTokenizer, max_model_len: int):
         self.index, self.request, self.max_model_len = index, request, max_model_len
@@ -32,7 +43,7 @@ class CompletionTracker:
         self.token_ids.append(token_id)
         if self.logprobs is not None:
             self.cumulative_logprob += logprob
-            self.logprobs.append(top_logprobs or [])
+            self.logprobs.append(logprob_entry(token_id, logprob, top_logprobs))
         n = len(self.token_ids)
         can_stop = n >= params.min_tokens
         if can_stop and token_id in self.request.stop_token_ids:
@@ -72,7 +83,8 @@ class CompletionTracker:
         if self.finish_reason is None and self._hold:
             text = text[:self._safe_length()]
         return CompletionOutput(index=self.index, text=text, token_ids=list(self.token_ids),
-                                finish_reason=self.finish_reason, logprobs=self.logprobs,
+                                finish_reason=self.finish_reason,
+                                logprobs=None if self.logprobs is None else list(self.logprobs),
                                 cumulative_logprob=self.cumulative_logprob)
 
     def _safe_length(self) -> int:

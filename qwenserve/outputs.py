@@ -11,7 +11,9 @@ class CompletionOutput:
     text: str  # cumulative; only ever grows while the request runs
     token_ids: list[int]  # cumulative
     finish_reason: Optional[str] = None  # None while running; "stop" | "length" | "abort"
-    logprobs: Optional[list[list[tuple[int, float]]]] = None  # per token: top-N (id, logprob)
+    # Per token (only when logprobs=N was asked for): the top-N (id, logprob) pairs, best first,
+    # then the sampled token's pair if it is not among them (N=0: only the sampled token's).
+    logprobs: Optional[list[list[tuple[int, float]]]] = None
     cumulative_logprob: Optional[float] = None  # only when logprobs were asked for
 
     @property

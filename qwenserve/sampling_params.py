@@ -53,8 +53,10 @@ class SamplingParams:
 
     `max_tokens=None` means "as many as fit in max_model_len"; the engine resolves it.
     `top_k=0` (or -1, normalised to 0) and `top_p=1` switch those filters off.
-    `logprobs=N` returns the top-N log-probabilities of each step (N=0: only the
-    sampled token's).
+    `logprobs=N` returns, for each generated token, the top-N (id, log-probability) pairs
+    (best first) followed by the sampled token's pair when it is not among them, as vLLM
+    does (N=0: only the sampled token's pair). Log-probabilities are of the logits after
+    penalties and bans, before temperature and the top-k/top-p/min-p filters.
     """
 
     n: int = 1

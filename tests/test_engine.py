@@ -321,7 +321,8 @@ def test_streamed_text_only_grows_and_holds_back_stop_prefixes(tiny_checkpoint):
 
 
 def test_logprobs_match_reference(tiny_checkpoint):
-    """Each step's top-N logprobs and the sampled token's logprob (from the growth of
+    """Each step's top-N logprobs, the sampled token's pair appended after them when it is not
+    among them (N=0: only it), and the sampled token's logprob (from the growth of
     cumulative_logprob) equal log_softmax of the no-cache reference model's logits over the
     prompt and the tokens generated so far, padding ids masked. Both float32; paged vs dense
     attention and batched vs single matmuls: observed differences stay below 1e-5, tolerance
@@ -366,9 +367,16 @@ def test_logprobs_match_reference(tiny_checkpoint):
                 assert token == int(ref[i].argmax())
             else:
                 off_top += token != int(ref[i].argmax())
-            ids = [t for t, _ in c.logprobs[i]]
-            values = [v for _, v in c.logprobs[i]]
+            # The entry: the top-N pairs, then the sampled token's pair when it is not among them.
+            entry = c.logprobs[i]
+            ids = [t for t, _ in entry[:p.logprobs]]
+            values = [v for _, v in entry[:p.logprobs]]
             assert len(ids) == p.logprobs and len(set(ids)) == len(ids), (rid, i)
+            if token in ids:
+                assert len(entry) == p.logprobs, (rid, i)
+            else:
+                assert len(entry) == p.logprobs + 1 and entry[-1][0] == token, (rid, i)
+                assert abs(entry[-1][1] - ref[i, token].item()) <= tol, (rid, i)
             if not ids:
                 continue
             assert values == sorted(values, reverse=True)

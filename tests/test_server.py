@@ -194,6 +194,27 @@ def test_client_generate_chat_n_and_tokenize(client, offline_greedy):
     assert (info["dtype"], info["device"]) == ("float32", "cpu")
 
 
+@pytest.mark.parametrize("n", [0, 2])
+def test_logprobs_over_grpc_match_the_engine_and_include_the_sampled_token(client, offline_engine, n):
+    """Each token's TokenLogprobs carries the top-N pairs, then the sampled token's pair when it
+    is not among them (N=0: only the sampled token's), the same entries as the engine's."""
+    options = dict(max_tokens=6, temperature=1.5, seed=5, logprobs=n, ignore_eos=True)
+    got = client.generate(PROMPTS[2], **options).outputs[0]
+    offline_engine.add_request(f"lp-{n}", prompt=PROMPTS[2], params=offline_engine.default_params(**options))
+    while offline_engine.has_unfinished_requests():
+        final = [out for out in offline_engine.step() if out.finished]
+    want = final[0].outputs[0]
+    assert got.token_ids == want.token_ids and len(got.logprobs) == len(got.token_ids) == 6
+    appended = 0
+    for token, entry, expected in zip(got.token_ids, got.logprobs, want.logprobs):
+        assert [t for t, _ in entry] == [t for t, _ in expected]
+        assert [lp for _, lp in entry] == pytest.approx([lp for _, lp in expected], abs=1e-5)
+        top = [t for t, _ in entry[:n]]
+        assert len(entry) == n + (token not in top) and token in [t for t, _ in entry]
+        appended += token not in top
+    assert appended > 0  # the sampled token's pair was added at least once
+
+
 def test_async_client(server, offline_greedy):
     async def run():
         async with AsyncQwenClient(server.address) as c:

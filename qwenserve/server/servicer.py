@@ -83,7 +83,8 @@ def engine_input(request: pb.GenerateRequest) -> dict:
 
 
 def _logprobs_message(entry: Any) -> pb.TokenLogprobs:
-    """One token's top-N log-probabilities, from a dict {id: lp} or pairs [(id, lp)]."""
+    """One token's logprobs entry, from a dict {id: lp} or pairs [(id, lp)]: the top-N pairs,
+    then the sampled token's pair when it is not among them (N=0: only the sampled token's)."""
     pairs = entry.items() if isinstance(entry, dict) else (entry or ())
     return pb.TokenLogprobs(top=[pb.TokenLogprob(token_id=int(t), logprob=float(lp)) for t, lp in pairs])
 
