@@ -84,7 +84,8 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ inputs
     def prepare_inputs(self, out: SchedulerOutput):
-        """Flat ids, positions, attention metadata, and the rows to sample (index, request id).
+        """Flat ids, positions, attention metadata, the rows to sample as (row, request id) pairs
+        and as a device index tensor.
 
         Runs on the host every step, so a decode token (the common case) costs a few scalar
         operations; only prompt chunks go through numpy.
@@ -119,19 +120,37 @@ class ModelRunner:
         # Row-major fill of each row's first len entries in one vectorized assignment.
         table[np.arange(table.shape[1]) < lens[:, None]] = np.fromiter(
             itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lens.sum()))
+        # Three host-to-device copies per step (int64, int32, float32), each array a view of one
+        # of them: on a GPU every separate copy from pageable memory costs ~10 us of host time.
         dev = self.device
-        positions_t = torch.tensor(positions, dtype=torch.long).to(dev)
+        num_tokens, num_seqs, num_samples = len(ids), len(seq_lens), len(sample_rows)
+        int64 = np.empty(3 * num_tokens + num_samples, dtype=np.int64)
+        int64[:num_tokens] = ids
+        int64[num_tokens:2 * num_tokens] = positions
+        int64[2 * num_tokens:3 * num_tokens] = slots
+        int64[3 * num_tokens:] = [row for row, _ in sample_rows]
+        int32 = np.empty(2 * num_seqs + 1 + table.size, dtype=np.int32)
+        int32[:num_seqs + 1] = starts
+        int32[num_seqs + 1:2 * num_seqs + 1] = seq_lens
+        int32[2 * num_seqs + 1:] = table.ravel()
+        host_positions = torch.from_numpy(int64[num_tokens:2 * num_tokens])
+        use_logn = self.config.use_logn_attn
+        float32 = torch.empty((2 if use_logn else 1, num_tokens), dtype=torch.float32)
+        float32[0] = torch.tensor(thetas, dtype=torch.float32)
+        if use_logn:
+            float32[1] = logn_scales(host_positions, self.config.seq_length)
+        int64_t = torch.from_numpy(int64).to(dev)
+        int32_t = torch.from_numpy(int32).to(dev)
+        float32_t = float32.to(dev)
         meta = AttentionMetadata(
-            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev),
+            query_start_loc=int32_t[:num_seqs + 1], seq_lens=int32_t[num_seqs + 1:2 * num_seqs + 1],
             max_query_len=max(b - a for a, b in zip(starts, starts[1:])), max_seq_len=max(seq_lens),
-            rope_theta=torch.tensor(thetas, dtype=torch.float32).to(dev),
-            logn_scale=logn_scales(positions_t, self.config.seq_length) if self.config.use_logn_attn else None,
-            block_tables=torch.from_numpy(table).to(dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev),
+            rope_theta=float32_t[0], logn_scale=float32_t[1] if use_logn else None,
+            block_tables=int32_t[2 * num_seqs + 1:].view(table.shape),
+            slot_mapping=int64_t[2 * num_tokens:3 * num_tokens],
             query_start_loc_list=starts, seq_lens_list=seq_lens)
-        input_ids = torch.tensor(ids, dtype=torch.long).to(dev)
-        return input_ids, positions_t, meta, sample_rows
+        sample_index = int64_t[3 * num_tokens:]
+        return int64_t[:num_tokens], int64_t[num_tokens:2 * num_tokens], meta, sample_rows, sample_index
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
@@ -139,7 +158,7 @@ class ModelRunner:
         self._update_states(out)
         if out.is_empty:
             return ModelRunnerOutput() if self.is_driver else None
-        input_ids, positions, meta, sample_rows = self.prepare_inputs(out)
+        input_ids, positions, meta, sample_rows, sample_index = self.prepare_inputs(out)
         if self.decode_graphs is not None and self.decode_graphs.can_run(meta.num_requests, meta):
             hidden = self.decode_graphs.run(input_ids, positions, meta)
         else:
@@ -147,8 +166,7 @@ class ModelRunner:
         if not sample_rows:
             # Other ranks still join the LM head's gather.
             return ModelRunnerOutput() if self.is_driver else None
-        rows = torch.tensor([r for r, _ in sample_rows], device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        logits = self.model.compute_logits(hidden.index_select(0, sample_index))
         if not self.is_driver:
             return None
         states = [self.requests[rid].sampling for _, rid in sample_rows]
