@@ -31,6 +31,9 @@ class _Group:
                  trackers: list[CompletionTracker]):
         self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
         self.trackers = trackers
+        # Prompt tokens served from the prefix cache when the group was first admitted (set
+        # by the first completion the scheduler admits; a resumption after preemption keeps it).
+        self.num_cached_tokens: Optional[int] = None
 
     @property
     def finished(self) -> bool:
@@ -41,7 +44,8 @@ class _Group:
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [t.output() for t in self.trackers], self.finished)
+                             [t.output() for t in self.trackers], self.finished,
+                             num_cached_tokens=self.num_cached_tokens or 0)
 
 
 class LLMEngine:
@@ -156,6 +160,10 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
+        for new in scheduler_output.new_requests:  # admissions: record their prefix-cache hits
+            entry = self._trackers.get(new.request_id)
+            if entry is not None and entry[0].num_cached_tokens is None:
+                entry[0].num_cached_tokens = min(new.num_computed_tokens, len(new.prompt_token_ids))
         result = self.executor.execute_model(scheduler_output)
         changed: dict[str, _Group] = {}
         for rid, token, logprob, top in zip(result.request_ids, result.sampled_token_ids,

@@ -593,3 +593,37 @@ def test_finished_only_steps_return_each_request_once_when_it_ends(tiny_checkpoi
             assert [c.text for c in a.outputs] == [c.text for c in b.outputs]
     assert any(len(s) > len([o for o in s if o.finished]) for s in plain)  # plain steps do report unfinished ones
     assert sorted(o.request_id for s in finished_only for o in s) == ["r0", "r1", "r2"]
+
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_num_cached_tokens_counts_the_prompt_tokens_served_from_the_prefix_cache(tiny_checkpoint,
+                                                                               prefix_caching):
+    """RequestOutput.num_cached_tokens: the prompt tokens whose K/V came from the prefix cache
+    when the request was admitted: whole blocks, never the whole prompt (one token is always
+    computed), 0 on a first sight and with prefix caching off. Every output of a request,
+    streamed or final, reports it."""
+    block_size = 16
+    llm = LLM(model=tiny_checkpoint, device="cpu", block_size=block_size,
+              enable_prefix_caching=prefix_caching)
+    prompt = _prompts([40], seed=77)[0]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+    def cached(ids, p=params):
+        return llm.generate(prompt_token_ids=[ids], sampling_params=p)[0].num_cached_tokens
+
+    assert cached(prompt) == 0  # nothing cached yet
+    got = [cached(prompt + [5, 6]),  # the 40 shared tokens hold two full blocks
+           cached(prompt[:32]),  # two full blocks, but the last token is always recomputed
+           cached(prompt, SamplingParams(n=2, max_tokens=3, temperature=0.8, seed=1))]
+    assert got == ([32, 16, 32] if prefix_caching else [0, 0, 0])
+    for c in got:
+        assert c % block_size == 0 and c < len(prompt)
+
+    engine = llm.engine  # streamed outputs carry the same count from the first step on
+    engine.add_request("s", prompt_token_ids=prompt, params=params)
+    counts = []
+    while engine.has_unfinished_requests():
+        counts += [out.num_cached_tokens for out in engine.step()]
+    assert counts == [32 if prefix_caching else 0] * 3
+    _assert_no_leak(llm)
