@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_LOGPROBS = 20
+# Completions per request (OpenAI's limit). Each is its own scheduler request, so an unbounded
+# n would let one call fill the waiting queue and the KV cache.
+MAX_N = 128
 _SEED_LIMIT = 2**64
 
 
@@ -78,8 +81,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self.n = _check_int("n", self.n)
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
 
         self.temperature = _check_float("temperature", self.temperature)
         if self.temperature < 0:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qwenserve.sampling_params import SamplingParams
+from qwenserve.sampling_params import MAX_N, SamplingParams
 
 # A copy of the real Qwen-7B-Chat generation_config.json (shared/reference/configs/).
 REFERENCE_GEN_CFG = Path(__file__).parent / "data" / "configs" / "generation_config-chat.json"
@@ -17,6 +17,8 @@ INVALID = [
     ("n", -1),
     ("n", 1.5),
     ("n", "2"),
+    ("n", 129),  # > MAX_N: one request must not flood the scheduler with completions
+    ("n", 20000),
     ("temperature", -1.0),
     ("temperature", -1e-9),
     ("temperature", math.inf),
@@ -105,6 +107,7 @@ def test_valid_edges_and_normalisation():
     assert p.max_tokens is None and p.min_tokens == 100
     SamplingParams(min_p=1.0, presence_penalty=-2, frequency_penalty=2, logprobs=0, seed=0)
     SamplingParams(min_tokens=16, max_tokens=16)
+    assert SamplingParams(n=MAX_N).n == MAX_N == 128
 
 
 def test_is_greedy():

@@ -253,6 +253,7 @@ BAD_INPUTS = [
     (dict(prompt="hi", top_p=1.5), "top_p"),
     (dict(prompt="hi", max_tokens=0), "max_tokens"),
     (dict(prompt="hi", n=0), "n"),
+    (dict(prompt="hi", n=20000), "n"),  # above MAX_N (128)
     (dict(prompt=""), "prompt"),
     (dict(prompt="hello " * 300), "max_model_len"),
     (dict(messages=[{"role": "robot", "content": "hi"}]), "role"),
@@ -361,6 +362,12 @@ def test_queue_overflow_is_resource_exhausted(tmp_path):
             waiting.close()
             wait_idle(c)
             assert len(c.generate("after", max_tokens=1).token_ids) == 1
+            # Each of n completions takes a place in the queue: n=2 never fits in 1.
+            with pytest.raises(grpc.RpcError) as err:
+                c.generate("two", n=2, max_tokens=1)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "n=2" in err.value.details() and "max_waiting_requests" in err.value.details()
+            assert c.stats()["num_waiting"] == 0
     finally:
         assert srv.stop() == 0, srv.log()
 

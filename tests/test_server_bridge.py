@@ -62,7 +62,8 @@ class ScriptedEngine:
         return outputs
 
     def get_stats(self):
-        return {"num_used_blocks": len(self.running), "num_waiting": len(self.waiting),
+        # Like the real engine, whose scheduler queues each of a request's n completions.
+        return {"num_used_blocks": len(self.running), "num_waiting": sum(r.n for r in self.waiting),
                 "num_running": len(self.running)}
 
 
@@ -152,6 +153,40 @@ def test_waiting_queue_is_bounded(make_bridge):
     waiting.result(timeout=5)
     with pytest.raises(QueueFull, match="max_waiting_requests=1"):
         collect(bridge, "overflow")
+    bridge.abort_all()
+
+
+def test_each_of_n_completions_counts_toward_max_waiting_requests(make_bridge):
+    """A request with n completions takes n places in the waiting queue: both while it is
+    still in the bridge's inbox and once the engine queued it. One call with a huge n cannot
+    slip past max_waiting_requests."""
+    # Inbox only: an unstarted bridge leaves every add pending.
+    pending = EngineBridge(ScriptedEngine(), max_waiting_requests=4)
+    collect(pending, "three", n=3)
+    with pytest.raises(QueueFull, match="max_waiting_requests=4"):
+        collect(pending, "two", n=2)
+    collect(pending, "one", n=1)
+    assert pending.stats()["num_pending"] == 4
+    with pytest.raises(QueueFull, match="max_waiting_requests=4"):
+        collect(pending, "another")
+    pending.close()
+
+    # In the engine's waiting queue behind a running request.
+    engine = ScriptedEngine(max_running=1)
+    bridge = make_bridge(engine, max_waiting=4)
+    collect(bridge, "running", max_tokens=10**9)[0].result(timeout=5)
+    deadline = time.monotonic() + 5
+    while bridge.stats()["num_running"] != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    collect(bridge, "three", n=3, max_tokens=10**9)[0].result(timeout=5)
+    assert bridge.stats()["num_waiting"] == 3
+    with pytest.raises(QueueFull, match="max_waiting_requests=4"):
+        collect(bridge, "two", n=2)
+    collect(bridge, "one", n=1, max_tokens=10**9)[0].result(timeout=5)
+    with pytest.raises(QueueFull, match=r"^n=5 .*max_waiting_requests=4"):
+        collect(bridge, "huge", n=5)  # could never fit: says so
+    assert len(engine.waiting) == 2
     bridge.abort_all()
 
 

@@ -5,8 +5,9 @@ module starts) ever calls into it. gRPC handlers talk to it through a locked inb
 add/abort operations and get their outputs back through a per-request *sink* (a callable
 the engine thread calls with each step's deltas). Also owns:
 
-- the bounded waiting queue: `add` raises `QueueFull` when the requests accepted but not yet
-  running (the inbox's adds plus the engine's waiting queue) reach `max_waiting_requests`;
+- the bounded waiting queue: `add` raises `QueueFull` when the completions accepted but not
+  yet running (the inbox's adds plus the engine's waiting queue; a request with n completions
+  counts n, as the engine's scheduler queues each) would exceed `max_waiting_requests`;
 - delta computation: the engine reports cumulative text/token ids per completion; the bridge
   turns them into what is new since the previous step, on the engine thread, so no other
   thread ever reads objects the engine may still mutate;
@@ -81,7 +82,7 @@ class EngineBridge:
         self._cond = threading.Condition()
         # ("add", tracked, kwargs, future) | ("abort", request_id)
         self._inbox: collections.deque = collections.deque()
-        self._num_pending_adds = 0
+        self._num_pending_adds = 0  # completions (n per request) still in the inbox
         self._requests: dict[str, _Tracked] = {}  # every accepted, unfinished request
         self._has_work = False
         self._accepting = True
@@ -104,6 +105,8 @@ class EngineBridge:
             **add_kwargs) -> concurrent.futures.Future:
         """Queues `engine.add_request(request_id, **add_kwargs)`.
 
+        Raises `QueueFull` when its n completions (each one waiting-queue entry) would take
+        the waiting queue past `max_waiting_requests`.
         Returns a future that resolves to None once the engine accepted the request, or to
         the engine's exception (ValueError for bad input). From then on `sink` gets a list
         of `Delta` per step, until each of the n completions has sent its finish_reason.
@@ -116,14 +119,17 @@ class EngineBridge:
                 raise EngineUnavailable("server is shutting down")
             if request_id in self._requests:
                 raise ValueError(f"request_id {request_id!r} is already in use")
+            if n > self.max_waiting_requests:
+                raise QueueFull(f"n={n} completions can never fit in the waiting queue "
+                                f"(max_waiting_requests={self.max_waiting_requests})")
             waiting = self._num_pending_adds + self._engine_stats.get("num_waiting", 0)
-            if waiting >= self.max_waiting_requests:
-                raise QueueFull(f"waiting queue is full ({waiting} of "
-                                f"max_waiting_requests={self.max_waiting_requests})")
+            if waiting + n > self.max_waiting_requests:
+                raise QueueFull(f"waiting queue is full ({waiting} of max_waiting_requests="
+                                f"{self.max_waiting_requests} taken; this request needs n={n})")
             tracked = _Tracked(request_id, sink, n)
             self._requests[request_id] = tracked
             self._inbox.append(("add", tracked, add_kwargs, future))
-            self._num_pending_adds += 1
+            self._num_pending_adds += n
             self._cond.notify()
         return future
 
@@ -200,7 +206,7 @@ class EngineBridge:
     def _apply(self, op: tuple) -> None:
         if op[0] == "add":
             _, tracked, kwargs, future = op
-            self._num_pending_adds -= 1
+            self._num_pending_adds -= tracked.n
             if self._requests.get(tracked.request_id) is not tracked:
                 future.set_result(None)  # aborted before it reached the engine
                 return
