@@ -186,3 +186,16 @@ def test_kernel_benchmark_smoke_writes_what_gpu_check_reads(tmp_path):
                 r["gb_per_s"] / result["copy_gb_per_s"])
     for name in ("rms_norm", "add_rms_norm", "apply_rotary (q, k)"):
         assert rows[name]["target_share"] == 0.8
+
+
+def test_host_overhead_benchmark(tmp_path):
+    """benchmarks/host_overhead.py: decode steps with the model stubbed, one row per batch size."""
+    out = tmp_path / "host.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "host_overhead.py"), "--batch-size", "1", "3",
+                           "--steps", "2", "--blocks", "2", "--sampler", "real", "--repetition-penalty", "1.1",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["batch_size"] for r in result["results"]] == [1, 3]
+    for r in result["results"]:
+        assert r["ms_per_step"] > 0 and r["us_per_request"] == pytest.approx(r["ms_per_step"] * 1e3 / r["batch_size"])
