@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterable
 from typing import Callable, Optional, Sequence
 
 from qwenserve.config import EngineConfig
@@ -94,6 +95,8 @@ class LLMEngine:
         if request_id in self._groups:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         params = params if params is not None else self.default_params()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected a SamplingParams, got {type(params).__name__}")
         if messages is not None:
             ids = encode_chat(self.tokenizer, messages, system=system)
             stop_ids = self.eos_token_ids | self.chat_stop_token_ids
@@ -103,6 +106,9 @@ class LLMEngine:
             ids = self.tokenizer.encode(prompt)
             stop_ids = self.eos_token_ids
         else:
+            if isinstance(prompt_token_ids, (str, bytes)) or not isinstance(prompt_token_ids, Iterable):
+                raise ValueError("prompt_token_ids: expected a list of token ids, "
+                                 f"got {type(prompt_token_ids).__name__}")
             ids = validate_ids(list(prompt_token_ids))
             stop_ids = self.eos_token_ids
         if not ids:
