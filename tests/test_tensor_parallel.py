@@ -164,9 +164,12 @@ def test_ray_address_choice(ray_address, env, expected, monkeypatch):
     from qwenserve.config import EngineConfig
     from qwenserve.worker import ray_executor
 
-    calls = []
+    calls, checked = [], []
     monkeypatch.setattr(ray_executor.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray_executor.ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray_executor.ray, "init", lambda **kwargs: calls.append(
+        dict(kwargs, gcs_wait=os.environ.get("RAY_gcs_server_port_wait_time_s"))))
+    monkeypatch.setattr(ray_executor, "_check_reachable", lambda address, setting: checked.append(setting))
+    monkeypatch.delenv("RAY_gcs_server_port_wait_time_s", raising=False)
     if env is None:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
     else:
@@ -175,6 +178,82 @@ def test_ray_address_choice(ray_address, env, expected, monkeypatch):
     assert calls[0]["address"] == expected
     if expected == "local":
         assert calls[0]["num_cpus"] == 3 and calls[0]["include_dashboard"] is False
+        assert checked == [] and calls[0]["gcs_wait"] is None
+    else:
+        # Joining is bounded: the address is checked first, Ray's GCS connect loop gets one
+        # attempt, and the variable is the user's again afterwards.
+        assert checked == ["ray_address" if ray_address else "ray_address ($RAY_ADDRESS)"]
+        assert calls[0]["gcs_wait"] == "1"
+    assert "RAY_gcs_server_port_wait_time_s" not in os.environ
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("10.0.0.1:6379", ("10.0.0.1", 6379)), ("ray://head:10001", ("head", 10001)),
+    ("[::1]:6379", ("::1", 6379)), ("auto", None), ("head", None),
+])
+def test_ray_address_split(address, expected):
+    from qwenserve.worker import ray_executor
+
+    assert ray_executor._split_address(address) == expected
+
+
+def _llm_in_subprocess(ray_address: str, timeout: float):
+    """LLM(tensor_parallel_size=2, ray_address=...) in a fresh process, where no Ray session of
+    this module answers instead: (seconds it took, exit code, output)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])
+    code = f"from qwenserve import LLM; LLM(tensor_parallel_size=2, ray_address={ray_address!r}, device='cpu')"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return time.monotonic() - start, proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(90)  # before the fix ray.init waited for this address for ~15 minutes
+def test_ray_address_where_nothing_listens_fails_fast_naming_it():
+    pytest.importorskip("ray")
+    elapsed, code, output = _llm_in_subprocess("127.0.0.1:1", timeout=60)
+    assert code != 0, output
+    assert "ConnectionError: ray_address: cannot reach a Ray cluster at '127.0.0.1:1'" in output, output
+    assert elapsed < 30, output
+
+
+@pytest.mark.timeout(240)
+def test_ray_address_of_something_that_is_not_ray_fails_naming_it():
+    """A listener that accepts and never speaks: the TCP check passes, Ray's own connect loop is
+    what must give up (one attempt, ~40 s, instead of 20)."""
+    import socket
+
+    pytest.importorskip("ray")
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))  # Ray dials this node's IP for 127.0.0.1
+    listener.listen(64)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:  # closed
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        port = listener.getsockname()[1]
+        elapsed, code, output = _llm_in_subprocess(f"127.0.0.1:{port}", timeout=200)
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert code != 0, output
+    assert f"ConnectionError: ray_address: could not join the Ray cluster at '127.0.0.1:{port}'" in output, output
+    assert elapsed < 90, output
 
 
 @pytest.mark.parametrize("device, gpus, expected", [

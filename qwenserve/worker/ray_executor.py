@@ -26,9 +26,11 @@ Ray is imported only here; `make_executor` imports this module only when tp > 1.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -52,6 +54,12 @@ POLL_S = 0.5
 CONNECT_TIMEOUT_S = 60.0
 PLACEMENT_TIMEOUT_S = float(os.environ.get("QWENSERVE_RAY_PLACEMENT_TIMEOUT_S", "120"))
 HEALTH_TIMEOUT_S = 10.0
+# Joining a cluster (`ray_address`): the TCP check of the address, per host tried, and the
+# attempts Ray's GCS connect loop makes (Ray reads this variable at ray.init; one attempt
+# waits ~40 s for a GCS that does not answer; its default of 20 attempts is ~15 minutes).
+RAY_CONNECT_TIMEOUT_S = float(os.environ.get("QWENSERVE_RAY_CONNECT_TIMEOUT_S", "5"))
+RAY_GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"
+RAY_GCS_WAIT_ATTEMPTS = "1"
 SHUTDOWN_TIMEOUT_S = 10.0
 logger = logging.getLogger(__name__)
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(qwenserve.__file__)))
@@ -104,15 +112,74 @@ class RankWorker:
 _RankActor = ray.remote(concurrency_groups={"health": 1})(RankWorker)
 
 
+@contextlib.contextmanager
+def _env_default(name: str, value: str):
+    """Sets environment variable `name` to `value` for the block, unless the user set it."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def _split_address(address: str) -> Optional[tuple[str, int]]:
+    """(host, port) of "host:port", "[v6]:port" or "ray://host:port"; None when there is no
+    port to check (e.g. "auto", which Ray resolves itself)."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _check_reachable(address: str, setting: str) -> None:
+    """Fails in at most RAY_CONNECT_TIMEOUT_S per host when nothing accepts TCP connections at
+    the cluster address (Ray itself would retry for many minutes). Ray swaps a loopback host for
+    this node's IP, so either answering is enough."""
+    parsed = _split_address(address)
+    if parsed is None:
+        return
+    host, port = parsed
+    hosts = [host]
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        hosts.append(ray.util.get_node_ip_address())
+    problems = []
+    for h in hosts:
+        try:
+            with socket.create_connection((h, port), timeout=RAY_CONNECT_TIMEOUT_S):
+                return
+        except socket.timeout:
+            problems.append(f"{h}:{port}: no answer within {RAY_CONNECT_TIMEOUT_S:g}s")
+        except OSError as e:
+            problems.append(f"{h}:{port}: {e.strerror or e}")
+    raise ConnectionError(f"{setting}: cannot reach a Ray cluster at {address!r} "
+                          f"({'; '.join(problems)}); is `ray start --head` running there?")
+
+
 def _init_ray(config: EngineConfig, tp: int) -> bool:
     """Joins `config.ray_address` or $RAY_ADDRESS, else starts a small local Ray.
-    Returns whether this call started Ray (and so whether shutdown should stop it)."""
+    Returns whether this call started Ray (and so whether shutdown should stop it).
+
+    Joining is bounded: an address where nothing listens fails at once (`_check_reachable`),
+    and Ray's own GCS connect loop (20 attempts of ~40 s each by default) gets one attempt, so
+    something that listens but is not a Ray GCS fails in about 40 s, not 15 minutes. Either
+    failure is a ConnectionError naming the setting."""
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    setting = "ray_address" if config.ray_address else "ray_address ($RAY_ADDRESS)"
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        ray.init(address=address, log_to_driver=False)
+        _check_reachable(address, setting)
+        try:
+            with _env_default(RAY_GCS_WAIT_ENV, RAY_GCS_WAIT_ATTEMPTS):
+                ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, TimeoutError) as e:
+            raise ConnectionError(f"{setting}: could not join the Ray cluster at {address!r}: "
+                                  f"{type(e).__name__}: {e}") from e
         return True
     # A driver-side CPU beyond the ranks' bundles; a small object store: steps carry only ids.
     ray.init(address="local", num_cpus=tp + 1, object_store_memory=200 * 1024 ** 2,
