@@ -2,7 +2,9 @@
 
 Owns request building (keyword sampling options -> proto, only the ones given, so the
 server applies its defaults to the rest) and stream assembly (deltas -> final result).
-Errors are the `grpc.RpcError` the server answered: `.code()` and `.details()`.
+Errors are the `grpc.RpcError` the server answered: `.code()` and `.details()`; a value the
+request cannot carry (a negative count, a seed over 2**64, a non-finite float, ...) raises
+`InvalidRequest` (a `ValueError` naming the field) before anything is sent.
 
     with QwenClient("127.0.0.1:50051") as client:
         client.generate("The capital of Iceland is", max_tokens=16, temperature=0).text
@@ -12,16 +14,118 @@ Errors are the `grpc.RpcError` the server answered: `.code()` and `.details()`.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import re
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Optional, Sequence, Union
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 
 from . import qwenserve_pb2 as pb
 from . import qwenserve_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-_SAMPLING_FIELDS = {f.name for f in pb.SamplingParams.DESCRIPTOR.fields}
+_SAMPLING_FIELDS = {f.name: f for f in pb.SamplingParams.DESCRIPTOR.fields}
+_UINT_LIMITS = {FieldDescriptor.TYPE_UINT64: 2 ** 64, FieldDescriptor.TYPE_UINT32: 2 ** 32}
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+class InvalidRequest(ValueError):
+    """A value the request cannot carry; `field` names it, `problem` says what is wrong."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_text(name: str, value: str) -> str:
+    """A proto string must be valid UTF-8: no lone surrogates (e.g. undecodable argv bytes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(name, f"is not valid text (a lone surrogate at position {e.start}); "
+                                   "is its input UTF-8?") from None
+    return value
+
+
+def _check_uint(name: str, value, low: int, limit: int) -> int:
+    bits = limit.bit_length() - 1
+    if not _is_int(value) or not low <= value < limit:
+        raise InvalidRequest(name, f"must be an integer in [{low}, 2**{bits}), got {value!r}")
+    return int(value)
+
+
+def _check_sampling(name: str, value):
+    """`value` as the proto field `name` carries it; InvalidRequest naming `name` otherwise."""
+    descriptor = _SAMPLING_FIELDS[name]
+    if name == "top_k" and _is_int(value) and value < 0:
+        if value == -1:
+            return 0  # vLLM's spelling of "off", as SamplingParams accepts it
+        raise InvalidRequest(name, f"must be an integer >= 0 (0 or -1 = off), got {value!r}")
+    if descriptor.type in _UINT_LIMITS:
+        limit = _UINT_LIMITS[descriptor.type]
+        if descriptor.is_repeated:
+            if not isinstance(value, (list, tuple)):
+                raise InvalidRequest(name, f"must be a list of integers, got {value!r}")
+            return [_check_uint(name, v, 0, limit) for v in value]
+        return _check_uint(name, value, 0, limit)  # the server checks the rest (max_tokens >= 1, ...)
+    if descriptor.type == FieldDescriptor.TYPE_FLOAT:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) \
+                or abs(value) > _FLOAT32_MAX:
+            raise InvalidRequest(name, f"must be a finite number, got {value!r}")
+        return float(value)
+    if descriptor.type == FieldDescriptor.TYPE_BOOL:
+        if not isinstance(value, bool):
+            raise InvalidRequest(name, f"must be a bool, got {value!r}")
+        return value
+    if name == "stop":  # the only repeated string
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(v, str) and v for v in stops):
+            raise InvalidRequest(name, f"must be a non-empty string or a list of them, got {value!r}")
+        return [_check_text(name, v) for v in stops]
+    raise AssertionError(f"unhandled sampling field {name}")  # a proto change without one here
+
+
+def check_timeout(timeout: Optional[float]) -> Optional[float]:
+    """None (no deadline) or a positive, finite number of seconds."""
+    if timeout is None:
+        return None
+    if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool) or not math.isfinite(timeout) \
+            or timeout <= 0:
+        raise InvalidRequest("timeout", f"must be a positive number of seconds or None, got {timeout!r}")
+    return float(timeout)
+
+
+def check_address(address: str) -> str:
+    """A gRPC target (HOST:PORT, [IPv6]:PORT, dns:///..., unix:...); a port out of range is
+    rejected here, where gRPC itself would silently connect to the port modulo 65536."""
+    if not isinstance(address, str) or not address.strip():
+        raise InvalidRequest("address", f"must be a non-empty HOST:PORT string, got {address!r}")
+    m = re.search(r"[^:]:(\d+)$", address)
+    if m and not address.startswith("unix") and not 1 <= int(m.group(1)) <= 65535:
+        raise InvalidRequest("address", f"port must be in [1, 65535], got {address!r}")
+    return address
+
+
+def _check_message(i: int, m) -> tuple:
+    if isinstance(m, dict) and set(m) >= {"role", "content"}:
+        role, content = m["role"], m["content"]
+    elif isinstance(m, (tuple, list)) and len(m) == 2:
+        role, content = m
+    else:
+        raise InvalidRequest(f"messages[{i}]", f"must be a {{'role', 'content'}} dict or a (role, content) "
+                                               f"pair, got {m!r}")
+    if not isinstance(role, str) or not isinstance(content, str):
+        raise InvalidRequest(f"messages[{i}]", f"role and content must be strings, got {m!r}")
+    return _check_text(f"messages[{i}].role", role), _check_text(f"messages[{i}].content", content)
+
 
 Prompt = Union[str, Sequence[int]]
 Messages = Sequence[Union[dict, tuple]]
@@ -72,26 +176,53 @@ class GenerateResult:
 def build_request(prompt: Optional[Prompt] = None, *, prompt_token_ids: Optional[Sequence[int]] = None,
                   messages: Optional[Messages] = None, system: Optional[str] = None,
                   request_id: str = "", **sampling) -> pb.GenerateRequest:
-    """A GenerateRequest; `prompt` may be text or a list of token ids."""
-    unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
+    """A GenerateRequest; `prompt` may be text or a list of token ids.
+
+    Sampling options set to None are left unset (the server's default). Raises TypeError for
+    an unknown option and `InvalidRequest` (a ValueError naming the field) for a value the
+    request cannot carry; the server validates the rest (e.g. top_p in (0, 1]).
+    """
+    unknown = sorted(set(sampling) - set(_SAMPLING_FIELDS))
     if unknown:
         raise TypeError(f"unknown sampling option(s): {', '.join(unknown)}")
     if prompt is not None and not isinstance(prompt, str):
+        if isinstance(prompt, (bytes, bytearray, dict)) or not hasattr(prompt, "__iter__"):
+            raise InvalidRequest("prompt", f"must be a string or a list of token ids, got {prompt!r}")
         prompt, prompt_token_ids = None, prompt
     given = [x is not None for x in (prompt, prompt_token_ids, messages)]
     if sum(given) != 1:
         raise TypeError("give exactly one of prompt, prompt_token_ids, messages")
-    params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
-    request = pb.GenerateRequest(request_id=request_id, params=params, system=system or "")
+    if system is not None and not isinstance(system, str):
+        raise InvalidRequest("system", f"must be a string or None, got {system!r}")
+    if system and messages is None:
+        raise InvalidRequest("system", "only applies to chat input (messages)")
+    if not isinstance(request_id, str):
+        raise InvalidRequest("request_id", f"must be a string, got {request_id!r}")
+    for name, text in (("prompt", prompt), ("system", system), ("request_id", request_id)):
+        if text is not None:
+            _check_text(name, text)
+    values = {k: _check_sampling(k, v) for k, v in sampling.items() if v is not None}
+    request = pb.GenerateRequest(request_id=request_id, params=pb.SamplingParams(**values), system=system or "")
     if prompt is not None:
         request.prompt = prompt
     elif prompt_token_ids is not None:
-        request.prompt_token_ids.ids.extend(int(i) for i in prompt_token_ids)
+        if isinstance(prompt_token_ids, (str, bytes, bytearray, dict)) or not hasattr(prompt_token_ids, "__iter__"):
+            raise InvalidRequest("prompt_token_ids", f"must be a list of token ids, got {prompt_token_ids!r}")
+        ids = list(prompt_token_ids)
+        request.prompt_token_ids.ids.extend(_check_uint("prompt_token_ids", i, 0, 2 ** 32) for i in ids)
     else:
-        for m in messages:
-            role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
+        if isinstance(messages, (str, dict)):
+            raise InvalidRequest("messages", f"must be a list of messages, got {messages!r}")
+        for i, m in enumerate(messages):
+            role, content = _check_message(i, m)
             request.chat.messages.add(role=role, content=content)
     return request
+
+
+def _tokenize_request(text: str) -> pb.TokenizeRequest:
+    if not isinstance(text, str):
+        raise InvalidRequest("text", f"must be a string, got {text!r}")
+    return pb.TokenizeRequest(text=_check_text("text", text))
 
 
 def to_delta(message: pb.GenerateResponse) -> StreamDelta:
@@ -132,14 +263,19 @@ class QwenClient:
     """Blocking client over one gRPC channel; thread-safe like the channel itself."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, channel: Optional[grpc.Channel] = None):
-        self.address = address
+        self.address = address if channel is not None else check_address(address)
         self.channel = channel or grpc.insecure_channel(address)
         self.stub = pb_grpc.GenerationStub(self.channel)
 
     def generate_stream(self, prompt: Optional[Prompt] = None, *, timeout: Optional[float] = None,
                         **kwargs) -> Iterator[StreamDelta]:
-        """Yields deltas as the server streams them; closing the iterator cancels the call."""
-        call = self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout)
+        """Yields deltas as the server streams them; closing the iterator cancels the call.
+
+        The request is built (and checked) here, so a bad value raises at the call itself."""
+        return self._stream(build_request(prompt, **kwargs), check_timeout(timeout))
+
+    def _stream(self, request: pb.GenerateRequest, timeout: Optional[float]) -> Iterator[StreamDelta]:
+        call = self.stub.Generate(request, timeout=timeout)
         try:
             for message in call:
                 yield to_delta(message)
@@ -159,13 +295,13 @@ class QwenClient:
         return self.generate(messages=messages, system=system, **kwargs)
 
     def tokenize(self, text: str, timeout: Optional[float] = None) -> list:
-        return list(self.stub.Tokenize(pb.TokenizeRequest(text=text), timeout=timeout).ids)
+        return list(self.stub.Tokenize(_tokenize_request(text), timeout=check_timeout(timeout)).ids)
 
     def model_info(self, timeout: Optional[float] = None) -> dict:
-        return _to_dict(self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout))
+        return _to_dict(self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=check_timeout(timeout)))
 
     def stats(self, timeout: Optional[float] = None) -> dict:
-        return _to_dict(self.stub.GetStats(pb.GetStatsRequest(), timeout=timeout))
+        return _to_dict(self.stub.GetStats(pb.GetStatsRequest(), timeout=check_timeout(timeout)))
 
     def close(self) -> None:
         self.channel.close()
@@ -181,13 +317,17 @@ class AsyncQwenClient:
     """asyncio client (grpc.aio); create and use it inside one running event loop."""
 
     def __init__(self, address: str = DEFAULT_ADDRESS, *, channel: Optional[grpc.aio.Channel] = None):
-        self.address = address
+        self.address = address if channel is not None else check_address(address)
         self.channel = channel or grpc.aio.insecure_channel(address)
         self.stub = pb_grpc.GenerationStub(self.channel)
 
-    async def generate_stream(self, prompt: Optional[Prompt] = None, *, timeout: Optional[float] = None,
-                              **kwargs) -> AsyncIterator[StreamDelta]:
-        call = self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout)
+    def generate_stream(self, prompt: Optional[Prompt] = None, *, timeout: Optional[float] = None,
+                        **kwargs) -> AsyncIterator[StreamDelta]:
+        """An async iterator of deltas; a bad value raises here, before anything is sent."""
+        return self._stream(build_request(prompt, **kwargs), check_timeout(timeout))
+
+    async def _stream(self, request: pb.GenerateRequest, timeout: Optional[float]) -> AsyncIterator[StreamDelta]:
+        call = self.stub.Generate(request, timeout=timeout)
         try:
             async for message in call:
                 yield to_delta(message)
@@ -207,13 +347,13 @@ class AsyncQwenClient:
         return await self.generate(messages=messages, system=system, **kwargs)
 
     async def tokenize(self, text: str, timeout: Optional[float] = None) -> list:
-        return list((await self.stub.Tokenize(pb.TokenizeRequest(text=text), timeout=timeout)).ids)
+        return list((await self.stub.Tokenize(_tokenize_request(text), timeout=check_timeout(timeout))).ids)
 
     async def model_info(self, timeout: Optional[float] = None) -> dict:
-        return _to_dict(await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout))
+        return _to_dict(await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=check_timeout(timeout)))
 
     async def stats(self, timeout: Optional[float] = None) -> dict:
-        return _to_dict(await self.stub.GetStats(pb.GetStatsRequest(), timeout=timeout))
+        return _to_dict(await self.stub.GetStats(pb.GetStatsRequest(), timeout=check_timeout(timeout)))
 
     async def close(self) -> None:
         await self.channel.close()

@@ -2,12 +2,15 @@
 
 Owns the flags of DESIGN.md's CLI and their mapping onto `EngineConfig`;
 `qwenserve/cli.py` calls `add_launch_parser(sub)` / `add_generate_parser(sub)` and then
-`args.func(args)`, which returns the exit code (0 on success).
+`args.func(args)`, which returns the exit code (0 on success). Bad flags are argparse errors
+(exit 2, naming the flag: the range-checking types `int_in`, `float_in`, `power_of_two`,
+`parse_bytes` are shared with `make-checkpoint`); runtime failures exit 1; never a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import re
 import sys
 
@@ -15,12 +18,65 @@ _SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
                "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# The `generate` flag of each field the client may name in an InvalidRequest.
+_GENERATE_FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature", "top_p": "--top-p",
+                   "top_k": "--top-k", "seed": "--seed", "stop": "--stop", "timeout": "--timeout",
+                   "system": "--system", "prompt": "PROMPT", "messages[0].content": "PROMPT"}
+
+
 def parse_bytes(text: str) -> int:
-    """'536870912', '512MiB', '0.5GiB', '2G' -> bytes."""
+    """'536870912', '512MiB', '0.5GiB', '2G' -> bytes (at least 1)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?)?b?\s*", text, flags=re.IGNORECASE)
     if not m:
         raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 512MiB, 2GiB)")
-    return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+    size = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return size
+
+
+def int_in(low: int, high: int = None):
+    """An argparse type: an integer in [low, high] (no upper bound when high is None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            if high is None:
+                bounds = f">= {low}"
+            elif high > 2 ** 20 and (high + 1) & high == 0:  # [0, 2**64) reads better than its digits
+                bounds = f"in [{low}, 2**{(high + 1).bit_length() - 1})"
+            else:
+                bounds = f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {bounds}, got {value}")
+        return value
+    return parse
+
+
+def power_of_two(text: str) -> int:
+    """An argparse type: a positive power of two (block sizes)."""
+    value = int_in(1)(text)
+    if value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two, got {value}")
+    return value
+
+
+def float_in(low: float, high: float = math.inf, low_open: bool = False):
+    """An argparse type: a finite number in [low, high], or (low, high] when low_open."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+            left = "(" if low_open else "["
+            bounds = f"in {left}{low:g}, {high:g}]" if math.isfinite(high) else \
+                (f"> {low:g}" if low_open else f">= {low:g}")
+            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}, got {text}")
+        return value
+    return parse
 
 
 def add_launch_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,26 +85,29 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
         description="Serve a Qwen model over gRPC (qwenserve.v1.Generation, health, reflection). "
                     "Without --model: the built-in tiny model (random weights).")
     p.add_argument("--model", default=None, help="checkpoint directory (HF format)")
-    p.add_argument("--tp", type=int, default=1, dest="tp", help="tensor-parallel size")
+    p.add_argument("--tp", type=int_in(1), default=1, dest="tp", help="tensor-parallel size")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    p.add_argument("--port", type=int, default=50051, help="port (0: any free port; default: %(default)s)")
+    p.add_argument("--port", type=int_in(0, 65535), default=50051,
+                   help="port (0: any free port; default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--max-model-len", type=int_in(1), default=None)
+    p.add_argument("--max-num-seqs", type=int_in(1), default=None)
+    p.add_argument("--max-num-batched-tokens", type=int_in(1), default=None)
+    p.add_argument("--block-size", type=power_of_two, default=None, help="tokens per KV block (a power of two)")
+    p.add_argument("--gpu-memory-utilization", type=float_in(0.0, 1.0, low_open=True), default=None,
+                   help="fraction of GPU memory to use, in (0, 1]")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (tp > 1)")
-    p.add_argument("--max-waiting-requests", type=int, default=None,
+    p.add_argument("--max-waiting-requests", type=int_in(1), default=None,
                    help="waiting-queue bound; beyond it calls get RESOURCE_EXHAUSTED")
-    p.add_argument("--shutdown-grace", type=float, default=10.0,
+    p.add_argument("--shutdown-grace", type=float_in(0.0), default=10.0,
                    help="seconds running calls get to finish on SIGINT/SIGTERM (default: %(default)s)")
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                    help="KV cache budget on the CPU, e.g. 512MiB")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int_in(0, 2 ** 64 - 1), default=None, help="engine seed, in [0, 2**64)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    p.add_argument("--log-level", default="INFO", help="logging level for stderr")
+    p.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, default="INFO",
+                   help="logging level for stderr (default: %(default)s)")
     p.set_defaults(func=launch)
     return p
 
@@ -69,7 +128,7 @@ def engine_config_from_args(args: argparse.Namespace):
 
 
 def launch(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = engine_config_from_args(args)
@@ -87,47 +146,85 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
                                           "from a qwenserve server to the terminal.")
     p.add_argument("prompt", metavar="PROMPT", help="prompt text ('-': read standard input)")
     p.add_argument("--address", default="127.0.0.1:50051", help="server HOST:PORT (default: %(default)s)")
+    # Numbers are range-checked by the client (`InvalidRequest`), which Python callers share.
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="0 or -1: off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message")
-    p.add_argument("--system", default=None, help="system prompt for --chat")
-    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    p.set_defaults(func=generate)
+    p.add_argument("--system", default=None, help="system prompt (only with --chat)")
+    p.add_argument("--timeout", type=float_in(0.0, low_open=True), default=None, help="deadline in seconds")
+    p.set_defaults(func=generate, parser=p)
     return p
 
 
 def generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from .client import QwenClient
+    from .client import InvalidRequest, QwenClient
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    parser = args.parser
+    if args.system is not None and not args.chat:
+        parser.error("argument --system: only applies with --chat")
+    try:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"qwenserve generate: error: cannot read the prompt from standard input: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
     sampling = {k: v for k, v in sampling.items() if v is not None}
-    finish = None
-    with QwenClient(args.address) as client:
-        try:
+    finish, wrote = None, False
+    try:
+        client = QwenClient(args.address)
+    except InvalidRequest as e:
+        parser.error(f"argument --address: {e.problem}")
+    with client:
+        try:  # builds and checks the request before anything is sent
             if args.chat:
                 stream = client.chat_stream([{"role": "user", "content": prompt}],
                                             system=args.system, timeout=args.timeout, **sampling)
             else:
                 stream = client.generate_stream(prompt, timeout=args.timeout, **sampling)
+        except InvalidRequest as e:
+            parser.error(f"argument {_GENERATE_FLAGS.get(e.field, e.field)}: {e.problem}")
+        try:
             for delta in stream:
                 sys.stdout.write(delta.text)
                 sys.stdout.flush()
+                wrote = wrote or bool(delta.text)
                 finish = delta.finish_reason or finish
         except grpc.RpcError as e:
-            print(f"\nqwenserve generate: error: {e.code().name}: {e.details()}", file=sys.stderr)
+            after_text = "\n" if wrote else ""
+            print(f"{after_text}qwenserve generate: error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:  # closing the stream above cancels the call
             print(file=sys.stderr)
             return 130
-    sys.stdout.write("\n")
+        except BrokenPipeError:  # e.g. piped into `head`: stop quietly, like other tools
+            _silence_stdout()
+            return 1
+    try:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        return 1
     if finish not in (None, "stop", "length"):
         print(f"(finished: {finish})", file=sys.stderr)
     return 0
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe: point stdout at /dev/null so the interpreter's final flush is quiet."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass

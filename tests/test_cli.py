@@ -1,0 +1,183 @@
+"""The `qwenserve` CLI and the Python client on bad input: a clear error naming the flag or
+field, exit code 2 (usage) or 1 (runtime), never a traceback; nothing here needs a server."""
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwenserve import cli
+from qwenserve.server.client import AsyncQwenClient, InvalidRequest, QwenClient, build_request
+
+REPO = Path(__file__).resolve().parents[1]
+NO_SERVER = "127.0.0.1:1"  # connection refused at once
+
+
+def run_main(capsys, *argv):
+    """(exit code, stdout, stderr) of `qwenserve ARGV` run in this process."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--port", "70000"], "argument --port: must be an integer in [0, 65535], got 70000"),
+    (["--port", "-5"], "argument --port: must be an integer in [0, 65535], got -5"),
+    (["--port", "x"], "argument --port: not an integer: 'x'"),
+    (["--log-level", "foo"], "argument --log-level: invalid choice: 'FOO'"),
+    (["--seed", str(2 ** 70)], "argument --seed: must be an integer in [0, 2**64)"),
+    (["--seed", "-1"], "argument --seed: must be an integer in [0, 2**64), got -1"),
+    (["--tp", "0"], "argument --tp: must be an integer >= 1, got 0"),
+    (["--max-model-len", "-1"], "argument --max-model-len: must be an integer >= 1"),
+    (["--max-num-seqs", "0"], "argument --max-num-seqs: must be an integer >= 1"),
+    (["--max-num-batched-tokens", "0"], "argument --max-num-batched-tokens: must be an integer >= 1"),
+    (["--max-waiting-requests", "-3"], "argument --max-waiting-requests: must be an integer >= 1"),
+    (["--block-size", "24"], "argument --block-size: must be a power of two, got 24"),
+    (["--block-size", "0"], "argument --block-size: must be an integer >= 1"),
+    (["--gpu-memory-utilization", "0"], "argument --gpu-memory-utilization: must be a finite number in (0, 1]"),
+    (["--gpu-memory-utilization", "1.5"], "argument --gpu-memory-utilization: must be a finite number in (0, 1]"),
+    (["--gpu-memory-utilization", "nan"], "argument --gpu-memory-utilization: must be a finite number"),
+    (["--shutdown-grace", "-1"], "argument --shutdown-grace: must be a finite number >= 0"),
+    (["--shutdown-grace", "inf"], "argument --shutdown-grace: must be a finite number >= 0"),
+    (["--kv-cache-memory", "0"], "argument --kv-cache-memory: must be at least 1 byte"),
+    (["--kv-cache-memory", "lots"], "argument --kv-cache-memory: not a size in bytes"),
+])
+def test_launch_rejects_bad_flags_before_starting(capsys, monkeypatch, flags, message):
+    from qwenserve.server import app
+
+    def must_not_start(*args, **kwargs):  # a flag that slips through would start a real server
+        raise AssertionError(f"launch started a server with {flags}")
+
+    monkeypatch.setattr(app, "run_server", must_not_start)
+    code, out, err = run_main(capsys, "launch", *flags)
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and out == ""
+
+
+def test_launch_accepts_the_edges():
+    parser = cli.build_parser()
+    for port in ("0", "65535"):  # 0: any free port (the tests' servers)
+        assert parser.parse_args(["launch", "--port", port]).port == int(port)
+    args = parser.parse_args(["launch", "--log-level", "debug", "--seed", str(2 ** 64 - 1),
+                              "--gpu-memory-utilization", "1", "--block-size", "32", "--shutdown-grace", "0"])
+    assert (args.log_level, args.seed, args.gpu_memory_utilization, args.block_size) == ("DEBUG", 2 ** 64 - 1, 1.0, 32)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-tokens", "-1"], "argument --max-tokens: must be an integer in [0, 2**32), got -1"),
+    (["--max-tokens", "99999999999"], "argument --max-tokens: must be an integer in [0, 2**32), got 99999999999"),
+    (["--top-k", "-2"], "argument --top-k: must be an integer >= 0 (0 or -1 = off), got -2"),
+    (["--seed", "-1"], "argument --seed: must be an integer in [0, 2**64), got -1"),
+    (["--seed", str(2 ** 64)], "argument --seed: must be an integer in [0, 2**64)"),
+    (["--temperature", "nan"], "argument --temperature: must be a finite number, got nan"),
+    (["--top-p", "inf"], "argument --top-p: must be a finite number, got inf"),
+    (["--timeout", "-1"], "argument --timeout: must be a finite number > 0, got -1"),
+    (["--stop", ""], "argument --stop: must be a non-empty string"),
+    (["--system", "be brief"], "argument --system: only applies with --chat"),
+    (["--address", "127.0.0.1:99999"], "argument --address: port must be in [1, 65535]"),
+    (["--address", ""], "argument --address: must be a non-empty HOST:PORT string"),
+])
+def test_generate_rejects_bad_flags_before_connecting(capsys, flags, message):
+    code, out, err = run_main(capsys, "generate", "--address", NO_SERVER, *flags, "Hello")
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and out == ""
+
+
+def test_generate_without_a_server_is_a_runtime_error(capsys):
+    code, out, err = run_main(capsys, "generate", "--address", NO_SERVER, "--timeout", "10",
+                              "--top-k", "-1", "--chat", "--system", "be brief", "Hello")
+    assert code == 1 and "qwenserve generate: error: UNAVAILABLE" in err, err
+    assert out == ""
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["launch", "--port", "70000"], "argument --port: must be an integer in [0, 65535]"),
+    (["generate", "--address", NO_SERVER, "--max-tokens", "-1", "Hello"], "argument --max-tokens"),
+])
+def test_the_console_script_prints_no_traceback(argv, message):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-m", "qwenserve.cli", *argv], capture_output=True, text=True,
+                         cwd=REPO, env=env, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# --- the client: checked before anything is sent ------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"max_tokens": -1}, r"max_tokens must be an integer in \[0, 2\*\*32\), got -1"),
+    ({"max_tokens": 2 ** 32}, r"max_tokens must be an integer in \[0, 2\*\*32\)"),
+    ({"max_tokens": 8.0}, r"max_tokens must be an integer"),
+    ({"n": True}, r"n must be an integer"),
+    ({"top_k": -5}, r"top_k must be an integer >= 0 \(0 or -1 = off\), got -5"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*64\), got -1"),
+    ({"seed": 2 ** 64}, r"seed must be an integer in \[0, 2\*\*64\)"),
+    ({"logprobs": -1}, r"logprobs must be an integer in \[0, 2\*\*32\)"),
+    ({"min_tokens": -1}, r"min_tokens must be an integer in \[0, 2\*\*32\)"),
+    ({"stop_token_ids": [151643, -1]}, r"stop_token_ids must be an integer in \[0, 2\*\*32\), got -1"),
+    ({"stop_token_ids": 5}, r"stop_token_ids must be a list of integers"),
+    ({"temperature": "0.5"}, r"temperature must be a finite number, got '0.5'"),
+    ({"temperature": float("inf")}, r"temperature must be a finite number"),
+    ({"top_p": 1e300}, r"top_p must be a finite number"),  # float32 would carry inf
+    ({"ignore_eos": 1}, r"ignore_eos must be a bool, got 1"),
+    ({"stop": ""}, r"stop must be a non-empty string"),
+    ({"stop": [1]}, r"stop must be a non-empty string or a list of them"),
+    ({"timeout": -1}, r"timeout must be a positive number of seconds or None, got -1"),
+    ({"timeout": float("nan")}, r"timeout must be a positive number"),
+    ({"system": "be brief"}, r"system only applies to chat input"),
+    ({"request_id": 7}, r"request_id must be a string"),
+])
+def test_client_rejects_what_the_request_cannot_carry(kwargs, message):
+    client = QwenClient(NO_SERVER)  # nothing is sent: the error comes first
+    with pytest.raises(InvalidRequest, match=message):
+        client.generate_stream("Hello", **kwargs)
+    with pytest.raises(ValueError, match=message):  # InvalidRequest is a ValueError
+        client.generate("Hello", **kwargs)
+    client.close()
+
+
+def test_async_client_rejects_before_sending():
+    async def main():
+        async with AsyncQwenClient(NO_SERVER) as client:
+            with pytest.raises(InvalidRequest, match="max_tokens"):
+                client.generate_stream("Hello", max_tokens=-1)
+            with pytest.raises(InvalidRequest, match="seed"):
+                await client.generate("Hello", seed=2 ** 64)
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: build_request(b"Hello"), "prompt must be a string or a list of token ids"),
+    (lambda: build_request(5), "prompt must be a string or a list of token ids"),
+    (lambda: build_request([1, -2]), r"prompt_token_ids must be an integer in \[0, 2\*\*32\), got -2"),
+    (lambda: build_request(prompt_token_ids="12"), "prompt_token_ids must be a list of token ids"),
+    (lambda: build_request("\udcff"), "prompt is not valid text"),
+    (lambda: build_request(messages=[{"role": "user"}]), r"messages\[0\] must be a"),
+    (lambda: build_request(messages=[("user", 5)]), "role and content must be strings"),
+    (lambda: build_request(messages="hi"), "messages must be a list of messages"),
+    (lambda: build_request(messages=[("user", "hi")], system=3), "system must be a string or None"),
+    (lambda: QwenClient("127.0.0.1:70000"), r"address port must be in \[1, 65535\]"),
+    (lambda: QwenClient(None), "address must be a non-empty HOST:PORT string"),
+    (lambda: QwenClient(NO_SERVER).tokenize(b"x"), "text must be a string"),
+    (lambda: QwenClient(NO_SERVER).model_info(timeout=0), "timeout must be a positive number"),
+])
+def test_client_inputs_named(call, message):
+    with pytest.raises(InvalidRequest, match=message):
+        call()
+
+
+def test_client_top_k_minus_one_is_off_like_sampling_params():
+    from qwenserve.sampling_params import SamplingParams
+
+    assert SamplingParams(top_k=-1).top_k == 0
+    params = build_request("Hello", top_k=-1, seed=2 ** 64 - 1, max_tokens=2 ** 32 - 1, stop="x").params
+    assert params.HasField("top_k") and params.top_k == 0  # sent explicitly: "off", not the server default
+    assert (params.seed, params.max_tokens, list(params.stop)) == (2 ** 64 - 1, 2 ** 32 - 1, ["x"])
+    assert not build_request("Hello", top_k=None).params.HasField("top_k")
+    for address in ("localhost:50051", "[::1]:50051", "dns:///localhost:50051", "unix:/tmp/qwen.sock"):
+        QwenClient(address).close()
