@@ -181,3 +181,53 @@ def test_client_top_k_minus_one_is_off_like_sampling_params():
     assert not build_request("Hello", top_k=None).params.HasField("top_k")
     for address in ("localhost:50051", "[::1]:50051", "dns:///localhost:50051", "unix:/tmp/qwen.sock"):
         QwenClient(address).close()
+
+
+# --- make-checkpoint ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags,message", [
+    (["--shard-size-mb", "-5"], "argument --shard-size-mb: must be an integer >= 1, got -5"),
+    (["--shard-size-mb", "0"], "argument --shard-size-mb: must be an integer >= 1, got 0"),
+    (["--layers", "0"], "argument --layers: must be an integer >= 1, got 0"),
+    (["--layers", "-2"], "argument --layers: must be an integer >= 1, got -2"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    (["--seed", "-1"], "argument --seed: must be an integer in [0, 2**64), got -1"),
+])
+def test_make_checkpoint_rejects_bad_flags(capsys, tmp_path, flags, message):
+    code, out, err = run_main(capsys, "make-checkpoint", *flags, str(tmp_path / "ckpt"))
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_make_checkpoint_into_a_file_fails_cleanly(capsys, tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("not a directory")
+    code, out, err = run_main(capsys, "make-checkpoint", str(target))
+    assert code == 2 and f"output directory '{target}' exists and is not a directory" in err, err
+    assert out == "" and target.read_text() == "not a directory"
+    code, out, err = run_main(capsys, "make-checkpoint", str(target / "sub"))  # NotADirectoryError
+    assert code == 1 and f"cannot write the checkpoint to '{target / 'sub'}'" in err, err
+    assert out == "" and "Traceback" not in err
+
+
+def test_make_checkpoint_unwritable_fails_cleanly(capsys, tmp_path, monkeypatch):
+    from qwenserve.model import checkpoint
+
+    def denied(path, *args, **kwargs):  # the tests may run as root, where chmod does not bite
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(checkpoint.os, "makedirs", denied)
+    code, out, err = run_main(capsys, "make-checkpoint", str(tmp_path / "ckpt"))
+    assert code == 1 and "Permission denied" in err and str(tmp_path / "ckpt") in err, err
+    assert out == ""
+
+
+def test_make_checkpoint_python_arguments_named(tmp_path):
+    from qwenserve.model.checkpoint import make_checkpoint
+
+    for kwargs, message in [({"seed": -1}, "seed must be an integer"), ({"layers": "2"}, "layers must be an integer"),
+                            ({"max_shard_bytes": -5}, "max_shard_bytes must be a positive integer"),
+                            ({"preset": "huge"}, "preset must be one of")]:
+        with pytest.raises(ValueError, match=message):
+            make_checkpoint(str(tmp_path / "ckpt"), **kwargs)
+    assert not (tmp_path / "ckpt").exists()

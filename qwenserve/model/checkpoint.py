@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import os
 import shutil
 from typing import Optional
@@ -61,8 +62,8 @@ def preset_config(preset: str, layers: Optional[int] = None, **overrides) -> dic
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     raw = {**_BASE, **PRESETS[preset], **overrides}  # overrides may replace preset keys
     if layers is not None:
-        if layers < 1:
-            raise ValueError(f"layers must be >= 1, got {layers}")
+        if not isinstance(layers, numbers.Integral) or isinstance(layers, bool) or layers < 1:
+            raise ValueError(f"layers must be an integer >= 1, got {layers!r}")
         raw["num_hidden_layers"] = layers
     return raw
 
@@ -142,6 +143,12 @@ def save_sharded(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_bytes
 def make_checkpoint(out_dir: str, preset: str = "tiny", layers: Optional[int] = None, seed: int = 0,
                     max_shard_bytes: int = 2 * 1024 ** 3, int4: bool = False, **overrides) -> str:
     raw = preset_config(preset, layers, **overrides)
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")  # torch.Generator's range
+    if not isinstance(max_shard_bytes, numbers.Integral) or isinstance(max_shard_bytes, bool) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"output directory {out_dir!r} exists and is not a directory")
     if int4:
         raw.update(bf16=False, fp16=True, quantization_config=dict(GPTQ_CONFIG))
     config = QwenConfig.from_dict(raw)
@@ -175,22 +182,32 @@ def builtin_model_dir() -> str:
 
 
 def add_make_checkpoint_parser(subparsers) -> None:
+    from qwenserve.server.commands import int_in  # the CLI's shared argparse types
+
     p = subparsers.add_parser("make-checkpoint", help="write a random-weight checkpoint in the Qwen layout")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--layers", type=int, default=None, help="override the preset's depth")
+    p.add_argument("--layers", type=int_in(1), default=None, help="override the preset's depth")
     p.add_argument("--int4", action="store_true", help="GPTQ Int4 layout (4-bit, group size 128, like Qwen-*-Int4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size-mb", type=int, default=2048)
-    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int_in(0, 2 ** 64 - 1), default=0)
+    p.add_argument("--shard-size-mb", type=int_in(1), default=2048, help="largest shard in MiB (default: %(default)s)")
+    p.add_argument("out_dir", metavar="OUT_DIR")
     p.set_defaults(func=_run_make_checkpoint)
 
 
 def _run_make_checkpoint(args: argparse.Namespace) -> int:
+    import sys
+
     try:
         make_checkpoint(args.out_dir, args.preset, args.layers, args.seed,
                         max_shard_bytes=args.shard_size_mb * 1024 ** 2, int4=args.int4)
     except ValueError as e:
-        print(f"error: {e}")
+        print(f"qwenserve make-checkpoint: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable, a file where a directory is needed, disk full, ...
+        reason = e.strerror or str(e)
+        where = f": {e.filename!r}" if e.filename else ""
+        print(f"qwenserve make-checkpoint: error: cannot write the checkpoint to {args.out_dir!r}: "
+              f"{reason}{where}", file=sys.stderr)
+        return 1
     print(f"wrote {args.preset} checkpoint to {args.out_dir}")
     return 0
