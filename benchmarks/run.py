@@ -50,7 +50,7 @@ elif _REPO not in sys.path:
 from benchmarks.datasets import (BenchRequest, build_workload, describe, fixed_workload,  # noqa: E402
                                  poisson_arrivals, serve_metrics, throughput)
 from benchmarks.random_weights import random_weights_dir, use_random_weights  # noqa: E402
-from qwenserve.server.commands import parse_bytes  # noqa: E402  (light: no torch, no grpc)
+from qwenserve.arg_types import parse_bytes  # noqa: E402  (light: no torch, no grpc)
 
 PAD_ID = 151643  # <|endoftext|>: the baseline's left padding (masked out)
 

@@ -1,11 +1,13 @@
 """The `qwenserve` console script: dispatches to the `launch`, `generate` and `make-checkpoint` subcommands.
 
 Each subcommand's flags live beside the code they drive (`qwenserve/server/commands.py`,
-`qwenserve/model/checkpoint.py`); this file only wires them together.
+`qwenserve/model/checkpoint.py`); this file only wires them together, and turns an unexpected
+exception into one line on stderr and exit 1 (`QWENSERVE_DEBUG=1` shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -24,7 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # the subcommands report expected failures themselves
+        if os.environ.get("QWENSERVE_DEBUG"):
+            raise
+        print(f"qwenserve {args.command}: error: {type(e).__name__}: {e} "
+              "(set QWENSERVE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -231,3 +231,21 @@ def test_make_checkpoint_python_arguments_named(tmp_path):
         with pytest.raises(ValueError, match=message):
             make_checkpoint(str(tmp_path / "ckpt"), **kwargs)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_an_unexpected_failure_is_one_line_on_stderr(capsys, monkeypatch):
+    # Anything a subcommand does not report itself: exit 1 and one line naming the error, not a
+    # traceback; QWENSERVE_DEBUG=1 lets the exception through for debugging.
+    from qwenserve.model import checkpoint
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")  # not one of the errors make-checkpoint reports itself
+
+    monkeypatch.setattr(checkpoint, "make_checkpoint", broken)
+    monkeypatch.delenv("QWENSERVE_DEBUG", raising=False)
+    code, out, err = run_main(capsys, "make-checkpoint", "--preset", "tiny", "/tmp/unused-qwenserve-ckpt")
+    assert code == 1 and "Traceback" not in err
+    assert "disk on fire" in err
+    monkeypatch.setenv("QWENSERVE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        cli.main(["make-checkpoint", "--preset", "tiny", "/tmp/unused-qwenserve-ckpt"])

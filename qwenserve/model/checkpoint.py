@@ -182,7 +182,7 @@ def builtin_model_dir() -> str:
 
 
 def add_make_checkpoint_parser(subparsers) -> None:
-    from qwenserve.server.commands import int_in  # the CLI's shared argparse types
+    from qwenserve.arg_types import int_in
 
     p = subparsers.add_parser("make-checkpoint", help="write a random-weight checkpoint in the Qwen layout")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
