@@ -107,3 +107,17 @@ def test_no_weights_at_all(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         from qwenserve.model.loader import checkpoint_files
         checkpoint_files(str(tmp_path))
+
+
+def test_rewriting_a_checkpoint_directory_leaves_no_stale_shards(tmp_path):
+    from qwenserve.model.checkpoint import make_checkpoint
+
+    out = str(tmp_path / "ckpt")
+    make_checkpoint(out, "tiny", layers=1, max_shard_bytes=16 * 1024 ** 2)  # several shards
+    many = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(many) >= 3
+    make_checkpoint(out, "tiny", layers=1, seed=1, max_shard_bytes=2 * 1024 ** 3)  # one shard
+    left = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert left == sorted(set(index["weight_map"].values())) == ["model-00001-of-00001.safetensors"]
+    load_weights(_model(out), out)

@@ -9,6 +9,7 @@ Qwen-*-Int4 (GPTQ) layout instead: the same random weights quantized per group o
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import numbers
 import os
@@ -137,6 +138,11 @@ def save_sharded(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_bytes
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    # Shards of an earlier checkpoint written to the same directory would stay beside the new
+    # ones (unused, but gigabytes at real sizes, and confusing).
+    for stale in glob.glob(os.path.join(glob.escape(out_dir), "model-*-of-*.safetensors")):
+        if os.path.basename(stale) not in names:
+            os.remove(stale)
     return names
 
 
