@@ -405,3 +405,189 @@ def test_sigterm_during_streams_exits_0_within_grace(tmp_path):
         assert all(not d.finish_reason for d in deltas[:-1])
         assert deltas[-1].finish_reason == "abort"
         assert 0 < sum(len(d.token_ids) for d in deltas) < max_tokens
+
+
+# --- engine failure and warm-up, end to end ----------------------------------------------------
+
+# `qwenserve launch` (through `cli.main`) with `app.build_engine` wrapped so that the real engine
+# misbehaves on cue, per QWENSERVE_TEST_FAULT:
+#   fail-warm-up:     every step raises;
+#   hold-warm-up:     the first step (the warm-up's) waits for a line on stdin, then runs;
+#   crash-on-command: the second step that runs a user request (its first token is out by then)
+#                     waits for a line on stdin, then raises.
+# Lines on stdin, not timers: the test decides when the engine moves on.
+FAULT_SCRIPT = r'''
+import os, sys
+from qwenserve import cli
+from qwenserve.server import app
+
+FAULT = os.environ["QWENSERVE_TEST_FAULT"]
+build_engine = app.build_engine
+
+def faulty_build_engine(config):
+    engine = build_engine(config)
+    step, add_request = engine.step, engine.add_request
+    steps, user_requests, user_steps = [], [], []
+
+    def faulty_step():
+        steps.append(None)
+        if FAULT == "fail-warm-up":
+            raise RuntimeError("injected engine failure")
+        if FAULT == "hold-warm-up" and len(steps) == 1:
+            sys.stdin.readline()
+        if FAULT == "crash-on-command" and user_requests:
+            user_steps.append(None)
+            if len(user_steps) == 2:
+                sys.stdin.readline()
+                raise RuntimeError("injected engine failure")
+        return step()
+
+    def recording_add_request(request_id, **kwargs):
+        if not request_id.startswith("warmup-"):
+            user_requests.append(request_id)
+        return add_request(request_id, **kwargs)
+
+    engine.step, engine.add_request = faulty_step, recording_add_request
+    return engine
+
+app.build_engine = faulty_build_engine
+sys.exit(cli.main(sys.argv[1:]))
+'''
+INJECTED = "engine failed: RuntimeError: injected engine failure"
+
+
+class FaultyServer(Server):
+    """`qwenserve launch --port 0` whose engine fails or waits on cue (FAULT_SCRIPT); `send`
+    writes a line to its stdin. Waits until a stdout line contains `until` (or the process
+    ends); `address` is None when no such line came."""
+
+    def __init__(self, log_dir: Path, fault: str, until: str = "ready"):
+        self.stderr_path = log_dir / f"server-{time.monotonic_ns()}.log"
+        self.stdout_lines = []
+        self._lines = threading.Condition()
+        self._eof = False
+        with open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-u", "-c", FAULT_SCRIPT, "launch", "--port", "0", *ENGINE_FLAGS],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO,
+                env=dict(_env(), QWENSERVE_TEST_FAULT=fault))
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        line = self.wait_for(until)
+        self.address = line.split(" on ")[1].split()[0] if line else None
+
+    def _read_stdout(self):
+        for line in self.proc.stdout:
+            with self._lines:
+                self.stdout_lines.append(line.rstrip("\n"))
+                self._lines.notify_all()
+        with self._lines:
+            self._eof = True
+            self._lines.notify_all()
+
+    def wait_for(self, text: str):
+        """The first stdout line containing `text`, or None once stdout closed without one."""
+        def found():
+            return next((line for line in self.stdout_lines if text in line), None)
+
+        with self._lines:
+            if not self._lines.wait_for(lambda: found() or self._eof, STARTUP_TIMEOUT):
+                self.stop(signal.SIGKILL)
+                pytest.fail(f"no {text!r} line from the server:\n{self.log()}")
+            return found()
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self, sig=signal.SIGTERM, timeout=None) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        self.proc.stdin.close()
+        return rc
+
+
+def _health(address: str, service: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT + 120)  # a failure that never reaches a call hangs here
+def test_engine_failure_is_unavailable_for_every_call_and_health_turns_not_serving(tmp_path):
+    """The engine's step raises while one request streams and another waits in the bridge's
+    inbox: both calls end UNAVAILABLE naming the failure, every later Generate is UNAVAILABLE,
+    health (watched over gRPC) goes SERVING -> NOT_SERVING for the service and the server, and
+    the process stays up (for an orchestrator to see the failure) until SIGTERM, exit 0."""
+    srv = FaultyServer(tmp_path, "crash-on-command")
+    try:
+        assert srv.address, srv.log()
+        service = "qwenserve.v1.Generation"
+        with QwenClient(srv.address) as c, grpc.insecure_channel(srv.address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=service))
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            running = c.generate_stream("a long story", max_tokens=200, **GREEDY)
+            first = next(running)  # the engine now waits inside its next step
+            assert first.token_ids and not first.finish_reason
+            queued = concurrent.futures.ThreadPoolExecutor(1).submit(
+                lambda: c.generate("queued behind the failure", max_tokens=1))
+            while c.stats()["num_pending"] != 1:  # the second call sits in the bridge's inbox
+                time.sleep(0.01)
+            srv.send("crash")
+            with pytest.raises(grpc.RpcError) as in_flight:
+                list(running)
+            with pytest.raises(grpc.RpcError) as pending:
+                queued.result()
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+            with pytest.raises(grpc.RpcError) as later:
+                c.generate("after the failure", max_tokens=1)
+            for err in (in_flight, pending, later):
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+                assert INJECTED in err.value.details(), err.value.details()
+            # Set second of the two: the overall server ("") is NOT_SERVING too by now.
+            assert _health(srv.address, "") == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert srv.proc.poll() is None
+            assert c.stats()["num_active_requests"] == 0  # the failure released both calls
+    finally:
+        assert srv.stop() == 0, srv.log()
+    assert "engine failed, health is NOT_SERVING" in srv.stderr_path.read_text(), srv.log()
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT + 120)
+def test_calls_before_the_warm_up_finished_are_unavailable(tmp_path, offline_greedy):
+    """While the warm-up generation is held inside the engine's first step, the port is open
+    but Generate is UNAVAILABLE and health NOT_SERVING; once it is let go, "ready" is printed,
+    health is SERVING and Generate gives the offline engine's greedy completion."""
+    srv = FaultyServer(tmp_path, "hold-warm-up", until="(warming up)")
+    try:
+        assert srv.address, srv.log()
+        with QwenClient(srv.address) as c:
+            with pytest.raises(grpc.RpcError) as err:
+                c.generate(PROMPTS[0], max_tokens=8, **GREEDY)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "not ready" in err.value.details(), err.value.details()
+            for service in ("", "qwenserve.v1.Generation"):
+                assert _health(srv.address, service) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert not any("ready" in line for line in srv.stdout_lines)
+            srv.send("go")
+            assert srv.wait_for("ready on"), srv.log()
+            for service in ("", "qwenserve.v1.Generation"):
+                assert _health(srv.address, service) == health_pb2.HealthCheckResponse.SERVING
+            result = c.generate(PROMPTS[0], max_tokens=8, **GREEDY)
+            assert (result.text, result.token_ids) == offline_greedy[0]
+    finally:
+        assert srv.stop() == 0, srv.log()
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT + 120)
+def test_launch_exits_1_when_the_warm_up_fails(tmp_path):
+    srv = FaultyServer(tmp_path, "fail-warm-up", until="ready on")
+    rc = srv.proc.wait()
+    srv.stop()
+    assert srv.address is None, srv.log()  # never reported ready
+    assert rc == 1, srv.log()
+    assert any("(warming up)" in line for line in srv.stdout_lines), srv.log()  # it got that far
+    stderr = srv.stderr_path.read_text()
+    assert f"qwenserve: error: warm-up failed: engine failed during warm-up: RuntimeError: " \
+           f"injected engine failure" in stderr, srv.log()
