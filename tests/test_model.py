@@ -159,5 +159,5 @@ def test_make_checkpoint_rejects_bad_preset():
 
     with pytest.raises(ValueError, match="preset must be one of"):
         preset_config("huge")
-    with pytest.raises(ValueError, match="layers must be >= 1"):
+    with pytest.raises(ValueError, match="layers must be an integer >= 1"):
         preset_config("7b", layers=0)
