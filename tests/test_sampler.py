@@ -369,3 +369,9 @@ def test_repetition_penalty_follows_a_growing_output_step_by_step():
         got = apply_penalties(logits, [st, other])
         torch.testing.assert_close(got[0], _penalised_by_hand(logits[0], st), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got[1], _penalised_by_hand(logits[1], other), rtol=1e-6, atol=1e-6)
+
+
+def test_logits_rows_must_match_the_states_on_every_path():
+    for st in (state(temperature=0.0), state(temperature=1.0)):
+        with pytest.raises(ValueError, match=r"logits must be \[B=2, V\]"):
+            Sampler().sample(torch.zeros(3, QWEN_V), [st, st])

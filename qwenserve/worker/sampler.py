@@ -279,7 +279,7 @@ class Sampler:
     @torch.no_grad()
     def sample(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
         if all(_is_plain_greedy(s) for s in states):
-            return self._sample_plain_greedy(logits)
+            return self._sample_plain_greedy(logits, len(states))
         processed = process_logits(logits, states, self.vocab_size_real)
         num_rows = processed.shape[0]
         device = processed.device
@@ -323,12 +323,12 @@ class Sampler:
                               for i, v in enumerate(sampled_logprobs.tolist())],
         )
 
-    def _sample_plain_greedy(self, logits: torch.Tensor) -> SamplerOutput:
+    def _sample_plain_greedy(self, logits: torch.Tensor, num_states: int) -> SamplerOutput:
         """Every row greedy, with nothing to mask, penalise or report: the argmax over the real
         vocabulary of the logits as they are. Same tokens as the general path (widening to fp32
         is exact, so the maximum and its first index do not change), without its [B, V] copy."""
-        if logits.dim() != 2:
-            raise ValueError(f"logits must be [B, V], got {tuple(logits.shape)}")
+        if logits.dim() != 2 or logits.shape[0] != num_states:
+            raise ValueError(f"logits must be [B={num_states}, V], got {tuple(logits.shape)}")
         real = logits[:, :self.vocab_size_real] if logits.shape[1] > self.vocab_size_real else logits
         num_rows = logits.shape[0]
         return SamplerOutput(token_ids=real.argmax(dim=-1).tolist(), logprobs=[None] * num_rows,
