@@ -591,3 +591,124 @@ def test_launch_exits_1_when_the_warm_up_fails(tmp_path):
     stderr = srv.stderr_path.read_text()
     assert f"qwenserve: error: warm-up failed: engine failed during warm-up: RuntimeError: " \
            f"injected engine failure" in stderr, srv.log()
+
+
+# --- `qwenserve generate` against the running server --------------------------------------------
+
+def run_cli(capsys, *argv):
+    """(exit code, stdout, stderr) of `qwenserve ARGV` run in this process."""
+    from qwenserve import cli
+
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_command_chat_and_system_match_the_client(server, client, capsys):
+    """--chat sends PROMPT as a user message and --system the system prompt: the streamed text
+    is the client's chat() reply for the same request (greedy), plus the final newline."""
+    question, system = "你好, who are you?", "You are a terse assistant."
+    options = ["--address", server.address, "--max-tokens", "6", "--temperature", "0"]
+    expected = {
+        "plain": client.generate(question, max_tokens=6, temperature=0.0).text,
+        "chat": client.chat([{"role": "user", "content": question}], max_tokens=6, temperature=0.0).text,
+        "system": client.chat([{"role": "user", "content": question}], system=system, max_tokens=6,
+                              temperature=0.0).text,
+    }
+    # Each flag changes the reply, so a command that dropped one would print another text.
+    assert len(set(expected.values())) == 3, expected
+    for flags, key in ((["--chat"], "chat"), (["--chat", "--system", system], "system")):
+        code, out, err = run_cli(capsys, "generate", *options, *flags, question)
+        assert code == 0, err
+        assert out == expected[key] + "\n", (flags, out, expected)
+
+
+def test_generate_command_stop_strings_match_the_client(server, client, capsys):
+    """Every --stop (repeatable) reaches the server: two stop strings from the free greedy text,
+    given in either order, end it at the earlier one, as the client's result does."""
+    prompt = PROMPTS[3]
+    full = client.generate(prompt, max_tokens=12, temperature=0.0).text
+
+    def clean_pair(start):  # the first two visible characters from `start` on (no U+FFFD)
+        return next(full[i:i + 2] for i in range(start, len(full) - 1)
+                    if "\ufffd" not in full[i:i + 2] and full[i:i + 2].strip())
+
+    early = clean_pair(len(full) // 3)
+    late = clean_pair(full.index(early) + 2)
+    assert full.index(early) < full.index(late), (full, early, late)
+    expected = client.generate(prompt, max_tokens=12, temperature=0.0, stop=[late, early])
+    assert expected.finish_reason == "stop" and expected.text == full[:full.index(early)]
+    for stops in ([early, late], [late, early]):  # a command keeping only one --stop fails one order
+        code, out, err = run_cli(capsys, "generate", "--address", server.address, "--max-tokens", "12",
+                                 "--temperature", "0", "--stop", stops[0], "--stop", stops[1], prompt)
+        assert code == 0, err
+        assert out == expected.text + "\n", (stops, out)
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT + 120)  # blocks never freed: wait_idle spins until then
+def test_generate_command_timeout_is_the_calls_deadline(server, client, capsys):
+    expected = client.generate("Hello", max_tokens=4, temperature=0.0).text
+    code, out, err = run_cli(capsys, "generate", "--address", server.address, "--timeout", "120",
+                             "--max-tokens", "4", "--temperature", "0", "Hello")
+    assert code == 0 and out == expected + "\n", err
+    # 1 ms for 200 tokens: the deadline passes first, and the command says so (exit 1).
+    code, out, err = run_cli(capsys, "generate", "--address", server.address, "--timeout", "0.001",
+                             "--max-tokens", "200", "--temperature", "0", "Tell me a long story")
+    assert code == 1 and "qwenserve generate: error: DEADLINE_EXCEEDED" in err, (code, err)
+    assert "Traceback" not in err
+    wait_idle(client)  # whatever reached the server was aborted and freed
+
+
+def test_generate_command_reads_the_prompt_from_stdin(server, client):
+    """PROMPT '-': the whole of standard input (every line, non-ASCII text) is the prompt."""
+    prompt = "蒙古国的首都是乌兰巴托\nsecond line: and the capital of Iceland is\n"
+    expected = client.generate(prompt, max_tokens=6, temperature=0.0).text
+    first_line = client.generate(prompt.splitlines()[0], max_tokens=6, temperature=0.0).text
+    assert expected != first_line  # reading only a line would show
+    out = subprocess.run(
+        [sys.executable, "-m", "qwenserve.cli", "generate", "--address", server.address,
+         "--max-tokens", "6", "--temperature", "0", "-"],
+        input=prompt.encode("utf-8"), capture_output=True, cwd=REPO,
+        env=dict(_env(), PYTHONIOENCODING="utf-8"), timeout=120)
+    assert out.returncode == 0, out.stderr.decode("utf-8", "replace")
+    assert out.stdout.decode("utf-8") == expected + "\n"
+
+
+# --- skip_special_tokens over gRPC -------------------------------------------------------------
+
+# Greedy on the built-in model, these one-token prompts start their completion with a special
+# token (ids >= 151643: <|extra_56|>, <|extra_18|>), found by searching the model's greedy
+# next token over the first 4096 ids; the test checks that this still holds.
+SPECIAL_FIRST_PROMPTS = [[838], [3354]]
+
+
+@pytest.mark.parametrize("prompt_token_ids", SPECIAL_FIRST_PROMPTS, ids=str)
+def test_skip_special_tokens_over_grpc(client, offline_engine, prompt_token_ids):
+    """SamplingParams.skip_special_tokens reaches the detokenizer: False writes the special
+    tokens' names into the text, True (and unset: the default) leaves them out, and the token
+    ids are the same either way; each text equals QwenTokenizer.decode of the ids."""
+    from qwenserve.model.tokenizer import QwenTokenizer
+
+    tok = QwenTokenizer.from_dir(None)
+    results = {skip: client.generate(prompt_token_ids=prompt_token_ids, max_tokens=6,
+                                      skip_special_tokens=skip, **GREEDY)
+               for skip in (False, True, None)}
+    ids = results[None].token_ids
+    assert [r.token_ids for r in results.values()] == [ids] * 3
+    specials = [t for t in ids if t >= tok.eos_token_id]
+    assert specials, f"premise: the greedy completion of {prompt_token_ids} has no special token: {ids}"
+    assert results[False].text == tok.decode(ids, skip_special_tokens=False)
+    assert results[True].text == results[None].text == tok.decode(ids, skip_special_tokens=True)
+    for t in specials:
+        name = tok.decode([t])  # e.g. "<|extra_56|>"
+        assert name.startswith("<|") and name in results[False].text and name not in results[True].text
+    # The same ids as the offline engine for the same request (the server's defaults spelled out).
+    request_id = f"special-{prompt_token_ids[0]}"
+    offline_engine.add_request(request_id, prompt_token_ids=prompt_token_ids,
+                               params=offline_engine.default_params(max_tokens=6, **GREEDY))
+    while offline_engine.has_unfinished_requests():
+        final = [out for out in offline_engine.step() if out.finished]
+    assert final[0].request_id == request_id and final[0].outputs[0].token_ids == ids
