@@ -627,3 +627,42 @@ def test_num_cached_tokens_counts_the_prompt_tokens_served_from_the_prefix_cache
         counts += [out.num_cached_tokens for out in engine.step()]
     assert counts == [32 if prefix_caching else 0] * 3
     _assert_no_leak(llm)
+
+
+# Greedy on the built-in model, these one-token prompts start their completion with a special
+# token (<|extra_56|>, <|extra_18|>), found by searching the greedy next token of the first 4096
+# ids; the test checks that this still holds.
+SPECIAL_FIRST_PROMPTS = [[838], [3354]]
+
+
+def test_skip_special_tokens_in_the_engine(tiny_checkpoint):
+    """skip_special_tokens=False keeps the special tokens' names in the text (streamed and
+    final), True (the default) leaves them out; the ids are the same, and each text is
+    QwenTokenizer.decode of the ids with the same setting."""
+    llm = _shared_llm(tiny_checkpoint)
+    tok = llm.tokenizer
+    texts = {}
+    for skip in (False, True):
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, skip_special_tokens=skip)
+        outs = llm.generate(prompt_token_ids=SPECIAL_FIRST_PROMPTS, sampling_params=params, use_tqdm=False)
+        texts[skip] = [(o.outputs[0].text, o.outputs[0].token_ids) for o in outs]
+        for text, ids in texts[skip]:
+            assert text == tok.decode(ids, skip_special_tokens=skip)
+        # Streamed: the text only grows, through the special token.
+        streamed = _stream(llm.engine, f"stream-{skip}", SPECIAL_FIRST_PROMPTS[0], params)
+        seen = ""
+        for out in streamed:
+            assert out.text.startswith(seen)
+            seen = out.text
+        assert (seen, streamed[-1].token_ids) == texts[skip][0]
+    default = llm.generate(prompt_token_ids=SPECIAL_FIRST_PROMPTS, use_tqdm=False, sampling_params=SamplingParams(
+        max_tokens=6, temperature=0.0, ignore_eos=True))
+    assert [(o.outputs[0].text, o.outputs[0].token_ids) for o in default] == texts[True]
+    for (kept, ids), (skipped, same_ids) in zip(texts[False], texts[True]):
+        assert ids == same_ids
+        specials = [t for t in ids if tok.is_special(t)]
+        assert specials and all(t >= 151643 for t in specials), f"premise: no special token in {ids}"
+        for t in specials:
+            name = tok.decode([t])
+            assert name.startswith("<|") and name in kept and name not in skipped
+    _assert_no_leak(llm)
