@@ -249,3 +249,51 @@ def test_an_unexpected_failure_is_one_line_on_stderr(capsys, monkeypatch):
     monkeypatch.setenv("QWENSERVE_DEBUG", "1")
     with pytest.raises(RuntimeError, match="disk on fire"):
         cli.main(["make-checkpoint", "--preset", "tiny", "/tmp/unused-qwenserve-ckpt"])
+
+
+# --- the installed console script ---------------------------------------------------------------
+
+def _console_script():
+    """The `qwenserve` console_scripts entry point of the installed distribution, or a skip."""
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group="console_scripts") if ep.name == "qwenserve"]
+    if not found:
+        pytest.skip("qwenserve is not installed in this environment (no `qwenserve` console_scripts "
+                    "entry point; CI installs it with `pip install -e .`)")
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_the_console_script_entry_point_is_cli_main():
+    """setup.py's console_scripts entry, as the installed metadata has it, loads `cli.main`, and
+    `qwenserve --help` runs through it the way pip's generated script does."""
+    ep = _console_script()
+    assert ep.value == "qwenserve.cli:main"
+    assert ep.load() is cli.main
+    # What the `qwenserve` script pip writes does: sys.exit(<entry point>()) with argv[0] "qwenserve".
+    wrapper = ("import sys\nfrom importlib.metadata import entry_points\n"
+               "[ep] = [e for e in entry_points(group='console_scripts') if e.name == 'qwenserve']\n"
+               "sys.argv[0] = 'qwenserve'\nsys.exit(ep.load()())")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", wrapper, "--help"], capture_output=True, text=True,
+                         cwd=REPO, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: qwenserve ")
+    assert all(name in out.stdout for name in ("launch", "generate", "make-checkpoint")), out.stdout
+
+
+def test_the_installed_qwenserve_executable_runs(tmp_path):
+    """The `qwenserve` executable pip put beside this interpreter runs `--help` (from a directory
+    that is not the checkout, so the installation, not the working directory, provides it)."""
+    import sysconfig
+
+    _console_script()
+    script = Path(sysconfig.get_path("scripts")) / ("qwenserve.exe" if os.name == "nt" else "qwenserve")
+    if not script.exists():
+        pytest.skip(f"qwenserve is not pip-installed in this environment: no {script} (its metadata is only "
+                    f"visible from the checkout; CI installs it with `pip install -e .`)")
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: qwenserve ")
+    assert all(name in out.stdout for name in ("launch", "generate", "make-checkpoint")), out.stdout
