@@ -4,7 +4,8 @@ Owns the flags of DESIGN.md's CLI and their mapping onto `EngineConfig`;
 `qwenserve/cli.py` calls `add_launch_parser(sub)` / `add_generate_parser(sub)` and then
 `args.func(args)`, which returns the exit code (0 on success). Bad flags are argparse errors
 (exit 2, naming the flag, through the range-checking types of `qwenserve/arg_types.py`);
-runtime failures exit 1; never a traceback.
+runtime failures exit 1. Bad input never prints a traceback; a server whose engine fails
+(warm-up included) logs the failure's traceback for the operator and exits 1.
 """
 from __future__ import annotations
 
