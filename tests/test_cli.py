@@ -8,21 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from cli_run import run_cli  # tests/ is on sys.path
 from qwenserve import cli
 from qwenserve.server.client import AsyncQwenClient, InvalidRequest, QwenClient, build_request
 
 REPO = Path(__file__).resolve().parents[1]
 NO_SERVER = "127.0.0.1:1"  # connection refused at once
-
-
-def run_main(capsys, *argv):
-    """(exit code, stdout, stderr) of `qwenserve ARGV` run in this process."""
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -54,7 +45,7 @@ def test_launch_rejects_bad_flags_before_starting(capsys, monkeypatch, flags, me
         raise AssertionError(f"launch started a server with {flags}")
 
     monkeypatch.setattr(app, "run_server", must_not_start)
-    code, out, err = run_main(capsys, "launch", *flags)
+    code, out, err = run_cli(capsys, "launch", *flags)
     assert code == 2 and message in err, err
     assert "Traceback" not in err and out == ""
 
@@ -83,13 +74,13 @@ def test_launch_accepts_the_edges():
     (["--address", ""], "argument --address: must be a non-empty HOST:PORT string"),
 ])
 def test_generate_rejects_bad_flags_before_connecting(capsys, flags, message):
-    code, out, err = run_main(capsys, "generate", "--address", NO_SERVER, *flags, "Hello")
+    code, out, err = run_cli(capsys, "generate", "--address", NO_SERVER, *flags, "Hello")
     assert code == 2 and message in err, err
     assert "Traceback" not in err and out == ""
 
 
 def test_generate_without_a_server_is_a_runtime_error(capsys):
-    code, out, err = run_main(capsys, "generate", "--address", NO_SERVER, "--timeout", "10",
+    code, out, err = run_cli(capsys, "generate", "--address", NO_SERVER, "--timeout", "10",
                               "--top-k", "-1", "--chat", "--system", "be brief", "Hello")
     assert code == 1 and "qwenserve generate: error: UNAVAILABLE" in err, err
     assert out == ""
@@ -194,7 +185,7 @@ def test_client_top_k_minus_one_is_off_like_sampling_params():
     (["--seed", "-1"], "argument --seed: must be an integer in [0, 2**64), got -1"),
 ])
 def test_make_checkpoint_rejects_bad_flags(capsys, tmp_path, flags, message):
-    code, out, err = run_main(capsys, "make-checkpoint", *flags, str(tmp_path / "ckpt"))
+    code, out, err = run_cli(capsys, "make-checkpoint", *flags, str(tmp_path / "ckpt"))
     assert code == 2 and message in err, err
     assert not (tmp_path / "ckpt").exists()
 
@@ -202,10 +193,10 @@ def test_make_checkpoint_rejects_bad_flags(capsys, tmp_path, flags, message):
 def test_make_checkpoint_into_a_file_fails_cleanly(capsys, tmp_path):
     target = tmp_path / "taken"
     target.write_text("not a directory")
-    code, out, err = run_main(capsys, "make-checkpoint", str(target))
+    code, out, err = run_cli(capsys, "make-checkpoint", str(target))
     assert code == 2 and f"output directory '{target}' exists and is not a directory" in err, err
     assert out == "" and target.read_text() == "not a directory"
-    code, out, err = run_main(capsys, "make-checkpoint", str(target / "sub"))  # NotADirectoryError
+    code, out, err = run_cli(capsys, "make-checkpoint", str(target / "sub"))  # NotADirectoryError
     assert code == 1 and f"cannot write the checkpoint to '{target / 'sub'}'" in err, err
     assert out == "" and "Traceback" not in err
 
@@ -217,7 +208,7 @@ def test_make_checkpoint_unwritable_fails_cleanly(capsys, tmp_path, monkeypatch)
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr(checkpoint.os, "makedirs", denied)
-    code, out, err = run_main(capsys, "make-checkpoint", str(tmp_path / "ckpt"))
+    code, out, err = run_cli(capsys, "make-checkpoint", str(tmp_path / "ckpt"))
     assert code == 1 and "Permission denied" in err and str(tmp_path / "ckpt") in err, err
     assert out == ""
 
@@ -243,7 +234,7 @@ def test_an_unexpected_failure_is_one_line_on_stderr(capsys, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "make_checkpoint", broken)
     monkeypatch.delenv("QWENSERVE_DEBUG", raising=False)
-    code, out, err = run_main(capsys, "make-checkpoint", "--preset", "tiny", "/tmp/unused-qwenserve-ckpt")
+    code, out, err = run_cli(capsys, "make-checkpoint", "--preset", "tiny", "/tmp/unused-qwenserve-ckpt")
     assert code == 1 and "Traceback" not in err
     assert "disk on fire" in err
     monkeypatch.setenv("QWENSERVE_DEBUG", "1")

@@ -19,6 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cli_run import run_cli  # tests/ is on sys.path
 from qwenserve.server import gen_protos
 from qwenserve.server.client import AsyncQwenClient, QwenClient
 
@@ -594,18 +595,6 @@ def test_launch_exits_1_when_the_warm_up_fails(tmp_path):
 
 
 # --- `qwenserve generate` against the running server --------------------------------------------
-
-def run_cli(capsys, *argv):
-    """(exit code, stdout, stderr) of `qwenserve ARGV` run in this process."""
-    from qwenserve import cli
-
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def test_generate_command_chat_and_system_match_the_client(server, client, capsys):
     """--chat sends PROMPT as a user message and --system the system prompt: the streamed text
