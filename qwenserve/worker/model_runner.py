@@ -20,6 +20,29 @@ from qwenserve.scheduler.output import SchedulerOutput
 from qwenserve.worker.sampler import Sampler, SamplingState, make_generator
 
 
+# Triton compiles a kernel per 16-byte alignment of its pointer arguments: every view into a
+# packed step buffer starts on such a boundary, so it is the same from step to step.
+_ALIGN_BYTES = 16
+
+
+def _pack(parts, dtype) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """One host buffer holding the 1-D `parts` end to end, each starting on a 16-byte boundary;
+    returns it and each part's (start, length)."""
+    step = _ALIGN_BYTES // np.dtype(dtype).itemsize
+    spans, offset = [], 0
+    for part in parts:
+        spans.append((offset, len(part)))
+        offset += -(-len(part) // step) * step
+    buf = np.zeros(max(offset, 1), dtype=dtype)  # the padding is never read, but stays defined
+    for (start, length), part in zip(spans, parts):
+        buf[start:start + length] = part
+    return buf, spans
+
+
+def _view(buffer: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+    return buffer[span[0]:span[0] + span[1]]
+
+
 @dataclass
 class ModelRunnerOutput:
     """Per request that reached the end of its known tokens this step: the sampled token."""
@@ -123,34 +146,26 @@ class ModelRunner:
         # Three host-to-device copies per step (int64, int32, float32), each array a view of one
         # of them: on a GPU every separate copy from pageable memory costs ~10 us of host time.
         dev = self.device
-        num_tokens, num_seqs, num_samples = len(ids), len(seq_lens), len(sample_rows)
-        int64 = np.empty(3 * num_tokens + num_samples, dtype=np.int64)
-        int64[:num_tokens] = ids
-        int64[num_tokens:2 * num_tokens] = positions
-        int64[2 * num_tokens:3 * num_tokens] = slots
-        int64[3 * num_tokens:] = [row for row, _ in sample_rows]
-        int32 = np.empty(2 * num_seqs + 1 + table.size, dtype=np.int32)
-        int32[:num_seqs + 1] = starts
-        int32[num_seqs + 1:2 * num_seqs + 1] = seq_lens
-        int32[2 * num_seqs + 1:] = table.ravel()
-        host_positions = torch.from_numpy(int64[num_tokens:2 * num_tokens])
+        positions_np = np.asarray(positions, dtype=np.int64)
+        int64, (id_span, pos_span, slot_span, row_span) = _pack(
+            [ids, positions_np, slots, [row for row, _ in sample_rows]], np.int64)
+        int32, (qsl_span, len_span, table_span) = _pack([starts, seq_lens, table.ravel()], np.int32)
         use_logn = self.config.use_logn_attn
-        float32 = torch.empty((2 if use_logn else 1, num_tokens), dtype=torch.float32)
-        float32[0] = torch.tensor(thetas, dtype=torch.float32)
+        floats = [np.asarray(thetas, dtype=np.float32)]
         if use_logn:
-            float32[1] = logn_scales(host_positions, self.config.seq_length)
-        int64_t = torch.from_numpy(int64).to(dev)
-        int32_t = torch.from_numpy(int32).to(dev)
-        float32_t = float32.to(dev)
+            floats.append(logn_scales(torch.from_numpy(positions_np), self.config.seq_length).numpy())
+        float32, float_spans = _pack(floats, np.float32)
+        int64_t, int32_t, float32_t = (torch.from_numpy(a).to(dev) for a in (int64, int32, float32))
         meta = AttentionMetadata(
-            query_start_loc=int32_t[:num_seqs + 1], seq_lens=int32_t[num_seqs + 1:2 * num_seqs + 1],
+            query_start_loc=_view(int32_t, qsl_span), seq_lens=_view(int32_t, len_span),
             max_query_len=max(b - a for a, b in zip(starts, starts[1:])), max_seq_len=max(seq_lens),
-            rope_theta=float32_t[0], logn_scale=float32_t[1] if use_logn else None,
-            block_tables=int32_t[2 * num_seqs + 1:].view(table.shape),
-            slot_mapping=int64_t[2 * num_tokens:3 * num_tokens],
+            rope_theta=_view(float32_t, float_spans[0]),
+            logn_scale=_view(float32_t, float_spans[1]) if use_logn else None,
+            block_tables=_view(int32_t, table_span).view(table.shape),
+            slot_mapping=_view(int64_t, slot_span),
             query_start_loc_list=starts, seq_lens_list=seq_lens)
-        sample_index = int64_t[3 * num_tokens:]
-        return int64_t[:num_tokens], int64_t[num_tokens:2 * num_tokens], meta, sample_rows, sample_index
+        return (_view(int64_t, id_span), _view(int64_t, pos_span), meta, sample_rows,
+                _view(int64_t, row_span))
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()

@@ -1,0 +1,51 @@
+"""ModelRunner.prepare_inputs: the step's tensors, packed into three host-to-device copies, hold
+what the scheduler asked for, and every one starts on a 16-byte boundary (Triton compiles a
+kernel per pointer alignment; a view whose alignment changed with the batch would recompile)."""
+import torch
+
+from qwenserve import LLM, SamplingParams
+
+
+def test_step_tensors_are_aligned_views_with_the_scheduled_values(tiny_checkpoint):
+    llm = LLM(model=tiny_checkpoint, device="cpu", max_num_batched_tokens=40, block_size=4)
+    runner = llm.engine.executor.worker.runner
+    seen = []
+    original = runner.prepare_inputs
+
+    def recording(out):
+        result = original(out)
+        seen.append((dict(out.num_scheduled_tokens), result))
+        return result
+
+    runner.prepare_inputs = recording
+    engine = llm.engine
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    for i, n in enumerate((3, 17, 30)):  # odd sizes: packed segments of odd lengths
+        engine.add_request(f"r{i}", prompt_token_ids=list(range(1000 + i, 1000 + i + n)), params=params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    llm.shutdown()
+
+    assert len(seen) > 3
+    for scheduled, (input_ids, positions, meta, sample_rows, sample_index) in seen:
+        tensors = [input_ids, positions, sample_index, meta.query_start_loc, meta.seq_lens,
+                   meta.block_tables, meta.slot_mapping, meta.rope_theta]
+        for t in tensors:
+            assert t.data_ptr() % 16 == 0, t
+        num_tokens = sum(scheduled.values())
+        assert input_ids.shape == positions.shape == meta.slot_mapping.shape == meta.rope_theta.shape == (num_tokens,)
+        assert meta.query_start_loc.tolist() == meta.query_start_loc_list
+        assert meta.seq_lens.tolist() == meta.seq_lens_list
+        assert sample_index.tolist() == [row for row, _ in sample_rows]
+        # Positions run from each request's computed count up to its new sequence length.
+        expected_positions = []
+        for start, end, seq_len in zip(meta.query_start_loc_list, meta.query_start_loc_list[1:],
+                                       meta.seq_lens_list):
+            expected_positions += list(range(seq_len - (end - start), seq_len))
+        assert positions.tolist() == expected_positions
+        # Slots address each token's block and offset through the block table (block size 4).
+        for b, (start, end) in enumerate(zip(meta.query_start_loc_list, meta.query_start_loc_list[1:])):
+            for row in range(start, end):
+                pos = positions[row].item()
+                assert meta.slot_mapping[row].item() == meta.block_tables[b, pos // 4].item() * 4 + pos % 4
+        assert torch.all(meta.rope_theta > 0)
