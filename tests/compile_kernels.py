@@ -12,7 +12,9 @@ way to a cubin with the ptxas that ships in Triton's wheel.
 
 Prints one line per compiled kernel (shared memory, warps, registers and spills as ptxas -v
 reports them) and exits non-zero if any compile fails, needs more shared memory than the GPU
-allows, or spills registers to local memory (a tile too large for the register file: slow). Run by
+allows, or spills registers to local memory (a tile too large for the register file: slow), or
+if a kernel compiles again when only the batch changes (batch size, block-table width, token
+count: values Triton would otherwise specialize on, stalling a serving step on a JIT compile). Run by
 tests/test_kernels_compile.py in a subprocess, since the test process itself has the
 interpreter on.
 """
@@ -160,6 +162,33 @@ def _cases(quick):
     return cases
 
 
+def _stable_across_steps(recorder) -> list[str]:
+    """Launches each step-shaped kernel for batches of different sizes and block-table widths, as
+    successive engine steps would, and returns the kernels that compiled more than once: a value
+    that changes from step to step must not select a new specialization (a JIT stall mid-serving)."""
+    heads, head_dim, block_size = 32, 128, 16
+    cache = torch.randn(200, block_size, heads, head_dim).to(torch.bfloat16)
+    start = len(recorder.compiled)
+    for num_seqs, width, q_len in [(1, 1, 1), (3, 16, 1), (7, 17, 1), (16, 33, 1), (2, 5, 9), (5, 32, 20),
+                                   (1, 12, 100)]:
+        tables = torch.randint(1, 200, (num_seqs, width), dtype=torch.int32)
+        seq_lens = torch.full((num_seqs,), width * block_size, dtype=torch.int32)
+        qsl = torch.arange(num_seqs + 1, dtype=torch.int32) * q_len
+        q = torch.randn(num_seqs * q_len, 3 * heads, head_dim).to(torch.bfloat16)[:, :heads]
+        paged_attention.paged_attention(q, cache, cache, qsl, seq_lens, tables, head_dim ** -0.5, None,
+                                        q_len, width * block_size)
+    k, n, group = 1024, 512, 128
+    qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32)
+    qzeros = torch.randint(-2**31, 2**31 - 1, (k // group, n // 8), dtype=torch.int32)
+    scales = torch.rand(k // group, n).half()
+    for tokens in (1, 2, 16, 33, 64):
+        gptq_matmul.gptq_matmul(torch.randn(tokens, k).half(), qweight, qzeros, scales, group)
+    compiled = {}
+    for kernel, binary in recorder.compiled[start:]:
+        compiled.setdefault(kernel.fn.__name__, set()).add(id(binary))
+    return [f"{name} compiled {len(ids)} times" for name, ids in compiled.items() if len(ids) > 1]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100)")
@@ -192,6 +221,10 @@ def main(argv=None):
                 print(f"{'FAIL' if problems else 'ok':4} {label}: {kernel.fn.__name__} shared={shared} B "
                       f"warps={compiled.metadata.num_warps} stages={compiled.metadata.num_stages} "
                       f"registers={registers} spills={spills} B {'; '.join(problems)}")
+        unstable = _stable_across_steps(recorder)
+    for problem in unstable:
+        print(f"FAIL step-to-step recompile: {problem}")
+    failures += unstable
     print(f"{len(recorder.compiled)} kernels compiled, {len(failures)} failed")
     return 1 if failures else 0
 

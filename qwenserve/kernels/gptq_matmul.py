@@ -91,7 +91,7 @@ def _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, offs_k, offs_n, mask_n, g
     return (q - zero[None, :]).to(tl.float32) * scale[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # changes every step
 def _gptq_matmul_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, num_tokens, n, k,
                         group_size, stride_x, stride_qw, stride_qz, stride_s, stride_out,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

@@ -31,7 +31,8 @@ from .paged_decode import paged_decode_attention
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# The block table's width changes from step to step: not specialized on (a compile per value class).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     qsl_ptr, seq_lens_ptr, block_tables_ptr, logn_ptr,

@@ -27,7 +27,8 @@ _MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost outweighs the paralle
 _SM_COUNT = {}
 
 
-@triton.jit
+# Per-step ints are not specialized on (== 1, % 16): a new value must not mean a new compile.
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr,
     qsl_ptr, seq_lens_ptr, block_tables_ptr, logn_ptr,
@@ -91,7 +92,7 @@ def _split_kernel(
     tl.store(part_l_ptr + part, l_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_kernel(
     part_out_ptr, part_m_ptr, part_l_ptr, out_ptr, qsl_ptr,
     num_heads, num_splits,
