@@ -249,6 +249,46 @@ def test_deadline_aborts_and_frees_blocks(client):
     assert stats["num_aborted_requests"] == before + 1
 
 
+@pytest.mark.timeout(STARTUP_TIMEOUT + 180)
+def test_calls_cancelled_or_timed_out_while_their_add_is_queued_never_kill_the_engine(server, client):
+    """The engine is kept busy by long streams while many calls are cancelled, or reach their
+    deadline, a few milliseconds after they start: some before the engine took their request,
+    some after. Whatever the moment, only that request is aborted: the engine stays up, later
+    calls succeed, health stays SERVING and every block is freed."""
+    wait_idle(client)
+    busy = [client.generate_stream(f"Keep the engine busy {i}", max_tokens=120, **GREEDY) for i in range(3)]
+    for stream in busy:
+        next(stream)
+
+    async def hammer():
+        async with AsyncQwenClient(server.address) as c:
+            async def short_deadline(i):
+                try:
+                    await c.generate(f"deadline {i}", max_tokens=50, timeout=0.001 * (1 + i % 50), **GREEDY)
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e
+
+            async def cancelled(i):
+                task = asyncio.ensure_future(c.generate(f"cancel {i}", max_tokens=50, **GREEDY))
+                await asyncio.sleep(0.001 * (i % 30))
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+
+            await asyncio.gather(*[short_deadline(i) for i in range(60)], *[cancelled(i) for i in range(60)])
+
+    asyncio.run(hammer())
+    for stream in busy:
+        assert list(stream)[-1].finish_reason == "length"
+    assert client.generate("still alive?", max_tokens=2, **GREEDY).outputs[0].finish_reason == "length"
+    with grpc.insecure_channel(server.address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    wait_idle(client)
+
+
 BAD_INPUTS = [
     (dict(prompt="hi", temperature=-1.0), "temperature"),
     (dict(prompt="hi", top_p=1.5), "top_p"),

@@ -227,3 +227,45 @@ def test_idle_engine_thread_blocks_instead_of_spinning(make_bridge):
     calls, steps = engine.has_unfinished_calls, engine.steps
     time.sleep(0.3)
     assert (engine.has_unfinished_calls, engine.steps) == (calls, steps)
+
+
+def test_a_future_cancelled_before_the_engine_takes_the_add_never_harms_the_engine(make_bridge):
+    """A client cancel or deadline cancels the task awaiting `add`'s future (asyncio.wrap_future
+    passes the cancel on). Whenever that happens relative to the engine thread applying the add,
+    the engine thread must not fail (it used to set a result on the cancelled future, raising
+    InvalidStateError and killing the engine for every later call)."""
+    engine = ScriptedEngine()
+    bridge = EngineBridge(engine, max_waiting_requests=16)  # not started: the add stays queued
+    future, items = collect(bridge, "cancelled", max_tokens=10**9)
+    assert future.cancel()
+    bridge.start()
+    try:
+        after, after_items = collect(bridge, "after", max_tokens=2)
+        after.result(timeout=5)
+        deltas, failure = drain(after_items)
+        assert failure is None and deltas[-1].finish_reason == "length"
+        assert bridge.dead_reason is None
+        assert [r.id for r in engine.running + engine.waiting] == []  # the cancelled add never ran
+        assert bridge.num_active == 0
+    finally:
+        bridge.close(timeout=5)
+
+
+def test_cancelling_futures_at_random_moments_never_kills_the_engine(make_bridge):
+    """The same race, exercised many times with the engine thread running."""
+    engine = ScriptedEngine(max_running=64)
+    bridge = make_bridge(engine, max_waiting=1000)
+    for i in range(300):
+        future, _ = collect(bridge, f"r{i}", max_tokens=3)
+        if i % 2:
+            future.cancel()
+        else:
+            bridge.abort(f"r{i}")
+    ok, items = collect(bridge, "last", max_tokens=2)
+    ok.result(timeout=5)
+    assert drain(items)[1] is None
+    assert bridge.dead_reason is None
+    deadline = time.monotonic() + 5
+    while bridge.num_active:
+        assert time.monotonic() < deadline, bridge.num_active
+        time.sleep(0.01)

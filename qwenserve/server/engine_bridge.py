@@ -207,6 +207,16 @@ class EngineBridge:
         if op[0] == "add":
             _, tracked, kwargs, future = op
             self._num_pending_adds -= tracked.n
+            # The caller may cancel its future at any moment (a client cancel or deadline
+            # cancels the awaiting task, and asyncio.wrap_future passes that on). Moving the
+            # future to RUNNING first makes it uncancellable from here on, so setting its
+            # result below can never raise; a future already cancelled means the caller is
+            # gone: the request never reaches the engine.
+            if not future.set_running_or_notify_cancel():
+                if self._requests.get(tracked.request_id) is tracked:
+                    del self._requests[tracked.request_id]
+                    self._num_aborted += 1
+                return
             if self._requests.get(tracked.request_id) is not tracked:
                 future.set_result(None)  # aborted before it reached the engine
                 return
@@ -282,7 +292,7 @@ class EngineBridge:
             self._inbox.clear()
             self._num_pending_adds = 0
         for op in pending:
-            if not op[3].done():
+            if op[3].set_running_or_notify_cancel():  # else the caller cancelled it
                 op[3].set_exception(EngineUnavailable(f"engine failed: {reason}"))
         for tracked in victims:
             self._deliver(tracked.sink, EngineFailure(reason))
