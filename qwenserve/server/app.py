@@ -10,7 +10,7 @@ Owns the server's lifecycle:
   4. on SIGINT/SIGTERM: health NOT_SERVING, refuse new calls, let running calls finish for
      up to `shutdown_grace` seconds, abort the rest (their streams end with finish_reason
      "abort"), stop the engine thread and the engine's workers, exit 0.
-An engine failure later turns health NOT_SERVING (the bridge answers UNAVAILABLE) but keeps
+An engine failure later turns health NOT_SERVING (calls get UNAVAILABLE) but keeps
 the process up, so that an orchestrator sees the failure through health.
 """
 from __future__ import annotations
@@ -34,7 +34,9 @@ from qwenserve.sampling_params import SamplingParams
 
 from . import qwenserve_pb2 as pb
 from . import qwenserve_pb2_grpc as pb_grpc
-from .engine_bridge import EngineBridge, EngineFailure
+from qwenserve.frontend.engine_client import EngineClient, EngineUnavailable
+
+from .engine_bridge import BridgeEngineClient
 from .servicer import GenerationServicer
 
 logger = logging.getLogger(__name__)
@@ -77,39 +79,17 @@ def build_engine(config: EngineConfig) -> Any:
     return LLMEngine(config, load_progress=LoadProgress())
 
 
-def shutdown_engine(engine: Any) -> None:
-    """Stops the engine's workers (Ray actors with tp > 1) if it has anything to stop."""
-    for name in ("shutdown", "close"):
-        stop = getattr(engine, name, None)
-        if callable(stop):
-            try:
-                stop()
-            except Exception:
-                logger.exception("engine %s() failed", name)
-            return
-
-
-async def warm_up(bridge: EngineBridge, timeout: float = 600.0) -> None:
-    """One short greedy generation through the engine thread; raises if it fails."""
-    loop = asyncio.get_running_loop()
-    outputs: asyncio.Queue = asyncio.Queue()
-    request_id = f"warmup-{uuid.uuid4().hex}"
-    accepted = bridge.add(request_id, lambda item: loop.call_soon_threadsafe(outputs.put_nowait, item),
-                          n=1, prompt="Hello, world", params=SamplingParams(max_tokens=2, temperature=0.0))
-
+async def warm_up(engine: EngineClient, timeout: float = 600.0) -> None:
+    """One short greedy generation through the engine; raises if it fails."""
     async def run() -> None:
-        await asyncio.wrap_future(accepted)
-        while True:
-            item = await outputs.get()
-            if isinstance(item, EngineFailure):
-                raise RuntimeError(f"engine failed during warm-up: {item.message}")
-            if any(d.finish_reason for d in item):
-                return
+        try:
+            async for _ in engine.generate(f"warmup-{uuid.uuid4().hex}", prompt="Hello, world",
+                                           params=SamplingParams(max_tokens=2, temperature=0.0)):
+                pass
+        except EngineUnavailable:
+            raise RuntimeError(f"engine failed during warm-up: {engine.dead_reason}") from None
 
-    try:
-        await asyncio.wait_for(run(), timeout)
-    finally:
-        bridge.abort(request_id)  # no-op when it finished
+    await asyncio.wait_for(run(), timeout)
 
 
 class _Server:
@@ -134,10 +114,9 @@ class _Server:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         await self._set_health(_NOT_SERVING)
-        bridge = EngineBridge(self.engine, self.config.max_waiting_requests,
-                              on_failure=lambda reason: self._on_engine_failure(loop, reason))
-        bridge.start()
-        servicer = GenerationServicer(bridge, self.engine)
+        client = BridgeEngineClient(self.engine, self.config.max_waiting_requests)
+        client.on_failure(lambda reason: self._on_engine_failure(loop, reason))
+        servicer = GenerationServicer(client)
         # so_reuseport off: a second server on a busy port must fail, not share it.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServicer_to_server(servicer, server)
@@ -153,7 +132,7 @@ class _Server:
             logger.error("%s", e)
         if not bound:
             print(f"qwenserve: error: cannot listen on {address}", file=sys.stderr, flush=True)
-            bridge.close(5)
+            await client.close()
             return 1
         address = f"{self.host}:{bound}"
         await server.start()
@@ -165,7 +144,7 @@ class _Server:
 
         try:
             started = time.monotonic()
-            warm = asyncio.ensure_future(warm_up(bridge))
+            warm = asyncio.ensure_future(warm_up(client))
             stop = asyncio.ensure_future(self.stop_requested.wait())
             await asyncio.wait({warm, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not warm.done():  # a signal during warm-up: nothing runs yet, just leave
@@ -181,9 +160,9 @@ class _Server:
         except Exception as e:  # warm-up failed: never report SERVING
             logger.exception("warm-up failed")
             print(f"qwenserve: error: warm-up failed: {e}", file=sys.stderr, flush=True)
-            await self._shutdown(server, bridge, grace=0.0)
+            await self._shutdown(server, client, grace=0.0)
             return 1
-        await self._shutdown(server, bridge, grace=self.shutdown_grace)
+        await self._shutdown(server, client, grace=self.shutdown_grace)
         return 0
 
     def _on_signal(self) -> None:
@@ -192,22 +171,21 @@ class _Server:
             self.shutdown_grace = 0.0
         self.stop_requested.set()
 
-    async def _shutdown(self, server: grpc.aio.Server, bridge: EngineBridge, grace: float) -> None:
+    async def _shutdown(self, server: grpc.aio.Server, client: EngineClient, grace: float) -> None:
         loop = asyncio.get_running_loop()
-        print(f"qwenserve: shutting down ({bridge.num_active} running, grace {grace:g}s)",
+        print(f"qwenserve: shutting down ({client.num_active} running, grace {grace:g}s)",
               file=sys.stderr, flush=True)
         await self.health.enter_graceful_shutdown()
-        bridge.stop_accepting()
+        client.stop_accepting()
         # server.stop refuses new calls at once and cancels what is left after its grace;
         # ours ends first, so every stream still open gets its "abort" message.
         stopped = asyncio.ensure_future(server.stop(grace + _FLUSH_SECONDS))
         deadline = loop.time() + grace
-        while bridge.num_active and loop.time() < deadline and not self._forced(grace):
+        while client.num_active and loop.time() < deadline and not self._forced(grace):
             await asyncio.sleep(0.05)
-        bridge.abort_all()
+        await client.abort_all()
         await stopped
-        bridge.close(timeout=10)
-        shutdown_engine(self.engine)
+        await client.close()
 
     def _forced(self, grace: float) -> bool:
         return self.shutdown_grace < grace  # a second signal zeroed the grace

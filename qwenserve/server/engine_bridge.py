@@ -20,34 +20,19 @@ When there is nothing to do the engine thread blocks on a condition: no busy spi
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
+
+from qwenserve.frontend.engine_client import (Delta, EngineClient, EngineUnavailable, ModelInfo,
+                                              QueueFull)
+from qwenserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    """The waiting queue is at `max_waiting_requests`."""
-
-
-class EngineUnavailable(Exception):
-    """The engine has failed, or the server is shutting down."""
-
-
-@dataclass(frozen=True)
-class Delta:
-    """What one completion gained in one engine step."""
-    index: int
-    text: str
-    token_ids: tuple
-    finish_reason: Optional[str]  # None while running
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: Optional[list] = None  # one entry per new token, engine's format
 
 
 @dataclass(frozen=True)
@@ -301,3 +286,98 @@ class EngineBridge:
                 self.on_failure(reason)
             except Exception:
                 logger.exception("on_failure callback failed")
+
+
+class BridgeEngineClient(EngineClient):
+    """`EngineClient` over an `EngineBridge` driving an `LLMEngine` in this process."""
+
+    def __init__(self, engine: Any, max_waiting_requests: int):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.generation_config = getattr(engine, "generation_config", None) or {}
+        self.max_model_len = engine.max_model_len
+        self.info = engine_model_info(engine)
+        self._failure_callbacks: list[Callable[[str], None]] = []
+        self.bridge = EngineBridge(engine, max_waiting_requests, on_failure=self._on_failure)
+        self.bridge.start()
+
+    def _on_failure(self, reason: str) -> None:
+        for callback in self._failure_callbacks:
+            callback(reason)
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        self._failure_callbacks.append(callback)
+
+    async def generate(self, request_id: str, *, params: SamplingParams, prompt: Optional[str] = None,
+                       prompt_token_ids: Optional[Sequence[int]] = None, messages: Optional[list] = None,
+                       system: Optional[str] = None) -> AsyncIterator[list[Delta]]:
+        inputs = {k: v for k, v in dict(prompt=prompt, prompt_token_ids=prompt_token_ids,
+                                          messages=messages, system=system).items() if v is not None}
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+
+        def sink(item) -> None:  # runs on the engine thread
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        accepted = self.bridge.add(request_id, sink, n=params.n, params=params, **inputs)
+        complete = False
+        try:
+            try:
+                await asyncio.wrap_future(accepted)
+            except (ValueError, EngineUnavailable):
+                complete = True  # never entered the engine
+                raise
+            remaining = params.n
+            while remaining:
+                item = await outputs.get()
+                if isinstance(item, EngineFailure):
+                    complete = True
+                    raise EngineUnavailable(f"engine failed: {item.message}")
+                remaining -= sum(1 for delta in item if delta.finish_reason)
+                complete = not remaining
+                yield item
+        finally:
+            # The consumer left early (break, error, cancel, deadline): free the blocks now
+            # rather than when the request would have finished.
+            if not complete:
+                self.bridge.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.bridge.abort(request_id)
+
+    async def encode(self, text: str) -> list[int]:
+        return await asyncio.to_thread(self.tokenizer.encode, text)
+
+    def stats(self) -> dict:
+        return self.bridge.stats()
+
+    @property
+    def dead_reason(self) -> Optional[str]:
+        return self.bridge.dead_reason
+
+    @property
+    def num_active(self) -> int:
+        return self.bridge.num_active
+
+    def stop_accepting(self) -> None:
+        self.bridge.stop_accepting()
+
+    async def abort_all(self) -> None:
+        self.bridge.abort_all()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.bridge.close, 10)
+        shutdown = getattr(self.engine, "shutdown", None)
+        if callable(shutdown):
+            await asyncio.to_thread(shutdown)
+
+
+def engine_model_info(engine: Any) -> ModelInfo:
+    """ModelInfo from an engine's resolved settings (what "auto" became, the KV blocks it got)."""
+    config = engine.config
+    return ModelInfo(
+        model=config.model or "built-in tiny Qwen (random weights)",
+        max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size,
+        tensor_parallel_size=config.tensor_parallel_size,
+        dtype=str(engine.executor.dtype).replace("torch.", ""), device=str(engine.executor.device),
+        block_size=config.block_size, num_kv_blocks=engine.get_stats()["num_total_blocks"])

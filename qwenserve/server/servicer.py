@@ -3,7 +3,7 @@
 Owns the translation between proto messages and the engine's world: request validation
 and the proto -> `SamplingParams` mapping (an unset optional field means the server
 default), status codes for every failure, and turning the bridge's per-step `Delta`s into
-`GenerateResponse` messages. The engine itself is only reached through `EngineBridge`.
+`GenerateResponse` messages. The engine itself is only reached through an `EngineClient`.
 
 Status codes: bad input -> INVALID_ARGUMENT (the message names the field), waiting queue
 full -> RESOURCE_EXHAUSTED, engine dead / warming up / shutting down -> UNAVAILABLE.
@@ -11,7 +11,6 @@ A call that ends early (client cancel, deadline) aborts its request in `finally`
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from typing import Any, Optional
@@ -22,7 +21,7 @@ from qwenserve.sampling_params import SamplingParams
 
 from . import qwenserve_pb2 as pb
 from . import qwenserve_pb2_grpc as pb_grpc
-from .engine_bridge import EngineBridge, EngineFailure, EngineUnavailable, QueueFull
+from qwenserve.frontend.engine_client import Delta, EngineClient, EngineUnavailable, ModelInfo, QueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -89,23 +88,25 @@ def _logprobs_message(entry: Any) -> pb.TokenLogprobs:
     return pb.TokenLogprobs(top=[pb.TokenLogprob(token_id=int(t), logprob=float(lp)) for t, lp in pairs])
 
 
-def model_info(engine: Any) -> pb.ModelInfo:
-    """ModelInfo from the engine's resolved settings (what "auto" became, the KV blocks it got)."""
-    config = engine.config
-    return pb.ModelInfo(
-        model=config.model or "built-in tiny Qwen (random weights)",
-        max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size,
-        tensor_parallel_size=config.tensor_parallel_size,
-        dtype=str(engine.executor.dtype).replace("torch.", ""), device=str(engine.executor.device),
-        block_size=config.block_size, num_gpu_blocks=engine.get_stats()["num_total_blocks"])
+def model_info_message(info: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(model=info.model, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+                        tensor_parallel_size=info.tensor_parallel_size, dtype=info.dtype,
+                        device=info.device, block_size=info.block_size, num_gpu_blocks=info.num_kv_blocks)
+
+
+def response_message(request_id: str, delta: Delta) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        request_id=request_id, index=delta.index, text=delta.text, token_ids=delta.token_ids,
+        finish_reason=delta.finish_reason or "", prompt_tokens=delta.prompt_tokens,
+        completion_tokens=delta.completion_tokens,
+        logprobs=[_logprobs_message(e) for e in delta.logprobs or ()])
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, bridge: EngineBridge, engine: Any):
-        self.bridge = bridge
+    def __init__(self, engine: EngineClient):
         self.engine = engine
-        self.generation_config = getattr(engine, "generation_config", None)
-        self.info = model_info(engine)
+        self.generation_config = engine.generation_config
+        self.info = model_info_message(engine.info)
         # Set by the app once the warm-up generation succeeded; until then, UNAVAILABLE.
         self.ready = False
 
@@ -118,66 +119,35 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         request_id = request.request_id or uuid.uuid4().hex
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue = asyncio.Queue()
-
-        def sink(item) -> None:  # runs on the engine thread
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
-
+        # Each failure below ends the call; leaving the loop for any reason (client cancel,
+        # deadline) aborts the request inside `generate`.
+        status = None
         try:
-            accepted = self.bridge.add(request_id, sink, n=params.n, params=params, **add_kwargs)
-        except QueueFull as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except EngineUnavailable as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            async for deltas in self.engine.generate(request_id, params=params, **add_kwargs):
+                for delta in deltas:
+                    yield response_message(request_id, delta)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-
-        complete = False
-        try:
-            try:
-                await asyncio.wrap_future(accepted)
-            except ValueError as e:
-                complete = True
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            except EngineUnavailable as e:
-                complete = True
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-            except Exception as e:  # noqa: BLE001 - a bug for this request, not the server
-                complete = True
-                logger.exception("add_request failed for %s", request_id)
-                await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
-            remaining = params.n
-            while remaining:
-                item = await outputs.get()
-                if isinstance(item, EngineFailure):
-                    complete = True
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine failed: {item.message}")
-                for delta in item:
-                    yield pb.GenerateResponse(
-                        request_id=request_id, index=delta.index, text=delta.text,
-                        token_ids=delta.token_ids, finish_reason=delta.finish_reason or "",
-                        prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens,
-                        logprobs=[_logprobs_message(e) for e in delta.logprobs or ()])
-                    if delta.finish_reason:
-                        remaining -= 1
-            complete = True
-        finally:
-            # Client cancel or deadline: the task is cancelled at an await above; free the
-            # request's blocks now rather than when it would have finished.
-            if not complete:
-                self.bridge.abort(request_id)
+            status = (grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except QueueFull as e:
+            status = (grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except EngineUnavailable as e:
+            status = (grpc.StatusCode.UNAVAILABLE, str(e))
+        except Exception as e:  # noqa: BLE001 - a bug for this request, not the server
+            logger.exception("request %s failed", request_id)
+            status = (grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        if status is not None:
+            await context.abort(*status)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         # Off the event loop: a long text must not stall every stream.
-        ids = await asyncio.to_thread(self.engine.tokenizer.encode, request.text)
+        ids = await self.engine.encode(request.text)
         return pb.TokenizeResponse(ids=ids)
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
         return self.info
 
     async def GetStats(self, request, context) -> pb.Stats:
-        stats = self.bridge.stats()
+        stats = self.engine.stats()
         fields = {f.name: f for f in pb.Stats.DESCRIPTOR.fields}
         values = {}
         for name, value in stats.items():
