@@ -1,4 +1,4 @@
-"""Builds and runs the gRPC server process: `run_server(config, host, port, ...)`.
+"""Builds and runs the serving process: `run_server(config, options)`.
 
 Owns the server's lifecycle:
   1. build the engine (weights load here; the engine shows its own progress);
@@ -37,6 +37,7 @@ from . import qwenserve_pb2_grpc as pb_grpc
 from qwenserve.frontend.engine_client import EngineClient, EngineUnavailable
 
 from .engine_bridge import BridgeEngineClient
+from .options import ServerOptions
 from .servicer import GenerationServicer
 
 logger = logging.getLogger(__name__)
@@ -93,12 +94,12 @@ async def warm_up(engine: EngineClient, timeout: float = 600.0) -> None:
 
 
 class _Server:
-    def __init__(self, engine: Any, config: EngineConfig, host: str, port: int,
-                 shutdown_grace: float):
+    def __init__(self, engine: Any, config: EngineConfig, options: ServerOptions):
         self.engine = engine
         self.config = config
-        self.host, self.port = host, port
-        self.shutdown_grace = shutdown_grace
+        self.options = options
+        self.host, self.port = options.host, options.port
+        self.shutdown_grace = options.shutdown_grace
         self.health = health.aio.HealthServicer()
         self.stop_requested: Optional[asyncio.Event] = None
 
@@ -202,9 +203,10 @@ def _port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 50051,
-               shutdown_grace: float = 10.0, engine: Any = None) -> int:
+def run_server(config: EngineConfig, options: Optional[ServerOptions] = None, engine: Any = None) -> int:
     """Serves until SIGINT/SIGTERM; returns the process exit code."""
+    options = options or ServerOptions()
+    host, port = options.host, options.port
     if port and not _port_is_free(host, port):  # fail before minutes of weight loading
         print(f"qwenserve: error: cannot listen on {host}:{port}: address in use", file=sys.stderr)
         return 1
@@ -216,4 +218,4 @@ def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 50051,
         except (ValueError, OSError) as e:  # a bad model directory or setting: say so, no traceback
             print(f"qwenserve: error: {e}", file=sys.stderr, flush=True)
             return 2
-    return asyncio.run(_Server(engine, config, host, port, shutdown_grace).run())
+    return asyncio.run(_Server(engine, config, options).run())

@@ -80,7 +80,9 @@ def launch(args: argparse.Namespace) -> int:
         return 2
     from .app import run_server
 
-    return run_server(config, host=args.host, port=args.port, shutdown_grace=args.shutdown_grace)
+    from .options import ServerOptions
+
+    return run_server(config, ServerOptions(host=args.host, port=args.port, shutdown_grace=args.shutdown_grace))
 
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
