@@ -307,12 +307,11 @@ def cmd_prefill(args) -> dict:
             llm.engine.add_request(f"prefill-{seed}-{k}", prompt_token_ids=r.prompt_token_ids,
                                    params=SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
         sync()
-        start, steps = time.perf_counter(), 0
+        start, first_step = time.perf_counter(), llm.engine.scheduler.num_steps
         while llm.engine.has_unfinished_requests():
             llm.engine.step()
-            steps += 1
         sync()
-        return time.perf_counter() - start, steps
+        return time.perf_counter() - start, llm.engine.scheduler.num_steps - first_step
 
     run(args.seed + 10_000)  # warm-up on other ids: nothing for the prefix cache to hit
     elapsed, steps = run(args.seed)

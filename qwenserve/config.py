@@ -31,6 +31,8 @@ class EngineConfig:
     use_triton: Optional[bool] = None  # None: Triton kernels on CUDA, torch reference elsewhere
     use_cuda_graphs: bool = True
     max_waiting_requests: int = 4096
+    # Schedule step k+1 while the device runs step k (samples come back one step later).
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, message: str) -> None:
@@ -69,6 +71,7 @@ class EngineConfig:
         check(self.ray_address is None or isinstance(self.ray_address, str), "ray_address", "must be a string or None")
         check(self.use_triton is None or isinstance(self.use_triton, bool), "use_triton", "must be a bool or None")
         check(isinstance(self.use_cuda_graphs, bool), "use_cuda_graphs", "must be a bool")
+        check(isinstance(self.async_scheduling, bool), "async_scheduling", "must be a bool")
         for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "block_size",
                      "max_waiting_requests", "max_model_len", "kv_cache_memory", "num_kv_blocks", "seed"):
             value = getattr(self, name)

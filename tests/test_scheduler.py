@@ -1,11 +1,11 @@
 """Tests of qwenserve.scheduler.Scheduler on its own: a real KVCacheManager, no model.
 
 `Sim` plays the engine and the worker around the scheduler:
-  * the engine (qwenserve/engine.py `LLMEngine.step`): after each `schedule()`, every request
-    whose known tokens are now all computed gets one sampled token (`request.append_token`),
-    then the `CompletionTracker` rules decide whether it ends (stop token, max_tokens,
-    max_model_len) and `scheduler.finish_request` ends it; aborts between steps call
-    `finish_request(..., FINISHED_ABORTED)` like `LLMEngine.abort_request`;
+  * the engine core (qwenserve/engine_core/core.py `EngineCore.step`): after each `schedule()`,
+    every request whose known tokens are now all computed gets one sampled token, handed back
+    through `scheduler.update_from_output`, whose stop rules (stop token, max_tokens,
+    max_model_len) end it; aborts between steps call `finish_request(..., FINISHED_ABORTED)`
+    like `EngineCore.abort_requests`;
   * the worker (qwenserve/worker/model_runner.py `_update_states` / `prepare_inputs`): it
     rebuilds each request's tokens and block table from the `SchedulerOutput` diffs only, and
     "writes K/V" as (cache_salt, position, token) into a fake slot array, then checks every
@@ -27,6 +27,7 @@ from qwenserve.kvcache import KVCacheManager
 from qwenserve.sampling_params import SamplingParams
 from qwenserve.scheduler.request import Request, RequestStatus
 from qwenserve.scheduler.scheduler import Scheduler
+from qwenserve.worker.model_runner import ModelRunnerOutput
 
 VOCAB = 50
 STOP = frozenset({0})
@@ -38,7 +39,7 @@ def model_token(context) -> int:
 
 
 def reference_output(prompt, max_tokens, stop_ids, max_model_len) -> tuple[list[int], RequestStatus]:
-    """What the request must produce, computed without any scheduler (CompletionTracker rules)."""
+    """What the request must produce, computed without any scheduler (the stop rules)."""
     ctx, out = list(prompt), []
     while True:
         tok = model_token(ctx)
@@ -298,21 +299,23 @@ class Sim:
                 # double allocation), prefix hits on blocks of other content/salt/scope, or a
                 # block table that does not match the positions.
                 assert self.slots.get(self._slot(st, pos)) == (req.cache_salt, pos, req.all_token_ids[pos]), (rid, pos)
-        # The engine: append the sample, apply the tracker's stop rules, finish.
+        # The engine core: the samples go back through update_from_output, which applies the
+        # stop rules and finishes requests.
+        tokens = []
         for rid in samples:
             req = self.sched.requests[rid]
             # Every sample comes after the whole prompt is computed.
             assert req.num_computed_tokens == req.num_tokens >= req.num_prompt_tokens
-            tok = model_token(req.all_token_ids)
-            req.append_token(tok)
-            n_out = len(req.output_token_ids)
-            status = None
-            if tok in req.stop_token_ids:
-                status = RequestStatus.FINISHED_STOPPED
-            elif n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
-                status = RequestStatus.FINISHED_LENGTH
-            if status is not None:
-                self.sched.finish_request(rid, status)
+            tokens.append(model_token(req.all_token_ids))
+        runner_output = ModelRunnerOutput(request_ids=samples, sampled_token_ids=tokens,
+                                          logprobs=[None] * len(samples), sampled_logprobs=[None] * len(samples))
+        for output in self.sched.update_from_output(out, runner_output):
+            req = self.all[output.request_id]
+            # Catches: a delta that is not exactly the one new token.
+            assert output.new_token_ids == [req.output_token_ids[-1]]
+            if output.finish_reason is not None:
+                status = RequestStatus(output.finish_reason)
+                assert req.status == status
                 self._on_finished(req, status)
 
     def _on_finished(self, req, status):

@@ -468,7 +468,7 @@ build_engine = app.build_engine
 def faulty_build_engine(config):
     engine = build_engine(config)
     step, add_request = engine.step, engine.add_request
-    steps, user_requests, user_steps = [], [], []
+    steps, user_requests, user_outputs = [], [], []
 
     def faulty_step():
         steps.append(None)
@@ -476,12 +476,13 @@ def faulty_build_engine(config):
             raise RuntimeError("injected engine failure")
         if FAULT == "hold-warm-up" and len(steps) == 1:
             sys.stdin.readline()
-        if FAULT == "crash-on-command" and user_requests:
-            user_steps.append(None)
-            if len(user_steps) == 2:
-                sys.stdin.readline()
-                raise RuntimeError("injected engine failure")
-        return step()
+        if FAULT == "crash-on-command" and user_outputs:  # the step after a user's first token
+            sys.stdin.readline()
+            raise RuntimeError("injected engine failure")
+        outputs = step()
+        if any(not o.request_id.startswith("warmup-") for o in outputs):
+            user_outputs.append(None)
+        return outputs
 
     def recording_add_request(request_id, **kwargs):
         if not request_id.startswith("warmup-"):

@@ -1,4 +1,4 @@
-"""The tensor-parallel group the model layers talk to: rank, size and the two collectives.
+"""The tensor-parallel group the model layers talk to: rank, size and its collectives.
 
 The worker sets it up (`qwenserve.worker.distributed`); with tp = 1 every collective is the
 identity, so the layers need no special case.
@@ -22,6 +22,12 @@ class TensorParallelGroup:
         if self.size == 1:
             return x
         dist.all_reduce(x, group=self.group)
+        return x
+
+    def broadcast_from_rank0(self, x: torch.Tensor) -> torch.Tensor:
+        """Overwrites `x` on every rank with rank 0's `x` (same shape and dtype everywhere)."""
+        if self.size > 1:
+            dist.broadcast(x, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
         return x
 
     def gather_last_dim_to_rank0(self, x: torch.Tensor) -> Optional[torch.Tensor]:

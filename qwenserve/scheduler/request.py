@@ -1,4 +1,4 @@
-"""`Request`: one completion's state as the scheduler and engine see it."""
+"""`Request`: one completion's state as the scheduler sees it. Only the scheduler changes it."""
 from __future__ import annotations
 
 import enum
@@ -38,6 +38,15 @@ class Request:
         self.num_computed_tokens = 0
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
+        # Samples being drawn by steps in flight whose tokens are not known yet (overlapped
+        # scheduling): the next step already computes the position of such a token, whose id
+        # the workers take from the device.
+        self.num_output_placeholders = 0
+        # Prompt tokens served from the prefix cache at the first admission, and the time of
+        # that admission (None until then).
+        self.num_cached_tokens = 0
+        self.first_scheduled_time: Optional[float] = None
+        self.client_index = 0
         # With prefix caching off, the n completions of one request still share their prompt's
         # blocks: their hashes are scoped to the group, so no other request can hit them.
         self.cache_scope: Optional[int] = None
@@ -49,6 +58,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -115,7 +115,7 @@ class Worker:
             layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.runner = ModelRunner(self.model, self.config.block_size, self.device, seed=self.config.seed,
-                                  is_driver=self.tp.rank == 0)
+                                  is_driver=self.tp.rank == 0, async_scheduling=self.config.async_scheduling)
         if self.device.type == "cuda" and self.config.use_cuda_graphs and self.use_triton:
             # The torch reference kernels sync with the host, so only the Triton path is captured.
             self.runner.decode_graphs = try_capture(self.model, min(self.config.max_num_seqs, 256),

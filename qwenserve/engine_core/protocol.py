@@ -1,0 +1,111 @@
+"""The messages between front ends and the engine core, as msgspec structs (msgpack on the wire).
+
+    front end ──► core   EngineCoreRequest        one per completion (n > 1 is n of them)
+                         EngineCoreAbort          request ids to abort
+                         EngineCoreUtility        a call answered by EngineCoreUtilityResult
+                                                  (stats, health, shutdown)
+    core ──► front end   EngineCoreOutputs        per step and client: the requests that
+                                                  gained tokens or finished, and the
+                                                  scheduler's stats
+                         EngineCoreReady          once, after the model loaded
+                         EngineCoreUtilityResult
+
+Only ids, numbers and short strings cross: a request's prompt ids once, then per step each
+request's new token ids (deltas, never the whole output), their logprobs when asked for, and
+the finish reason. The prompt text, the tokenizer and detokenization stay in the front end.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import msgspec
+
+from qwenserve.sampling_params import SamplingParams
+
+
+class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str                # unique per core (the front end makes it so)
+    prompt_token_ids: list[int]
+    params: SamplingParams         # validated by the front end
+    max_tokens: int                # resolved: min(params.max_tokens, room left in max_model_len)
+    stop_token_ids: list[int]      # resolved: EOS (+ chat stops) + params.stop_token_ids, unless ignore_eos
+    arrival_time: float            # time.monotonic() at the front end (CLOCK_MONOTONIC is system-wide)
+    # Completions of one user request share this: with prefix caching off, their prompt blocks
+    # are still shared among them, and with nobody else.
+    prefix_group: Optional[str] = None
+    client_index: int = 0
+
+
+class EngineCoreAbort(msgspec.Struct, array_like=True):
+    request_ids: list[str]
+
+
+class EngineCoreUtility(msgspec.Struct, array_like=True):
+    call_id: int
+    method: str                    # "stats" | "check_health" | "shutdown"
+    args: list[Any] = []
+
+
+class EngineCoreUtilityResult(msgspec.Struct, array_like=True, omit_defaults=True):
+    call_id: int
+    result: Any = None
+    error: Optional[str] = None
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What one request gained in one step."""
+    request_id: str
+    new_token_ids: list[int]
+    # One entry per new token when logprobs were asked for: the top-N (id, logprob) pairs,
+    # then the sampled token's pair when it is not among them.
+    new_logprobs: Optional[list[list[tuple[int, float]]]] = None
+    finish_reason: Optional[str] = None   # "stop" | "length" | "abort"
+    # Set on a request's first output: prompt tokens served from the prefix cache, and the
+    # seconds from arrival to first being scheduled.
+    num_cached_tokens: Optional[int] = None
+    queue_time: Optional[float] = None
+    error: Optional[str] = None           # why the core rejected or dropped the request
+
+
+class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True):
+    num_running: int = 0
+    num_waiting: int = 0
+    num_used_blocks: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    num_cached_blocks: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0            # since start
+    prefix_cache_queries: int = 0       # tokens looked up, since start
+    prefix_cache_hits: int = 0          # tokens hit, since start
+    num_steps: int = 0                  # since start
+    step_num_tokens: int = 0            # tokens computed by the step these outputs come from
+
+
+class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
+    outputs: list[EngineCoreOutput] = []
+    stats: Optional[SchedulerStats] = None
+    timestamp: float = 0.0
+    # Set when the core failed: every request of every client is dead, and so is the core.
+    engine_dead: Optional[str] = None
+
+
+class EngineCoreReady(msgspec.Struct, array_like=True):
+    """What a front end needs to know about the engine, sent once the model is loaded."""
+    model_dir: str
+    max_model_len: int
+    vocab_size: int
+    tensor_parallel_size: int
+    dtype: str
+    device: str
+    block_size: int
+    num_kv_blocks: int
+    generation_config: dict
+
+
+# Every message kind on one socket direction, told apart by a one-byte tag before the payload.
+TAG_REQUEST, TAG_ABORT, TAG_UTILITY, TAG_OUTPUTS, TAG_READY, TAG_UTILITY_RESULT, TAG_HELLO = (
+    b"R", b"A", b"U", b"O", b"Y", b"T", b"H")
+MESSAGE_TYPES = {TAG_REQUEST: EngineCoreRequest, TAG_ABORT: EngineCoreAbort,
+                 TAG_UTILITY: EngineCoreUtility, TAG_OUTPUTS: EngineCoreOutputs,
+                 TAG_READY: EngineCoreReady, TAG_UTILITY_RESULT: EngineCoreUtilityResult}
