@@ -61,7 +61,7 @@ from benchmarks.datasets import (BenchRequest, build_workload, describe, fixed_w
 from benchmarks.random_weights import random_weights_dir, use_random_weights  # noqa: E402
 from benchmarks.simulated_device import (PLUGINS, STATS_ENV, busy_within,  # noqa: E402  (light: numpy)
                                          read_stats_file)
-from qwenserve.arg_types import parse_bytes  # noqa: E402  (light: no torch, no grpc)
+from qwenserve.arg_types import int_in, parse_bytes  # noqa: E402  (light: no torch, no grpc)
 
 PAD_ID = 151643  # <|endoftext|>: the baseline's left padding (masked out)
 
@@ -637,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="a running server; default: start one with --model")
     p.add_argument("--request-rate", type=float, nargs="+", default=[math.inf],
                    help="requests/s, Poisson arrivals; several allowed; inf = all at once")
-    p.add_argument("--max-concurrency", type=int, default=None,
+    p.add_argument("--max-concurrency", type=int_in(1), default=None,
                    help="at most N requests in flight (rate inf: N closed-loop streams)")
     p.add_argument("--slo-ttft", type=float, default=None, help="goodput: TTFT limit in ms")
     p.add_argument("--slo-tpot", type=float, default=None, help="goodput: TPOT limit in ms")

@@ -84,6 +84,14 @@ def test_length_range_flag():
             length_range(bad)
 
 
+def test_max_concurrency_flag(capsys):
+    from benchmarks.run import build_parser
+    assert build_parser().parse_args(["serve", "--max-concurrency", "256"]).max_concurrency == 256
+    with pytest.raises(SystemExit):  # 0 slots would never send a request
+        build_parser().parse_args(["serve", "--max-concurrency", "0"])
+    assert "argument --max-concurrency: must be an integer >= 1" in capsys.readouterr().err
+
+
 def test_jsonl_workload(tmp_path):
     path = tmp_path / "w.jsonl"
     path.write_text('{"prompt": "hello there", "output_len": 5}\n\n{"prompt_token_ids": [1, 2], "output_len": 3}\n')
