@@ -2,7 +2,8 @@
 
 The step-time model against hand-computed values; the stream's semantics (a launch returns at
 once, a readback waits until the modelled completion, launches queue, busy time inside a
-window) on wall-clock times with a few milliseconds' tolerance for a loaded machine; the stats
+window) on wall-clock times with 50 ms of tolerance for a loaded machine, against work of
+0.1-0.2 s, and busy times exactly from the recorded intervals; the stats
 file against the stream it copies; the engine through `EngineConfig.executor_plugin` (real
 scheduler and runner, simulated forward and sampler); `benchmarks/run.py --simulate-device`
 offline and serve end to end; and the plug-in's validation errors.
@@ -25,7 +26,7 @@ from cli_run import run_cli  # noqa: E402
 from qwenserve import LLM, EngineConfig, SamplingParams  # noqa: E402
 
 PLUGIN = "benchmarks.simulated_device:h100_7b_executor"
-SLACK_S = 0.005  # scheduling noise allowed on a shared 2-core machine
+SLACK_S = 0.05  # scheduling noise allowed on a loaded 2-core machine (the work lasts 0.1-0.2 s)
 
 
 # ---------------------------------------------------------------- the device model
@@ -66,19 +67,20 @@ def test_launch_returns_at_once_and_readback_waits_for_completion():
 def test_back_to_back_launches_queue_and_idle_gaps_are_not_busy():
     stream = sim.SimulatedStream()
     t0 = time.monotonic()
-    first = stream.launch(0.03)
-    second = stream.launch(0.02)  # queued behind the first: starts when it ends
-    assert second == pytest.approx(first + 0.02)
+    first = stream.launch(0.1)
+    second = stream.launch(0.1)  # queued behind the first: starts when it ends
+    assert second == pytest.approx(first + 0.1)
     stream.wait_event(first)
     assert time.monotonic() < second  # waiting for an earlier event does not wait for later work
     stream.synchronize()
     time.sleep(0.05)  # the device idles
+    before_third = time.monotonic()
     third = stream.launch(0.01)
-    assert third == pytest.approx(time.monotonic() + 0.01, abs=SLACK_S)  # starts now, not after the gap
+    assert third - 0.01 >= before_third  # starts when launched, not queued at the idle stream's last end
     stream.synchronize()
     t1 = time.monotonic()
-    assert stream.busy_between(t0, t1) == pytest.approx(0.06)
-    assert stream.busy_between(t0, first) == pytest.approx(0.03)
+    assert stream.busy_between(t0, t1) == pytest.approx(0.21)
+    assert stream.busy_between(t0, first) == pytest.approx(0.1)
     assert stream.busy_between(first - 0.01, first + 0.01) == pytest.approx(0.02)
     assert stream.busy_between(second + 0.001, second + 0.04) == pytest.approx(0.0, abs=1e-9)
 
