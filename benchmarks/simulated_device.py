@@ -9,9 +9,9 @@ Owns four things:
     behind what is already queued; `record_event()` gives the time the queued work completes
     and `wait_event`/`synchronize` sleep until then (time.sleep releases the GIL, so host
     threads run meanwhile, as they would beside a GPU; the last 0.2 ms is a yielding spin, for
-    precision). It keeps every launch's busy interval
-    on CLOCK_MONOTONIC (`time.monotonic`, comparable across processes on Linux), so the busy
-    time inside any wall-clock window can be computed afterwards;
+    precision). It keeps every launch's busy interval on CLOCK_MONOTONIC (`time.monotonic`,
+    comparable across processes on Linux), so the busy time inside any wall-clock window can
+    be computed afterwards;
   * `SimulatedExecutor` and the plug-in `h100_7b_executor` (for `EngineConfig.executor_plugin`
     and `qwenserve launch --executor-plugin benchmarks.simulated_device:h100_7b_executor`):
     the engine's own Worker and ModelRunner (scheduler, KV bookkeeping, input preparation stay
