@@ -71,7 +71,8 @@ def test_random_workload_length_ranges():
     assert {r.output_len for r in reqs} == {4, 5, 6}
     assert min(r.prompt_len for r in reqs) >= 128 and max(r.prompt_len for r in reqs) <= 512
     assert len({r.prompt_len for r in reqs}) > 200
-    assert datasets.build_workload("random", 3, (128, 512), 4, seed=0) == datasets.random_workload(3, (128, 512), (4, 4))
+    assert (datasets.build_workload("random", 3, (128, 512), 4, seed=0)
+            == datasets.random_workload(3, (128, 512), (4, 4)))
     with pytest.raises(ValueError, match="input length range"):
         datasets.random_workload(1, (5, 3), (1, 1))
 
