@@ -10,6 +10,9 @@ the same token ids:
     stream, seed 0. Drawing per request (not length arrays first) makes the first N requests
     of the 512 the same for any `--num-prompts N`, so smaller runs are prefixes of the full one.
   * `fixed_workload`: N requests of exactly `input_len` random ids and `output_len` outputs.
+  * `random_workload`: N requests whose input and output lengths are each uniform in an
+    inclusive (low, high) range (drawn per request, input then output, then the ids; a range
+    of one value draws nothing, so fixed lengths give exactly `fixed_workload`'s requests).
   * `jsonl_workload`: one {"prompt": text, "output_len": n} per line (or "prompt_token_ids"
     instead of "prompt"), tokenized once here.
 
@@ -65,6 +68,24 @@ def fixed_workload(num_requests: int, input_len: int, output_len: int, seed: int
     return [BenchRequest(_random_ids(rng, input_len), output_len) for _ in range(num_requests)]
 
 
+def random_workload(num_requests: int, input_range: tuple, output_range: tuple, seed: int = 0) -> list:
+    """Lengths uniform in the inclusive ranges; (n, n) is a fixed length."""
+    for name, (low, high) in (("input", input_range), ("output", output_range)):
+        if not 1 <= low <= high:
+            raise ValueError(f"{name} length range must satisfy 1 <= low <= high, got {low}:{high}")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num_requests):
+        input_len = rng.randint(*input_range) if input_range[0] < input_range[1] else input_range[0]
+        output_len = rng.randint(*output_range) if output_range[0] < output_range[1] else output_range[0]
+        out.append(BenchRequest(_random_ids(rng, input_len), output_len))
+    return out
+
+
+def _as_range(length) -> tuple:
+    return (length, length) if isinstance(length, int) else tuple(length)
+
+
 def jsonl_workload(path: str, encode: Callable[[str], list], num_requests: Optional[int] = None) -> list:
     out = []
     with open(path) as f:
@@ -88,13 +109,15 @@ def jsonl_workload(path: str, encode: Callable[[str], list], num_requests: Optio
     return out
 
 
-def build_workload(dataset: str, num_prompts: Optional[int], input_len: int, output_len: int,
+def build_workload(dataset: str, num_prompts: Optional[int], input_len, output_len,
                    seed: int, encode: Optional[Callable[[str], list]] = None) -> list:
-    """`dataset`: "random" (fixed lengths), "mixed" (the standard workload) or a .jsonl path."""
+    """`dataset`: "random" (lengths: an int, or an inclusive (low, high) range each), "mixed"
+    (the standard workload) or a .jsonl path."""
     if dataset == "mixed":
         return mixed_workload(MIXED_NUM_REQUESTS if num_prompts is None else num_prompts, seed)
     if dataset == "random":
-        return fixed_workload(64 if num_prompts is None else num_prompts, input_len, output_len, seed)
+        return random_workload(64 if num_prompts is None else num_prompts, _as_range(input_len),
+                               _as_range(output_len), seed)
     if encode is None:
         raise ValueError("a JSONL dataset needs a tokenizer")
     return jsonl_workload(dataset, encode, num_prompts)

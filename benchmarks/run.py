@@ -8,7 +8,13 @@ bandwidth floor, and online serving latency over gRPC.
     python benchmarks/run.py prefill [--model DIR | --random-weights --preset 7b --layers 32]
         [--batch-size 8] [--input-len 2048]
     python benchmarks/run.py serve   [--address HOST:PORT | --model DIR] [--request-rate 1 4 inf]
-        [--slo-ttft MS] [--slo-tpot MS] [--plot latency.png]
+        [--max-concurrency N] [--slo-ttft MS] [--slo-tpot MS] [--plot latency.png]
+
+offline, decode and serve take `--simulate-device h100-7b`: the engine (the server's, for serve)
+runs with its model's arithmetic replaced by benchmarks/simulated_device.py, so the host path is
+measured against the time an H100 needs for each step of Qwen-7B; every such run reports device
+busy % (modelled device seconds inside the measured window / the window's wall time) and runs
+without the transformers baseline. The random dataset takes length ranges (`--input-len 128:512`).
 
 Every mode takes `--json PATH` (all metrics plus date, device, commit and command line, the
 fields docs/PERFORMANCE.md records). Workloads come from `benchmarks/datasets.py`.
@@ -19,7 +25,9 @@ through Hugging Face `generate` on the same weights (`load_qwen2_model`) in stat
 only each request's own output length counts as output ("useful output tok/s", TARGETS.md).
 Each system is warmed up once, on other token ids, before it is timed.
 decode: per-step time of a batch after its prefill, against weight bytes / copy bandwidth.
-serve: Poisson arrivals per `--request-rate`, streamed through `AsyncQwenClient`.
+serve: Poisson arrivals per `--request-rate`, streamed through `AsyncQwenClient`; with
+`--max-concurrency N` at most N requests are in flight (with rate inf: a closed loop of N
+streams, each sending its next request when its previous one ends).
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Optional
 
 _BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(_BENCH_DIR)
@@ -50,7 +59,9 @@ elif _REPO not in sys.path:
 from benchmarks.datasets import (BenchRequest, build_workload, describe, fixed_workload,  # noqa: E402
                                  poisson_arrivals, serve_metrics, throughput)
 from benchmarks.random_weights import random_weights_dir, use_random_weights  # noqa: E402
-from qwenserve.arg_types import parse_bytes  # noqa: E402  (light: no torch, no grpc)
+from benchmarks.simulated_device import (PLUGINS, STATS_ENV, busy_within,  # noqa: E402  (light: numpy)
+                                         read_stats_file)
+from qwenserve.arg_types import int_in, parse_bytes  # noqa: E402  (light: no torch, no grpc)
 
 PAD_ID = 151643  # <|endoftext|>: the baseline's left padding (masked out)
 
@@ -65,10 +76,28 @@ def engine_kwargs(args) -> dict:
             kw[name] = getattr(args, name)
     if args.no_prefix_caching:
         kw["enable_prefix_caching"] = False
+    if getattr(args, "simulate_device", None):
+        kw["executor_plugin"] = PLUGINS[args.simulate_device]
     return kw
 
 
-def environment() -> dict:
+def length_range(text: str) -> tuple:
+    """argparse type: "N" (a fixed length) or "LOW:HIGH" (uniform, inclusive), each >= 1."""
+    parts = text.split(":")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
+    except ValueError:
+        low, high = 0, -1
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected N or LOW:HIGH with 1 <= LOW <= HIGH, got {text!r}")
+    return low, high
+
+
+def busy_pct(busy_s: float, window: tuple) -> float:
+    return 100.0 * busy_s / (window[1] - window[0])
+
+
+def environment(simulated: Optional[str] = None) -> dict:
     import torch
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_REPO, capture_output=True,
@@ -79,6 +108,8 @@ def environment() -> dict:
         device = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     else:
         device = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if simulated:
+        device = f"simulated {simulated} (host: {device})"
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": device, "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
             "command": "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
@@ -161,8 +192,8 @@ def cmd_offline(args) -> dict:
     workload = dict(describe(requests), dataset=args.dataset, seed=args.seed)
     print(f"workload: {args.dataset}, {workload['num_requests']} requests, "
           f"{workload['total_input_tokens']} input + {workload['total_output_tokens']} output tokens")
-    result = {"mode": "offline", "environment": environment(), "workload": workload, "model": model_dir,
-              "engine": engine_kwargs(args)}
+    result = {"mode": "offline", "environment": environment(args.simulate_device), "workload": workload,
+              "model": model_dir, "engine": engine_kwargs(args)}
 
     llm = LLM(model=model_dir, **engine_kwargs(args))
     executor = llm.engine.executor
@@ -170,8 +201,12 @@ def cmd_offline(args) -> dict:
     dtype = getattr(executor, "dtype", None) or resolve_dtype(llm.engine.config, llm.engine.model_config, device)
     result["device"], result["dtype"] = str(device), str(dtype).replace("torch.", "")
     run_qwenserve(llm, warmup_requests(requests, args.seed))
+    window_start = time.monotonic()
     elapsed, out_tokens = run_qwenserve(llm, requests)
+    window = (window_start, time.monotonic())
     ours = result["qwenserve"] = throughput(requests, elapsed, out_tokens)
+    if args.simulate_device:
+        ours["device_busy_pct"] = busy_pct(executor.stream.busy_between(*window), window)
     ours["num_preemptions"] = llm.get_stats().get("num_preemptions")
     if out_tokens != workload["total_output_tokens"]:
         print(f"warning: qwenserve produced {out_tokens} output tokens, the workload asks for "
@@ -181,8 +216,10 @@ def cmd_offline(args) -> dict:
     free_device_memory()
 
     result["baseline"] = result["speedup"] = None
-    if args.no_baseline or getattr(args, "random_weights", False):
-        if not args.no_baseline:
+    if args.no_baseline or getattr(args, "random_weights", False) or args.simulate_device:
+        if args.simulate_device:
+            print("note: no transformers baseline with --simulate-device")
+        elif not args.no_baseline:
             print("note: no transformers baseline with --random-weights (it needs a checkpoint)")
     else:
         from qwenserve.model.hf_reference import load_qwen2_model
@@ -213,6 +250,8 @@ def print_offline(result: dict) -> None:
             continue
         print(f"{name:14}{m['requests_per_s']:>10.2f}{m['total_tokens_per_s']:>14.1f}"
               f"{m['output_tokens_per_s']:>14.1f}{m['elapsed_s']:>10.2f}")
+    if "device_busy_pct" in result["qwenserve"]:
+        print(f"device busy: {result['qwenserve']['device_busy_pct']:.1f}% ({result['device']})")
     if result["speedup"]:
         print(f"qwenserve / transformers: {result['speedup']:.2f}x "
               f"(device {result['device']}, {result['dtype']}, baseline batch {result['baseline']['batch_size']})")
@@ -243,17 +282,19 @@ def timed_decode(engine, requests: list) -> dict:
         rid = engine.add_request(f"decode-{time.monotonic_ns()}-{k}", prompt_token_ids=r.prompt_token_ids,
                                  params=SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True))
         counts[rid] = 0
-    start, first_all, steps = time.perf_counter(), None, 0
+    start, first_all, steps = time.monotonic(), None, 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             counts[out.request_id] = len(out.outputs[0].token_ids)
         if first_all is not None:
             steps += 1
         elif all(counts.values()):
-            first_all = time.perf_counter()
-    step_s = (time.perf_counter() - first_all) / max(steps, 1)
+            first_all = time.monotonic()
+    end = time.monotonic()
+    step_s = (end - first_all) / max(steps, 1)
     return {"prefill_s": first_all - start, "decode_steps": steps, "ms_per_step": 1e3 * step_s,
-            "tokens_per_s_per_seq": 1.0 / step_s, "output_tokens_per_s": len(requests) / step_s}
+            "tokens_per_s_per_seq": 1.0 / step_s, "output_tokens_per_s": len(requests) / step_s,
+            "decode_window": (first_all, end)}
 
 
 def cmd_decode(args) -> dict:
@@ -261,6 +302,8 @@ def cmd_decode(args) -> dict:
     from qwenserve.worker.worker import resolve_device
     if args.tp != 1:  # the floor below reads the weights of the in-process worker
         raise SystemExit("decode measures one device: use --tp 1")
+    if args.simulate_device:
+        return cmd_decode_simulated(args)
     model_dir = resolve_model(args)
     device = resolve_device(EngineConfig(device=args.device))
     if args.copy_bandwidth is not None:
@@ -275,6 +318,7 @@ def cmd_decode(args) -> dict:
     requests = fixed_workload(args.batch_size, args.input_len, args.output_len, args.seed)
     timed_decode(llm.engine, fixed_workload(args.batch_size, min(16, args.input_len), 8, args.seed + 10_000))
     measured = timed_decode(llm.engine, requests)
+    del measured["decode_window"]
     floor = bandwidth / weight_bytes
     result = {"mode": "decode", "environment": environment(), "model": model_dir, "engine": engine_kwargs(args),
               "batch_size": args.batch_size, "input_len": args.input_len, "output_len": args.output_len,
@@ -288,6 +332,31 @@ def cmd_decode(args) -> dict:
           f"{measured['tokens_per_s_per_seq']:.1f} tok/s per sequence")
     print(f"floor: {weight_bytes / 1e9:.2f} GB of weights / {bandwidth / 1e9:.1f} GB/s copy = "
           f"{1e3 / floor:.2f} ms -> {floor:.1f} tok/s; measured = {100 * result['fraction_of_floor']:.0f}% of it")
+    return result
+
+
+def cmd_decode_simulated(args) -> dict:
+    """Decode on the simulated device: per-step wall time against the modelled step time."""
+    from qwenserve import LLM
+    if args.random_weights:
+        raise SystemExit("--simulate-device replaces the model: drop --random-weights")
+    model_dir = resolve_model(args)
+    llm = LLM(model=model_dir, **engine_kwargs(args))
+    stream = llm.engine.executor.stream
+    timed_decode(llm.engine, fixed_workload(args.batch_size, min(16, args.input_len), 8, args.seed + 10_000))
+    measured = timed_decode(llm.engine, fixed_workload(args.batch_size, args.input_len, args.output_len, args.seed))
+    window = measured.pop("decode_window")
+    busy_s = stream.busy_between(*window)
+    result = {"mode": "decode", "environment": environment(args.simulate_device), "model": model_dir,
+              "engine": engine_kwargs(args), "batch_size": args.batch_size, "input_len": args.input_len,
+              "output_len": args.output_len, "device": llm.engine.executor.device, "dtype": "bfloat16",
+              **measured, "modelled_ms_per_step": 1e3 * busy_s / max(measured["decode_steps"], 1),
+              "device_busy_pct": busy_pct(busy_s, window)}
+    llm.shutdown()
+    print(f"decode, batch {args.batch_size}, {args.input_len} in / {args.output_len} out on {result['device']}: "
+          f"{measured['ms_per_step']:.2f} ms/step (modelled {result['modelled_ms_per_step']:.2f}), "
+          f"{measured['tokens_per_s_per_seq']:.1f} tok/s per sequence")
+    print(f"device busy: {result['device_busy_pct']:.1f}%")
     return result
 
 
@@ -335,8 +404,9 @@ def _device_sync(device):
 class ServerProcess:
     """`qwenserve launch --port 0` as a subprocess; `address` comes from its "ready ... on" line."""
 
-    def __init__(self, flags: list, timeout: float):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p))
+    def __init__(self, flags: list, timeout: float, extra_env: Optional[dict] = None):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p),
+                   **(extra_env or {}))
         cmd = [sys.executable, "-u", "-m", "qwenserve.cli", "launch", "--host", "127.0.0.1", "--port", "0", *flags]
         print("starting:", " ".join(shlex.quote(c) for c in cmd))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -366,9 +436,17 @@ class ServerProcess:
                 self.proc.wait()
 
 
-async def one_request(client, req: BenchRequest, send_at: float, t0: float) -> dict:
-    import grpc
+async def one_request(client, req: BenchRequest, send_at: float, t0: float,
+                      slots: Optional[asyncio.Semaphore]) -> dict:
     await asyncio.sleep(max(0.0, t0 + send_at - time.perf_counter()))
+    if slots is None:
+        return await _stream_request(client, req)
+    async with slots:  # --max-concurrency: the request is sent (and timed) once a slot frees
+        return await _stream_request(client, req)
+
+
+async def _stream_request(client, req: BenchRequest) -> dict:
+    import grpc
     start = time.perf_counter()
     token_times, tokens, error = [], 0, None
     try:
@@ -387,19 +465,25 @@ async def one_request(client, req: BenchRequest, send_at: float, t0: float) -> d
             "input_tokens": req.prompt_len, "error": error}
 
 
-async def run_rate(address: str, requests: list, rate: float, seed: int) -> tuple:
+async def run_rate(address: str, requests: list, rate: float, seed: int,
+                   max_concurrency: Optional[int] = None) -> tuple:
+    """(per-request records, duration, the run's (start, end) on time.monotonic)."""
     from qwenserve.server.client import AsyncQwenClient
     async with AsyncQwenClient(address) as client:
         arrivals = poisson_arrivals(len(requests), rate, seed)
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(one_request(client, r, a, t0) for r, a in zip(requests, arrivals)))
-    return results, time.perf_counter() - t0
+        slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        window_start, t0 = time.monotonic(), time.perf_counter()
+        results = await asyncio.gather(*(one_request(client, r, a, t0, slots) for r, a in zip(requests, arrivals)))
+        duration, window_end = time.perf_counter() - t0, time.monotonic()
+    return results, duration, (window_start, window_end)
 
 
 def print_serve(rate: float, m: dict) -> None:
     print(f"rate {rate:g} req/s: {m['completed']} done, {m['failed']} failed in {m['duration_s']:.2f} s; "
           f"{m['request_throughput']:.2f} req/s, {m['output_token_throughput']:.1f} output tok/s"
           + (f", goodput {m['goodput']:.2f} req/s" if m["goodput"] is not None else ""))
+    if "device_busy_pct" in m:
+        print(f"  device busy: {m['device_busy_pct']:.1f}%")
     for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2el_ms", "E2E")):
         s = m[key]
         if s["mean"] is not None:
@@ -450,7 +534,14 @@ def cmd_serve(args) -> dict:
         print("--plot needs matplotlib, which qwenserve does not depend on (pip install matplotlib); "
               "running without the plot")
         args.plot = None
-    server = None if args.address else ServerProcess(server_flags(args), args.server_timeout)
+    flags, extra_env, stats_dir = server_flags(args), {}, None
+    if args.simulate_device:
+        if args.address:
+            raise SystemExit("--simulate-device starts its own server: drop --address")
+        stats_dir = tempfile.TemporaryDirectory(prefix="qwenserve-sim-")
+        extra_env[STATS_ENV] = os.path.join(stats_dir.name, "device.stats")
+        flags += ["--executor-plugin", PLUGINS[args.simulate_device]]
+    server = None if args.address else ServerProcess(flags, args.server_timeout, extra_env)
     address = args.address or server.address
     try:
         with QwenClient(address) as client:
@@ -462,20 +553,27 @@ def cmd_serve(args) -> dict:
         asyncio.run(run_rate(address, warmup_requests(requests, args.seed, 1), math.inf, args.seed))
         runs = []
         for rate in args.request_rate:
-            results, duration = asyncio.run(run_rate(address, requests, rate, args.seed))
+            results, duration, window = asyncio.run(
+                run_rate(address, requests, rate, args.seed, args.max_concurrency))
             metrics = serve_metrics(results, duration, args.slo_ttft, args.slo_tpot)
+            if args.simulate_device:
+                starts, ends = read_stats_file(extra_env[STATS_ENV], covering=window[1])
+                metrics["device_busy_pct"] = busy_pct(busy_within(starts, ends, *window), window)
             print_serve(rate, metrics)
             runs.append({"request_rate": rate, "metrics": metrics})
     finally:
         if server:
             server.stop()
+        if stats_dir:
+            stats_dir.cleanup()
     if args.plot:
         if len(runs) > 1:
             plot_latency(runs, args.plot)
         else:
             print("--plot draws latency against request rate: give several --request-rate values")
-    return {"mode": "serve", "environment": environment(), "address": address, "model_info": info,
-            "workload": workload, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
+    return {"mode": "serve", "environment": environment(args.simulate_device), "address": address,
+            "model_info": info, "workload": workload, "max_concurrency": args.max_concurrency,
+            "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
             "runs": [dict(r, request_rate=str(r["request_rate"]) if math.isinf(r["request_rate"])
                           else r["request_rate"]) for r in runs]}
 
@@ -503,20 +601,25 @@ def build_parser() -> argparse.ArgumentParser:
                       help="random (fixed lengths), mixed (the standard workload) or a .jsonl of "
                            "{\"prompt\", \"output_len\"} (default: %(default)s)")
     data.add_argument("--num-prompts", type=int, default=None, help="default: 512 mixed, 64 random, all of a file")
-    data.add_argument("--input-len", type=int, default=128, help="prompt tokens (random dataset)")
-    data.add_argument("--output-len", type=int, default=128, help="output tokens (random dataset)")
+    data.add_argument("--input-len", type=length_range, default=(128, 128),
+                      help="prompt tokens, N or LOW:HIGH (uniform; random dataset)")
+    data.add_argument("--output-len", type=length_range, default=(128, 128),
+                      help="output tokens, N or LOW:HIGH (uniform; random dataset)")
+    sim = argparse.ArgumentParser(add_help=False)
+    sim.add_argument("--simulate-device", choices=sorted(PLUGINS), default=None,
+                     help="replace the model's arithmetic by a simulated GPU and report device busy %%")
     weights = argparse.ArgumentParser(add_help=False)
     weights.add_argument("--random-weights", action="store_true",
                          help="no checkpoint: random weights made on the device (shapes: --preset/--layers)")
     weights.add_argument("--preset", default="7b", help="shape preset for --random-weights")
     weights.add_argument("--layers", type=int, default=None, help="depth for --random-weights")
 
-    p = sub.add_parser("offline", parents=[common, data, weights], help="throughput vs transformers")
+    p = sub.add_parser("offline", parents=[common, data, weights, sim], help="throughput vs transformers")
     p.add_argument("--baseline-batch-size", type=int, default=32)
     p.add_argument("--no-baseline", action="store_true")
     p.set_defaults(func=cmd_offline)
 
-    p = sub.add_parser("decode", parents=[common, weights], help="decode tok/s vs the bandwidth floor")
+    p = sub.add_parser("decode", parents=[common, weights, sim], help="decode tok/s vs the bandwidth floor")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=256)
@@ -529,10 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=2048)
     p.set_defaults(func=cmd_prefill)
 
-    p = sub.add_parser("serve", parents=[common, data], help="online latency over gRPC")
+    p = sub.add_parser("serve", parents=[common, data, sim], help="online latency over gRPC")
     p.add_argument("--address", default=None, help="a running server; default: start one with --model")
     p.add_argument("--request-rate", type=float, nargs="+", default=[math.inf],
                    help="requests/s, Poisson arrivals; several allowed; inf = all at once")
+    p.add_argument("--max-concurrency", type=int_in(1), default=None,
+                   help="at most N requests in flight (rate inf: N closed-loop streams)")
     p.add_argument("--slo-ttft", type=float, default=None, help="goodput: TTFT limit in ms")
     p.add_argument("--slo-tpot", type=float, default=None, help="goodput: TPOT limit in ms")
     p.add_argument("--plot", default=None, help="PNG of latency against request rate (needs matplotlib)")

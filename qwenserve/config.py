@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import numbers
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 _DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -33,6 +34,9 @@ class EngineConfig:
     max_waiting_requests: int = 4096
     # Schedule step k+1 while the device runs step k (samples come back one step later).
     async_scheduling: bool = True
+    # "module:callable" that builds the executor instead of the built-in ones (benchmarks'
+    # simulated device); a string, so the config can cross into another process.
+    executor_plugin: Optional[str] = None
 
     def __post_init__(self) -> None:
         def check(ok: bool, field: str, message: str) -> None:
@@ -72,6 +76,10 @@ class EngineConfig:
         check(self.use_triton is None or isinstance(self.use_triton, bool), "use_triton", "must be a bool or None")
         check(isinstance(self.use_cuda_graphs, bool), "use_cuda_graphs", "must be a bool")
         check(isinstance(self.async_scheduling, bool), "async_scheduling", "must be a bool")
+        check(self.executor_plugin is None or isinstance(self.executor_plugin, str), "executor_plugin",
+              "must be a 'module:callable' string or None")
+        if self.executor_plugin is not None:
+            resolve_executor_plugin(self.executor_plugin)  # a bad path fails here, not at engine start
         for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "block_size",
                      "max_waiting_requests", "max_model_len", "kv_cache_memory", "num_kv_blocks", "seed"):
             value = getattr(self, name)
@@ -87,3 +95,24 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
         return cls(**kwargs)
+
+
+def resolve_executor_plugin(spec: str) -> Callable:
+    """The callable named by `EngineConfig.executor_plugin` ("module:callable"); ValueError
+    naming executor_plugin when it cannot be imported or is not callable."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"executor_plugin must look like 'module:callable', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or whatever the module raised while importing
+        raise ValueError(f"executor_plugin {spec!r}: cannot import {module_name!r} "
+                         f"({type(e).__name__}: {e})") from None
+    target = module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise ValueError(f"executor_plugin {spec!r}: module {module_name!r} has no {attr!r}")
+    if not callable(target):
+        raise ValueError(f"executor_plugin {spec!r}: {attr!r} is not callable")
+    return target

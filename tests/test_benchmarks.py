@@ -4,6 +4,7 @@ Each mode runs as a user runs it (a subprocess) on the built-in tiny model for a
 and the test checks that the JSON holds every metric with sane values. Nothing here is timed:
 the numbers of a 2-core CI machine mean nothing, only their presence and consistency do.
 """
+import argparse
 import json
 import math
 import os
@@ -61,6 +62,35 @@ def test_mixed_workload_is_the_standard_one():
     assert len({r.prompt_len for r in full}) > 100
     assert datasets.build_workload("mixed", 3, 1, 1, seed=0) == full[:3]
     assert datasets.build_workload("mixed", None, 1, 1, seed=0) == full
+
+
+def test_random_workload_length_ranges():
+    # A range of one value draws no length: the same requests as fixed_workload.
+    assert datasets.random_workload(5, (16, 16), (8, 8), seed=3) == datasets.fixed_workload(5, 16, 8, seed=3)
+    reqs = datasets.random_workload(400, (128, 512), (4, 6), seed=0)
+    assert {r.output_len for r in reqs} == {4, 5, 6}
+    assert min(r.prompt_len for r in reqs) >= 128 and max(r.prompt_len for r in reqs) <= 512
+    assert len({r.prompt_len for r in reqs}) > 200
+    assert (datasets.build_workload("random", 3, (128, 512), 4, seed=0)
+            == datasets.random_workload(3, (128, 512), (4, 4)))
+    with pytest.raises(ValueError, match="input length range"):
+        datasets.random_workload(1, (5, 3), (1, 1))
+
+
+def test_length_range_flag():
+    from benchmarks.run import length_range
+    assert length_range("128") == (128, 128) and length_range("128:512") == (128, 512)
+    for bad in ("0", "5:3", "a:b", "1:2:3", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="LOW:HIGH"):
+            length_range(bad)
+
+
+def test_max_concurrency_flag(capsys):
+    from benchmarks.run import build_parser
+    assert build_parser().parse_args(["serve", "--max-concurrency", "256"]).max_concurrency == 256
+    with pytest.raises(SystemExit):  # 0 slots would never send a request
+        build_parser().parse_args(["serve", "--max-concurrency", "0"])
+    assert "argument --max-concurrency: must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_jsonl_workload(tmp_path):

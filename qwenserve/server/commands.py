@@ -49,6 +49,8 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
                    help="KV cache budget on the CPU, e.g. 512MiB")
     p.add_argument("--seed", type=int_in(0, 2 ** 64 - 1), default=None, help="engine seed, in [0, 2**64)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    # Benchmarks only (e.g. benchmarks.simulated_device:h100_7b_executor); not a user feature.
+    p.add_argument("--executor-plugin", default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, default="INFO",
                    help="logging level for stderr (default: %(default)s)")
     p.set_defaults(func=launch)
@@ -59,7 +61,7 @@ def engine_config_from_args(args: argparse.Namespace):
     from qwenserve.config import EngineConfig
 
     kwargs = {"model": args.model, "tensor_parallel_size": args.tp, "device": args.device,
-              "dtype": args.dtype, "ray_address": args.ray_address}
+              "dtype": args.dtype, "ray_address": args.ray_address, "executor_plugin": args.executor_plugin}
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                  "gpu_memory_utilization", "max_waiting_requests", "kv_cache_memory", "seed"):
         value = getattr(args, name)

@@ -1,5 +1,6 @@
 """Executors: how the engine reaches its workers. `InProcessExecutor` holds one worker (tp = 1);
-`make_executor` picks the Ray executor when tp > 1.
+`make_executor` picks the Ray executor when tp > 1, or calls `EngineConfig.executor_plugin`
+when one is named (benchmarks' simulated device replaces the executor that way).
 
 Every executor offers: `num_blocks`, `execute_model(SchedulerOutput) -> ModelRunnerOutput`,
 `check_health()` and `shutdown()`.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from qwenserve.config import EngineConfig
+from qwenserve.config import EngineConfig, resolve_executor_plugin
 from qwenserve.scheduler.output import SchedulerOutput
 from qwenserve.worker.model_runner import ModelRunnerOutput
 from qwenserve.worker.worker import Worker
@@ -35,6 +36,8 @@ class InProcessExecutor:
 
 def make_executor(config: EngineConfig, model_dir: str,
                   progress: Optional[Callable[[int, int], None]] = None):
+    if config.executor_plugin is not None:
+        return resolve_executor_plugin(config.executor_plugin)(config, model_dir, progress)
     if config.tensor_parallel_size == 1:
         return InProcessExecutor(config, model_dir, progress)
     from qwenserve.worker.ray_executor import RayExecutor  # ray is imported only when tp > 1

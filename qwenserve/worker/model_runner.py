@@ -92,9 +92,12 @@ class _PendingStep:
     positions: list[int]           # where each row's sample goes in its request's token_ids
     sampled: Optional[SamplerOutput] = None  # rank 0 only
     sampled_ids: Optional[torch.Tensor] = None  # [rows] on the device, every rank
+    done: Optional[object] = None  # an event after the sampling: `.synchronize()` waits for it
 
     def output(self) -> ModelRunnerOutput:
         """Waits for the samples (rank 0), records them in the request states and returns them."""
+        if self.done is not None:
+            self.done.synchronize()
         sampled = self.sampled
         token_ids = list(sampled.token_ids)
         for state, position, token in zip(self.states, self.positions, token_ids):
@@ -103,6 +106,21 @@ class _PendingStep:
             state.sampling.output_token_ids.append(token)
         return ModelRunnerOutput(request_ids=self.request_ids, sampled_token_ids=token_ids,
                                  logprobs=sampled.logprobs, sampled_logprobs=sampled.sampled_logprobs)
+
+
+class DeviceEvents:
+    """Events on the device's (one) stream: `record()` marks the work queued so far; the
+    returned object's `synchronize()` waits for it. Nothing to wait for on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def record(self) -> Optional[object]:
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
 
 class ModelRunner:
@@ -119,6 +137,7 @@ class ModelRunner:
         # Seeded generators outlive preemption so a resumed request continues its stream.
         self._generators: dict[str, torch.Generator] = {}
         self._pending: Optional[_PendingStep] = None
+        self.events = DeviceEvents(device)
         # For the step being prepared: which input rows take their id from the previous step's
         # samples on the device, and which sampled row each takes.
         self._fill_rows: list[int] = []
@@ -298,3 +317,4 @@ class ModelRunner:
         if self.tp.size > 1 and self.async_scheduling and num_rows:
             # The next step's decode inputs are these ids, on every rank.
             self.tp.broadcast_from_rank0(step.sampled_ids)
+        step.done = self.events.record()
