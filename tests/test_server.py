@@ -457,62 +457,26 @@ def test_sigterm_during_streams_exits_0_within_grace(tmp_path):
 #   crash-on-command: the second step that runs a user request (its first token is out by then)
 #                     waits for a line on stdin, then raises.
 # Lines on stdin, not timers: the test decides when the engine moves on.
-FAULT_SCRIPT = r'''
-import os, sys
-from qwenserve import cli
-from qwenserve.server import app
-
-FAULT = os.environ["QWENSERVE_TEST_FAULT"]
-build_engine = app.build_engine
-
-def faulty_build_engine(config):
-    engine = build_engine(config)
-    step, add_request = engine.step, engine.add_request
-    steps, user_requests, user_outputs = [], [], []
-
-    def faulty_step():
-        steps.append(None)
-        if FAULT == "fail-warm-up":
-            raise RuntimeError("injected engine failure")
-        if FAULT == "hold-warm-up" and len(steps) == 1:
-            sys.stdin.readline()
-        if FAULT == "crash-on-command" and user_outputs:  # the step after a user's first token
-            sys.stdin.readline()
-            raise RuntimeError("injected engine failure")
-        outputs = step()
-        if any(not o.request_id.startswith("warmup-") for o in outputs):
-            user_outputs.append(None)
-        return outputs
-
-    def recording_add_request(request_id, **kwargs):
-        if not request_id.startswith("warmup-"):
-            user_requests.append(request_id)
-        return add_request(request_id, **kwargs)
-
-    engine.step, engine.add_request = faulty_step, recording_add_request
-    return engine
-
-app.build_engine = faulty_build_engine
-sys.exit(cli.main(sys.argv[1:]))
-'''
 INJECTED = "engine failed: RuntimeError: injected engine failure"
 
 
 class FaultyServer(Server):
-    """`qwenserve launch --port 0` whose engine fails or waits on cue (FAULT_SCRIPT); `send`
-    writes a line to its stdin. Waits until a stdout line contains `until` (or the process
-    ends); `address` is None when no such line came."""
+    """`qwenserve launch --port 0` whose engine core fails or waits on cue
+    (tests/fault_executor.py); `cue()` gives the cue. Waits until a stdout line contains
+    `until` (or the process ends); `address` is None when no such line came."""
 
     def __init__(self, log_dir: Path, fault: str, until: str = "ready"):
         self.stderr_path = log_dir / f"server-{time.monotonic_ns()}.log"
+        self.cue_path = log_dir / f"cue-{time.monotonic_ns()}"
         self.stdout_lines = []
         self._lines = threading.Condition()
         self._eof = False
         with open(self.stderr_path, "w") as stderr:
             self.proc = subprocess.Popen(
-                [sys.executable, "-u", "-c", FAULT_SCRIPT, "launch", "--port", "0", *ENGINE_FLAGS],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO,
-                env=dict(_env(), QWENSERVE_TEST_FAULT=fault))
+                [sys.executable, "-u", "-m", "qwenserve.cli", "launch", "--port", "0", *ENGINE_FLAGS,
+                 "--executor-plugin", "tests.fault_executor:faulty_executor"],
+                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO,
+                env=dict(_env(), QWENSERVE_TEST_FAULT=fault, QWENSERVE_TEST_FAULT_FILE=str(self.cue_path)))
         threading.Thread(target=self._read_stdout, daemon=True).start()
         line = self.wait_for(until)
         self.address = line.split(" on ")[1].split()[0] if line else None
@@ -537,16 +501,8 @@ class FaultyServer(Server):
                 pytest.fail(f"no {text!r} line from the server:\n{self.log()}")
             return found()
 
-    def send(self, line: str) -> None:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def stop(self, sig=signal.SIGTERM, timeout=None) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout)
-        self.proc.stdin.close()
-        return rc
+    def cue(self) -> None:
+        self.cue_path.touch()
 
 
 def _health(address: str, service: str) -> int:
@@ -557,8 +513,8 @@ def _health(address: str, service: str) -> int:
 
 @pytest.mark.timeout(STARTUP_TIMEOUT + 120)  # a failure that never reaches a call hangs here
 def test_engine_failure_is_unavailable_for_every_call_and_health_turns_not_serving(tmp_path):
-    """The engine's step raises while one request streams and another waits in the bridge's
-    inbox: both calls end UNAVAILABLE naming the failure, every later Generate is UNAVAILABLE,
+    """The engine's step raises while one request streams and another waits behind it: both
+    calls end UNAVAILABLE naming the failure, every later Generate is UNAVAILABLE,
     health (watched over gRPC) goes SERVING -> NOT_SERVING for the service and the server, and
     the process stays up (for an orchestrator to see the failure) until SIGTERM, exit 0."""
     srv = FaultyServer(tmp_path, "crash-on-command")
@@ -573,9 +529,9 @@ def test_engine_failure_is_unavailable_for_every_call_and_health_turns_not_servi
             assert first.token_ids and not first.finish_reason
             queued = concurrent.futures.ThreadPoolExecutor(1).submit(
                 lambda: c.generate("queued behind the failure", max_tokens=1))
-            while c.stats()["num_pending"] != 1:  # the second call sits in the bridge's inbox
+            while c.stats()["num_active_requests"] != 2:  # the second call is in, waiting
                 time.sleep(0.01)
-            srv.send("crash")
+            srv.cue()
             with pytest.raises(grpc.RpcError) as in_flight:
                 list(running)
             with pytest.raises(grpc.RpcError) as pending:
@@ -612,7 +568,7 @@ def test_calls_before_the_warm_up_finished_are_unavailable(tmp_path, offline_gre
             for service in ("", "qwenserve.v1.Generation"):
                 assert _health(srv.address, service) == health_pb2.HealthCheckResponse.NOT_SERVING
             assert not any("ready" in line for line in srv.stdout_lines)
-            srv.send("go")
+            srv.cue()
             assert srv.wait_for("ready on"), srv.log()
             for service in ("", "qwenserve.v1.Generation"):
                 assert _health(srv.address, service) == health_pb2.HealthCheckResponse.SERVING

@@ -4,10 +4,12 @@
                          EngineCoreAbort          request ids to abort
                          EngineCoreUtility        a call answered by EngineCoreUtilityResult
                                                   (stats, health, shutdown)
+                         EngineCoreHello          another front end joins
     core ──► front end   EngineCoreOutputs        per step and client: the requests that
                                                   gained tokens or finished, and the
                                                   scheduler's stats
-                         EngineCoreReady          once, after the model loaded
+                         EngineCoreReady          once, after the model loaded (or
+                                                  EngineCoreStartupFailed)
                          EngineCoreUtilityResult
 
 Only ids, numbers and short strings cross: a request's prompt ids once, then per step each
@@ -34,6 +36,12 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     # are still shared among them, and with nobody else.
     prefix_group: Optional[str] = None
     client_index: int = 0
+
+
+class EngineCoreHello(msgspec.Struct, array_like=True):
+    """A front end joining a running core: where its outputs go."""
+    client_index: int
+    output_address: str
 
 
 class EngineCoreAbort(msgspec.Struct, array_like=True):
@@ -103,9 +111,17 @@ class EngineCoreReady(msgspec.Struct, array_like=True):
     generation_config: dict
 
 
+class EngineCoreStartupFailed(msgspec.Struct, array_like=True):
+    """Sent instead of `EngineCoreReady` when the model could not be loaded."""
+    error_type: str                # the exception's type name
+    message: str
+    bad_setting: bool              # a ValueError or OSError: a bad setting, path or checkpoint
+
+
 # Every message kind on one socket direction, told apart by a one-byte tag before the payload.
-TAG_REQUEST, TAG_ABORT, TAG_UTILITY, TAG_OUTPUTS, TAG_READY, TAG_UTILITY_RESULT, TAG_HELLO = (
-    b"R", b"A", b"U", b"O", b"Y", b"T", b"H")
-MESSAGE_TYPES = {TAG_REQUEST: EngineCoreRequest, TAG_ABORT: EngineCoreAbort,
-                 TAG_UTILITY: EngineCoreUtility, TAG_OUTPUTS: EngineCoreOutputs,
-                 TAG_READY: EngineCoreReady, TAG_UTILITY_RESULT: EngineCoreUtilityResult}
+TAG_REQUEST, TAG_ABORT, TAG_UTILITY, TAG_HELLO = b"R", b"A", b"U", b"H"
+TAG_OUTPUTS, TAG_READY, TAG_STARTUP_FAILED, TAG_UTILITY_RESULT = b"O", b"Y", b"F", b"T"
+INPUT_TYPES = {TAG_REQUEST: EngineCoreRequest, TAG_ABORT: EngineCoreAbort,
+               TAG_UTILITY: EngineCoreUtility, TAG_HELLO: EngineCoreHello}
+OUTPUT_TYPES = {TAG_OUTPUTS: EngineCoreOutputs, TAG_UTILITY_RESULT: EngineCoreUtilityResult,
+                TAG_READY: EngineCoreReady, TAG_STARTUP_FAILED: EngineCoreStartupFailed}

@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 import uuid
-from typing import Any, Optional
+from typing import Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,9 +34,10 @@ from qwenserve.sampling_params import SamplingParams
 
 from . import qwenserve_pb2 as pb
 from . import qwenserve_pb2_grpc as pb_grpc
+from qwenserve.engine_core.client import EngineCoreDead, EngineCoreStartupError
+from qwenserve.frontend.async_llm import AsyncLLM
 from qwenserve.frontend.engine_client import EngineClient, EngineUnavailable
 
-from .engine_bridge import BridgeEngineClient
 from .options import ServerOptions
 from .servicer import GenerationServicer
 
@@ -48,36 +49,6 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Time the transport gets, after our own abort at the end of the grace period, to flush the
 # final "abort" messages before gRPC cancels whatever is still open.
 _FLUSH_SECONDS = 3.0
-
-
-class LoadProgress:
-    """A text progress bar on stderr for `LLMEngine(load_progress=...)`: (done, total) tensors.
-
-    Redrawn in place on a terminal; on a pipe (logs, tests) one line per 10% instead.
-    """
-
-    def __init__(self, stream=None, width: int = 30):
-        self.stream = stream or sys.stderr
-        self.width = width
-        self.tty = self.stream.isatty()
-        self.last_decile = -1
-
-    def __call__(self, done: int, total: int) -> None:
-        frac = done / max(total, 1)
-        bar = "#" * int(frac * self.width)
-        line = f"loading weights [{bar:<{self.width}}] {done}/{total}"
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if done >= total else ""))
-        elif int(frac * 10) > self.last_decile:
-            self.last_decile = int(frac * 10)
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def build_engine(config: EngineConfig) -> Any:
-    from qwenserve.engine import LLMEngine  # imported late: loads torch and the model code
-
-    return LLMEngine(config, load_progress=LoadProgress())
 
 
 async def warm_up(engine: EngineClient, timeout: float = 600.0) -> None:
@@ -94,7 +65,7 @@ async def warm_up(engine: EngineClient, timeout: float = 600.0) -> None:
 
 
 class _Server:
-    def __init__(self, engine: Any, config: EngineConfig, options: ServerOptions):
+    def __init__(self, engine: EngineClient, config: EngineConfig, options: ServerOptions):
         self.engine = engine
         self.config = config
         self.options = options
@@ -108,14 +79,14 @@ class _Server:
             await self.health.set(service, status)
 
     def _on_engine_failure(self, loop: asyncio.AbstractEventLoop, reason: str) -> None:
-        # Called on the engine thread; health lives on the event loop.
+        # May be called on another thread; health lives on the event loop.
         logger.error("engine failed, health is NOT_SERVING: %s", reason)
         loop.call_soon_threadsafe(lambda: loop.create_task(self._set_health(_NOT_SERVING)))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         await self._set_health(_NOT_SERVING)
-        client = BridgeEngineClient(self.engine, self.config.max_waiting_requests)
+        client = self.engine
         client.on_failure(lambda reason: self._on_engine_failure(loop, reason))
         servicer = GenerationServicer(client)
         # so_reuseport off: a second server on a busy port must fail, not share it.
@@ -203,19 +174,30 @@ def _port_is_free(host: str, port: int) -> bool:
     return True
 
 
-def run_server(config: EngineConfig, options: Optional[ServerOptions] = None, engine: Any = None) -> int:
+def run_server(config: EngineConfig, options: Optional[ServerOptions] = None,
+               engine: Optional[EngineClient] = None) -> int:
     """Serves until SIGINT/SIGTERM; returns the process exit code."""
     options = options or ServerOptions()
     host, port = options.host, options.port
     if port and not _port_is_free(host, port):  # fail before minutes of weight loading
         print(f"qwenserve: error: cannot listen on {host}:{port}: address in use", file=sys.stderr)
         return 1
+    return asyncio.run(_serve(config, options, engine))
+
+
+async def _serve(config: EngineConfig, options: ServerOptions, engine: Optional[EngineClient]) -> int:
     if engine is None:
         print(f"qwenserve: loading {config.model or 'the built-in tiny model'} ...",
               file=sys.stderr, flush=True)
+        engine = AsyncLLM(config)
         try:
-            engine = build_engine(config)
-        except (ValueError, OSError) as e:  # a bad model directory or setting: say so, no traceback
+            await engine.start(log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+        except EngineCoreStartupError as e:  # a bad model directory or setting: say so, no traceback
             print(f"qwenserve: error: {e}", file=sys.stderr, flush=True)
-            return 2
-    return asyncio.run(_Server(engine, config, options).run())
+            await engine.close()
+            return 2 if e.bad_setting else 1
+        except (EngineCoreDead, asyncio.TimeoutError) as e:
+            print(f"qwenserve: error: the engine did not start: {e}", file=sys.stderr, flush=True)
+            await engine.close()
+            return 1
+    return await _Server(engine, config, options).run()

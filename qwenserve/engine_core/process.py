@@ -1,0 +1,263 @@
+"""The engine-core process: an `EngineCore` behind ZMQ sockets, in a loop that runs while
+there is work and blocks while there is none.
+
+    front end(s)                                 engine-core process
+    PUSH ─ input address (ipc) ─► PULL ─ input thread ─► queue ─┐
+                                                                 ▼
+                                          main thread: busy loop (EngineCore.step)
+                                                                 │
+    PULL ◄─ client's output address ◄─ PUSH ◄─ output thread ◄─ queue
+
+Each message is two frames: a one-byte tag and a msgpack body (`protocol.py`). The input and
+output threads only (de)serialize and move bytes, so the loop never waits on a socket and
+its step overlaps their work. A front end joins with a hello naming its output address
+(the first front end's is given at start); outputs go to the client each request came from.
+
+Lifetime. The process ignores SIGINT/SIGTERM: a Ctrl-C or a service manager's SIGTERM reaches
+the whole process group, and the front end, which drains its calls first, decides when the
+core stops (a "shutdown" utility call). If the front end dies instead, a watcher thread sees
+the parent process change and stops the core (workers included) within a second.
+
+Failure. Any exception from a step, or from the periodic worker health check (every
+`HEALTH_CHECK_S` while idle; a step notices a dead worker by itself), is sent to every client
+as `EngineCoreOutputs(engine_dead=reason)`; then the workers are shut down and the process
+exits 1. A failure while loading is sent as `EngineCoreStartupFailed` instead of the ready
+message.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from typing import Optional
+
+import msgspec
+import zmq
+
+from qwenserve.config import EngineConfig
+from qwenserve.engine_core import protocol as P
+from qwenserve.model.load_progress import LoadProgress
+
+logger = logging.getLogger(__name__)
+
+HEALTH_CHECK_S = 1.0
+PARENT_POLL_S = 0.5
+# While busy, a client without outputs of its own still gets fresh stats this often.
+STATS_PERIOD_S = 0.2
+
+
+class _Shutdown(Exception):
+    """Raised inside the loop to stop it (a shutdown call, or the parent is gone)."""
+
+
+def run_engine_core(config: EngineConfig, model_dir: str, input_address: str, output_address: str,
+                    parent_pid: int, log_level: str = "INFO") -> None:
+    """The process's entry point (multiprocessing target). Exits the process when done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s [engine core]: %(message)s")
+    proc = EngineCoreProc(config, model_dir, input_address, output_address, parent_pid)
+    code = proc.run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no atexit or lingering non-daemon threads (Ray's) can hold the exit
+
+
+class EngineCoreProc:
+    def __init__(self, config: EngineConfig, model_dir: str, input_address: str, output_address: str,
+                 parent_pid: int):
+        self.config, self.model_dir = config, model_dir
+        self.parent_pid = parent_pid
+        self.context = zmq.Context()
+        self.inputs: queue.Queue = queue.Queue()
+        self.outputs: queue.Queue = queue.Queue()
+        self.core = None
+        # Which client each live request came from (written by the input thread, which sees a
+        # request before the loop does; dict operations are atomic).
+        self._client_of: dict[str, int] = {}
+        # Per client: when it was last sent anything, and whether it has the stats of the core
+        # as they are now (False once an input or a step may have changed them).
+        self._last_sent: dict[int, float] = {0: 0.0}
+        self._stats_current: dict[int, bool] = {0: False}
+        threading.Thread(target=self._input_thread, args=(input_address,), name="core-input", daemon=True).start()
+        self._output_thread = threading.Thread(target=self._output_thread_main, name="core-output", daemon=True)
+        self._output_thread.start()
+        self.outputs.put(("connect", 0, output_address))
+        threading.Thread(target=self._watch_parent, name="core-parent-watch", daemon=True).start()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        from qwenserve.engine_core.core import EngineCore
+
+        try:
+            self.core = EngineCore(self.config, self.model_dir, load_progress=LoadProgress())
+        except BaseException as e:  # noqa: BLE001 - told to the front end, which reports it
+            if not isinstance(e, (ValueError, OSError)):  # a bad setting needs no traceback
+                logger.exception("engine core failed to start")
+            self._send(0, P.TAG_STARTUP_FAILED, P.EngineCoreStartupFailed(
+                type(e).__name__, str(e), isinstance(e, (ValueError, OSError))))
+            self._close_output()
+            return 1
+        self._send(0, P.TAG_READY, self.core.ready_message())
+        code = 0
+        try:
+            self._loop()
+        except _Shutdown:
+            pass
+        except BaseException as e:  # noqa: BLE001 - any failure ends the engine
+            logger.exception("engine core failed")
+            dead = P.EngineCoreOutputs(engine_dead=f"{type(e).__name__}: {e}", timestamp=time.monotonic())
+            for client in list(self._last_sent):
+                self._send(client, P.TAG_OUTPUTS, dead)
+            code = 1
+        try:
+            self.core.shutdown()
+        except Exception:
+            logger.exception("shutting down the workers failed")
+        self._close_output()
+        return code
+
+    def _loop(self) -> None:
+        core = self.core
+        last_health = time.monotonic()
+        while True:
+            if not core.has_work():
+                try:  # idle: block, waking up for the worker health check
+                    self._handle(self.inputs.get(timeout=HEALTH_CHECK_S))
+                except queue.Empty:
+                    pass
+                if time.monotonic() - last_health >= HEALTH_CHECK_S:
+                    core.check_health()
+                    last_health = time.monotonic()
+            while True:
+                try:
+                    self._handle(self.inputs.get_nowait())
+                except queue.Empty:
+                    break
+            self._publish(core.step() if core.has_work() else [])
+
+    def _handle(self, item) -> None:
+        tag, message = item
+        core = self.core
+        for client in self._stats_current:
+            self._stats_current[client] = False
+        if tag == P.TAG_REQUEST:
+            try:
+                core.add_request(message)
+            except ValueError as e:  # the front end checks first; this is the last line
+                self._client_of.pop(message.request_id, None)
+                rejected = P.EngineCoreOutput(message.request_id, [], finish_reason="abort", error=str(e))
+                self._send(message.client_index, P.TAG_OUTPUTS,
+                           P.EngineCoreOutputs(outputs=[rejected], timestamp=time.monotonic()))
+        elif tag == P.TAG_ABORT:
+            core.abort_requests(message.request_ids)
+            for request_id in message.request_ids:
+                self._client_of.pop(request_id, None)
+        elif tag == P.TAG_HELLO:
+            self._last_sent[message.client_index] = 0.0
+            self._stats_current[message.client_index] = False
+            self.outputs.put(("connect", message.client_index, message.output_address))
+        elif tag == P.TAG_UTILITY:
+            self._utility(message)
+        elif tag == _STOP:
+            raise _Shutdown
+
+    def _utility(self, call: P.EngineCoreUtility) -> None:
+        client = call.args[0] if call.args else 0
+        if call.method == "shutdown":
+            self._send(client, P.TAG_UTILITY_RESULT, P.EngineCoreUtilityResult(call.call_id, True))
+            raise _Shutdown
+        result, error = None, None
+        try:
+            if call.method == "stats":
+                result = msgspec.to_builtins(self.core.stats())
+            elif call.method == "check_health":
+                self.core.check_health()
+                result = True
+            else:
+                error = f"unknown utility method {call.method!r}"
+        except Exception as e:  # noqa: BLE001 - the caller gets it
+            error = f"{type(e).__name__}: {e}"
+        self._send(client, P.TAG_UTILITY_RESULT, P.EngineCoreUtilityResult(call.call_id, result, error))
+
+    def _publish(self, outputs: list) -> None:
+        """Sends each client its requests' deltas with the scheduler's stats. A client with no
+        deltas gets the stats alone: every STATS_PERIOD_S while the core is busy, and once when
+        something changed while it is idle."""
+        by_client: dict[int, list] = {}
+        for output in outputs:
+            if output.finish_reason is not None:
+                client = self._client_of.pop(output.request_id, 0)
+            else:
+                client = self._client_of.get(output.request_id, 0)
+            by_client.setdefault(client, []).append(output)
+        now = time.monotonic()
+        idle = not self.core.has_work()
+        stats = None
+        for client, last_sent in list(self._last_sent.items()):
+            mine = by_client.get(client)
+            if mine is None and (self._stats_current[client] if idle else now - last_sent < STATS_PERIOD_S):
+                continue
+            stats = stats or self.core.stats()
+            self._send(client, P.TAG_OUTPUTS, P.EngineCoreOutputs(outputs=mine or [], stats=stats, timestamp=now))
+            self._stats_current[client] = idle
+
+    # ------------------------------------------------------------------ threads
+    def _input_thread(self, address: str) -> None:
+        socket = self.context.socket(zmq.PULL)
+        socket.bind(address)
+        decoders = {tag: msgspec.msgpack.Decoder(kind) for tag, kind in P.INPUT_TYPES.items()}
+        while True:
+            tag, body = socket.recv_multipart(copy=False)
+            tag = tag.bytes
+            message = decoders[tag].decode(body.buffer)
+            if tag == P.TAG_REQUEST:
+                self._client_of[message.request_id] = message.client_index
+            self.inputs.put((tag, message))
+
+    def _output_thread_main(self) -> None:
+        encoder = msgspec.msgpack.Encoder()
+        sockets: dict[int, zmq.Socket] = {}
+        while True:
+            item = self.outputs.get()
+            if item is None:
+                break
+            if item[0] == "connect":
+                _, client, address = item
+                socket = self.context.socket(zmq.PUSH)
+                socket.setsockopt(zmq.LINGER, 2000)  # deliver the last words before exiting
+                socket.connect(address)
+                sockets[client] = socket
+                continue
+            client, tag, message = item
+            socket = sockets.get(client)
+            if socket is not None:
+                socket.send_multipart((tag, encoder.encode(message)), copy=False)
+        for socket in sockets.values():
+            socket.close()
+
+    def _send(self, client: int, tag: bytes, message) -> None:
+        self._last_sent[client] = time.monotonic()
+        self.outputs.put((client, tag, message))
+
+    def _close_output(self) -> None:
+        self.outputs.put(None)
+        self._output_thread.join(5)
+
+    def _watch_parent(self) -> None:
+        while os.getppid() == self.parent_pid:
+            time.sleep(PARENT_POLL_S)
+        logger.warning("the front end (pid %d) is gone: stopping the engine core", self.parent_pid)
+        self.inputs.put((_STOP, None))
+        # A step stuck on a worker would never read the queue: leave anyway after a grace.
+        time.sleep(STOP_GRACE_S)
+        os._exit(1)
+
+
+_STOP = b"stop"  # the parent watcher's message to the loop
+STOP_GRACE_S = 10.0
