@@ -15,7 +15,7 @@ from qwenserve.server.servicer import make_sampling_params
 from qwenserve.structured_output import StructuredOutput
 from qwenserve.structured_output.batch import fill_bitmask
 from qwenserve.structured_output.compiler import CompiledGrammar, GrammarCompiler
-from qwenserve.structured_output.logits_mask import apply_bitmask_
+from qwenserve.structured_output.logits_mask import allowed_matrix, apply_bitmask_, unpack_bits_torch
 from qwenserve.structured_output.matcher import GrammarMatcher
 from qwenserve.structured_output.spec import MAX_SPEC_BYTES
 from qwenserve.structured_output.vocabulary import (
@@ -198,6 +198,12 @@ def test_apply_bitmask_matches_a_per_id_reference(width, dtype):
     expected = logits.masked_fill(torch.from_numpy(~allowed), float("-inf"))
     assert torch.equal(out, expected)
     assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [167]
+
+
+def test_the_device_unpacking_matches_the_host_one():
+    bitmask = torch.randint(-2 ** 31, 2 ** 31, (4, MASK_WORDS), dtype=torch.int64,
+                            generator=torch.Generator().manual_seed(0)).to(torch.int32)
+    assert torch.equal(unpack_bits_torch(bitmask), allowed_matrix(bitmask, torch.device("cpu")))
 
 
 def test_apply_bitmask_checks_its_shapes():

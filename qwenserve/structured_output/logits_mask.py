@@ -24,13 +24,18 @@ def _bit_shifts(device: torch.device) -> torch.Tensor:
 
 
 def allowed_matrix(bitmask: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """bool [B, 32 * W]: True where the bitmask allows the token."""
+    """bool [B, 32 * W] on `device`: True where the host bitmask allows the token."""
     if device.type == "cpu":
         # numpy's unpackbits is one C loop; torch's shift-and-mask is three passes here.
         bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
         return torch.from_numpy(bits.view(np.bool_))
-    data = bitmask.to(device, non_blocking=True).view(torch.uint8)
-    bits = (data.unsqueeze(-1) >> _bit_shifts(device)) & 1
+    return unpack_bits_torch(bitmask.to(device, non_blocking=True))
+
+
+def unpack_bits_torch(bitmask: torch.Tensor) -> torch.Tensor:
+    """`allowed_matrix` with torch operations only, on the bitmask's own device (the GPU path)."""
+    data = bitmask.view(torch.uint8)
+    bits = (data.unsqueeze(-1) >> _bit_shifts(data.device)) & 1
     return bits.view(data.shape[0], -1).bool()
 
 
