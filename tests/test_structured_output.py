@@ -18,6 +18,7 @@ from qwenserve.structured_output.compiler import CompiledGrammar, GrammarCompile
 from qwenserve.structured_output.logits_mask import allowed_matrix, apply_bitmask_, unpack_bits_torch
 from qwenserve.structured_output.matcher import GrammarMatcher
 from qwenserve.structured_output.spec import MAX_SPEC_BYTES
+from qwenserve.structured_output.termination import checks_stop_strings, stop_token_ids
 from qwenserve.structured_output.vocabulary import (
     END_TOKEN_IDS, EOS_TOKEN_ID, MASK_WORDS, allowed_ids, qwen_lltokenizer)
 from qwenserve.worker.sampler import Sampler, SamplingState, make_generator
@@ -293,6 +294,13 @@ def test_min_tokens_bans_the_end_unless_only_the_end_is_left():
     assert Sampler().sample(end_bias, [st]).token_ids[0] == a  # short of min_tokens: go on
     st = SamplingState(params, [1], [b], banned_token_ids=sorted(END_TOKEN_IDS))
     assert Sampler().sample(end_bias, [st]).token_ids[0] in END_TOKEN_IDS  # complete: the end wins
+
+
+def test_a_structured_request_ends_on_the_end_tokens_only():
+    structured = so_params(regex="a+", ignore_eos=True, stop=["a"], stop_token_ids=[64])
+    assert stop_token_ids(structured, {64}) == END_TOKEN_IDS and not checks_stop_strings(structured)
+    plain = SamplingParams(stop=["a"])
+    assert stop_token_ids(plain, {EOS_TOKEN_ID, 7}) == {EOS_TOKEN_ID, 7} and checks_stop_strings(plain)
 
 
 # ---------------------------------------------------------------- the proto mapping

@@ -11,6 +11,7 @@ masked to the tokens its grammar allows, before any other logits processing.
     matcher.py       GrammarMatcher: one request's grammar position, from its output tokens
     batch.py         fill_bitmask(states): catch up the matchers, one bit row per request
     logits_mask.py   apply_bitmask_(logits, bitmask): -inf where a bit is 0
+    termination.py   which ids finish a structured request; stop strings do not apply
 
 Only `spec` is imported eagerly: `qwenserve.SamplingParams` must stay importable without
 torch or llguidance. The rest is loaded on first use of its names here.
@@ -24,6 +25,7 @@ _LAZY = {
     "GrammarMatcher": "matcher",
     "fill_bitmask": "batch", "grammar_matcher": "batch",
     "apply_bitmask_": "logits_mask",
+    "stop_token_ids": "termination", "checks_stop_strings": "termination",
 }
 
 
