@@ -81,9 +81,13 @@ def fill_bitmask(states: list[SamplingState], pin_memory: bool = False) -> torch
     live = [(m.matcher, i) for m, i in zip(matchers, rows) if m.error is None]
     if live:
         _executor().unsafe_compute_mask_ptr(live, out.ctypes.data, MASK_WORDS * 4, len(states))
-    idx = np.asarray(rows)
-    out[idx] &= STRUCTURE_VOCABULARY_ROW
-    empty = ~out[idx].any(axis=1)
+    if len(rows) == len(states):  # all rows structured (the common case): no gather copies
+        np.bitwise_and(out, STRUCTURE_VOCABULARY_ROW, out=out)
+        empty = ~out.any(axis=1)
+    else:
+        idx = np.asarray(rows)
+        out[idx] &= STRUCTURE_VOCABULARY_ROW
+        empty = ~out[idx].any(axis=1)
     for j in np.flatnonzero(empty):
         # Nothing but special tokens (a grammar smuggling one past the Lark check) or a failed
         # matcher: only the end tokens, so the request ends now instead of sampling from -inf.
