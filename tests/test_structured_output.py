@@ -181,6 +181,18 @@ def test_a_special_token_the_grammar_smuggles_in_ends_the_request():
     assert "allows no ordinary token" in st.grammar_matcher.error
 
 
+def test_a_grammar_that_fails_to_compile_at_the_step_ends_the_request(monkeypatch):
+    from qwenserve.structured_output import batch
+
+    st = state(so_params(regex="[0-9]+"))
+    monkeypatch.setattr(batch, "compile_structured_output",
+                        lambda spec: (_ for _ in ()).throw(ValueError("structured_output.regex: took too long")))
+    assert set(allowed_ids(mask_of(st)).tolist()) == END_TOKEN_IDS
+    st.output_token_ids.append(EOS_TOKEN_ID)
+    assert set(allowed_ids(mask_of(st)).tolist()) == END_TOKEN_IDS
+    assert st.grammar_matcher.error == "structured_output.regex: took too long"
+
+
 # ---------------------------------------------------------------- the bitmask apply
 
 @pytest.mark.parametrize("width, dtype", [(151936, torch.float32), (152064, torch.bfloat16),

@@ -46,7 +46,10 @@ def grammar_matcher(state: SamplingState) -> GrammarMatcher | None:
     if spec is None:
         return None
     if state.grammar_matcher is None:
-        state.grammar_matcher = GrammarMatcher(compile_structured_output(spec))
+        try:
+            state.grammar_matcher = GrammarMatcher(compile_structured_output(spec))
+        except ValueError as e:
+            state.grammar_matcher = GrammarMatcher.failed(str(e))
     return state.grammar_matcher
 
 

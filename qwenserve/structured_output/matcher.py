@@ -36,6 +36,17 @@ class GrammarMatcher:
         self.finished = False  # an end token was consumed
         self.error: str | None = None
 
+    @classmethod
+    def failed(cls, reason: str) -> GrammarMatcher:
+        """A matcher for a grammar that could not be compiled where the step runs (it was when
+        the request was validated, so this is a timeout under load or a bug): masked to the end
+        tokens from the start, so the request ends instead of failing the step."""
+        self = cls.__new__(cls)
+        self.compiled, self.matcher = None, None
+        self.num_consumed, self.finished, self.error = 0, False, None
+        self.fail(reason)
+        return self
+
     def new_tokens(self, output_token_ids: Sequence[int]) -> Sequence[int]:
         """The output tokens not yet consumed, after rolling back past a cut."""
         if len(output_token_ids) < self.num_consumed:
@@ -70,6 +81,9 @@ class GrammarMatcher:
             logger.warning("structured output: %s", reason)
 
     def _rollback(self, num_tokens: int) -> None:
+        if self.compiled is None:  # failed from the start: nothing to roll back
+            self.num_consumed -= num_tokens
+            return
         # llguidance does not count an end token consumed after the grammar stopped, so a
         # finished matcher's history is one short; a failed one cannot roll back at all.
         if self.error is None and not self.finished and self.matcher.rollback(num_tokens):
