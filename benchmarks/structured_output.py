@@ -8,9 +8,10 @@ few device kernels; the fill stays on the host either way). No model runs.
 Workload: the 60 JSON schemas of tests/data/json_schemas.json (or the first --num-schemas). For each, one output is made
 first by masked greedy decoding of fake logits (noise plus the test model's preference for
 closing quotes and brackets, tests/structured_model.py), so it walks through keys, strings,
-numbers and arrays and then ends. Row i of the batch replays schema i % 60's output from a
-phase offset; a row that reaches its end token starts over as a new request (a new matcher
-from the compile cache), as a busy server's rows do.
+numbers and arrays and then ends. Row i of the batch replays these outputs one after the
+other, starting with schema i % 60 (at a phase offset); each time it reaches an end token it
+goes on with the next schema as a new request (a new matcher from the compile cache), as a
+busy server's rows do. So every batch size sees the same mix, batch 1 included.
 
     python benchmarks/structured_output.py [--batch-size 1 64 256] [--steps 20] [--blocks 5]
         [--free-whitespace] [--num-schemas N] [--json PATH]
@@ -76,24 +77,27 @@ def make_outputs(params: list[SamplingParams], bias: torch.Tensor, max_len: int 
 
 
 class ReplayRow:
-    """One batch row replaying `output` from `phase`; a new request each time it ends."""
+    """One batch row replaying the schemas' outputs one after the other, from schema `start`
+    at token `phase`; each output it reaches the end of is followed by the next schema's, as
+    a new request (a new state and matcher)."""
 
-    def __init__(self, params: SamplingParams, output: list[int], phase: int):
-        self.params, self.output = params, output
-        self.position = phase % len(output)
-        self.state = SamplingState(params, [0], list(output[:self.position]))
+    def __init__(self, params: list[SamplingParams], outputs: list[list[int]], start: int, phase: int):
+        self.params, self.outputs = params, outputs
+        self.schema = start % len(params)
+        self.position = phase % len(outputs[self.schema])
+        self.state = SamplingState(params[self.schema], [0], list(outputs[self.schema][:self.position]))
 
     def advance(self) -> None:
-        if self.position == len(self.output):
+        if self.position == len(self.outputs[self.schema]):
+            self.schema = (self.schema + 1) % len(self.params)
             self.position = 0
-            self.state = SamplingState(self.params, [0], [])
-        self.state.output_token_ids.append(self.output[self.position])
+            self.state = SamplingState(self.params[self.schema], [0], [])
+        self.state.output_token_ids.append(self.outputs[self.schema][self.position])
         self.position += 1
 
 
 def measure(batch_size: int, params: list[SamplingParams], outputs: list[list[int]], args) -> dict:
-    rows = [ReplayRow(params[i % len(params)], outputs[i % len(params)], 7 * (i // len(params)) + i)
-            for i in range(batch_size)]
+    rows = [ReplayRow(params, outputs, start=i, phase=7 * (i // len(params)) + i) for i in range(batch_size)]
     logits = torch.randn(batch_size, LOGITS_WIDTH, generator=torch.Generator().manual_seed(batch_size))
     fill_cpu, fill_wall, apply_cpu = [], [], []
     for block in range(args.blocks + 1):  # block 0 warms up (first masks, allocator)
