@@ -92,14 +92,11 @@ def fill_bitmask(states: list[SamplingState], pin_memory: bool = False) -> torch
         out[idx] &= STRUCTURE_VOCABULARY_ROW
         empty = ~out[idx].any(axis=1)
     for j in np.flatnonzero(empty):
-        # Nothing but special tokens (a grammar smuggling one past the Lark check) or a failed
-        # matcher: only the end tokens, so the request ends now instead of sampling from -inf.
-        m = matchers[j]
-        if m.error is None and not m.finished:
-            m.fail("the grammar allows no ordinary token here")
-        out[rows[j]] = end_tokens_row()
+        # The grammar wants nothing but a special token (one smuggled past the Lark check):
+        # fail the row rather than sample from a row of -inf.
+        matchers[j].fail("the grammar allows no ordinary token here")
     for j, i in enumerate(rows):
-        if matchers[j].error is not None:
+        if matchers[j].error is not None:  # only the end tokens: the request ends now
             out[i] = end_tokens_row()
     _ban_until_min_tokens(out, rows, states)
     return bitmask
