@@ -126,7 +126,7 @@ def test_free_whitespace_mode_validates_too(closer_model):
     assert TOK.encode(" ")[0] in after_brace["free"] and TOK.encode(" ")[0] not in after_brace["compact"]
 
 
-def test_without_the_mask_the_model_breaks_the_structure(closer_model):
+def test_without_the_mask_the_model_breaks_the_structure(closer_model, greedy_suite):
     plain = [SamplingParams(max_tokens=24, temperature=0.0)] + [
         SamplingParams(max_tokens=24, temperature=1.0, seed=i) for i in range(3)]
     for gen in generate(closer_model, PROMPT, plain):
@@ -135,8 +135,7 @@ def test_without_the_mask_the_model_breaks_the_structure(closer_model):
             json.loads(gen.text(TOK))
     # And under the mask, every output needed it: at some step the model's own first choice
     # was not allowed (the logits come from the same forward, one position at a time).
-    schemas = [s["schema"] for s in SCHEMAS[::6]]
-    gens = generate(closer_model, PROMPT, [json_params(s, "greedy", i) for i, s in enumerate(schemas)])
+    gens = greedy_suite[::6]
     logits = reference_logits(closer_model, [PROMPT + g.token_ids[:-1] for g in gens])
     for gen, rows in zip(gens, logits):
         unmasked = rows[len(PROMPT) - 1:, :VOCAB_SIZE].argmax(dim=-1).tolist()
