@@ -334,3 +334,15 @@ def test_proto_oneof_maps_to_structured_output():
         params(json_schema='{"type":"integer","minimum":2,"maximum":1}')
     with pytest.raises(ValueError, match="structured_output.choice: must not be empty"):
         params(choice=pb.Choices())
+
+
+def test_the_client_sends_one_form():
+    from qwenserve.server.client import InvalidRequest, build_request
+
+    params = build_request("x", json_schema={"type": "object"}, disable_any_whitespace=False).params
+    assert params.WhichOneof("structured_output") == "json_schema" and not params.disable_any_whitespace
+    assert list(build_request("x", choice=["a", "b"]).params.choice.choices) == ["a", "b"]
+    with pytest.raises(InvalidRequest, match="structured_output takes one form, got regex, choice"):
+        build_request("x", regex="a", choice=["b"])
+    with pytest.raises(InvalidRequest, match="choice must be a list of strings"):
+        build_request("x", choice="ab")
