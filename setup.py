@@ -22,9 +22,10 @@ setup(
         "grpcio-health-checking>=1.85.1",
         "grpcio-reflection>=1.85.1",
         "protobuf>=7.35.1",  # gencode version of qwenserve_pb2.py
+        "llguidance>=1.9",  # structured output: grammar masks over the tiktoken vocabulary
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.45", "grpcio-tools>=1.85.1"],
+        "test": ["pytest>=7", "pytest-timeout", "transformers>=4.45", "grpcio-tools>=1.85.1", "jsonschema>=4"],
     },
     entry_points={"console_scripts": ["qwenserve=qwenserve.cli:main"]},
 )

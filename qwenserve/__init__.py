@@ -2,6 +2,7 @@
 from qwenserve.config import EngineConfig
 from qwenserve.outputs import CompletionOutput, RequestOutput
 from qwenserve.sampling_params import SamplingParams
+from qwenserve.structured_output import StructuredOutput
 
 
 def __getattr__(name):
@@ -15,4 +16,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "StructuredOutput", "RequestOutput", "CompletionOutput"]

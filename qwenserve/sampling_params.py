@@ -13,6 +13,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from qwenserve.structured_output.spec import StructuredOutput
+
 MAX_LOGPROBS = 20
 # Completions per request (OpenAI's limit). Each is its own scheduler request, so an unbounded
 # n would let one call fill the waiting queue and the KV cache.
@@ -78,6 +80,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         self.n = _check_int("n", self.n)
@@ -139,6 +142,16 @@ class SamplingParams:
             self.logprobs = _check_int("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+        if self.structured_output is not None:
+            if not isinstance(self.structured_output, StructuredOutput):
+                raise ValueError("structured_output must be a qwenserve.StructuredOutput, got "
+                                 f"{type(self.structured_output).__name__}")
+            # Compiled now (llguidance, cached per process) so a grammar that cannot be built
+            # fails the request here, never inside a sampling step.
+            from qwenserve.structured_output.compiler import compile_structured_output
+
+            compile_structured_output(self.structured_output)
 
     @staticmethod
     def _check_stop(stop: Any) -> list[str]:

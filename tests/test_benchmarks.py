@@ -229,3 +229,17 @@ def test_host_overhead_benchmark(tmp_path):
     assert [r["batch_size"] for r in result["results"]] == [1, 3]
     for r in result["results"]:
         assert r["ms_per_step"] > 0 and r["us_per_request"] == pytest.approx(r["ms_per_step"] * 1e3 / r["batch_size"])
+
+
+def test_structured_output_benchmark(tmp_path):
+    """benchmarks/structured_output.py: mask fill and apply per step, one row per batch size."""
+    out = tmp_path / "so.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "structured_output.py"), "--batch-size", "1", "5",
+                           "--steps", "2", "--blocks", "1", "--num-schemas", "3", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["batch_size"] for r in result["results"]] == [1, 5] and len(result["output_lengths"]) == 3
+    for r in result["results"]:
+        assert r["fill_cpu_ms"] > 0 and r["apply_cpu_ms"] > 0
+        assert r["fill_cpu_us_per_row"] == pytest.approx(r["fill_cpu_ms"] * 1e3 / r["batch_size"])

@@ -104,6 +104,11 @@ class QwenTokenizer:
                 return cls(candidate)
         return cls(_VENDORED_PATH)
 
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding itself, for libraries that take one (llguidance)."""
+        return self._enc
+
     def encode(self, text: str) -> list[int]:
         """Plain-text encoding of NFC(text): special-token strings become ordinary tokens."""
         text = unicodedata.normalize("NFC", text)

@@ -14,6 +14,7 @@ request cannot carry (a negative count, a seed over 2**64, a non-finite float, .
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import re
@@ -28,6 +29,8 @@ from . import qwenserve_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 _SAMPLING_FIELDS = {f.name: f for f in pb.SamplingParams.DESCRIPTOR.fields}
+_STRUCTURED_OUTPUT_FORMS = frozenset(
+    f.name for f in pb.SamplingParams.DESCRIPTOR.oneofs_by_name["structured_output"].fields)
 _UINT_LIMITS = {FieldDescriptor.TYPE_UINT64: 2 ** 64, FieldDescriptor.TYPE_UINT32: 2 ** 32}
 _FLOAT32_MAX = 3.4028234663852886e38
 
@@ -85,6 +88,20 @@ def _check_sampling(name: str, value):
         if not isinstance(value, bool):
             raise InvalidRequest(name, f"must be a bool, got {value!r}")
         return value
+    if name == "json_schema":  # a dict is sent as its JSON text
+        if isinstance(value, dict):
+            value = json.dumps(value)
+        if not isinstance(value, str):
+            raise InvalidRequest(name, f"must be a dict or its JSON text, got {value!r}")
+        return _check_text(name, value)
+    if name in ("regex", "grammar"):
+        if not isinstance(value, str):
+            raise InvalidRequest(name, f"must be a string, got {value!r}")
+        return _check_text(name, value)
+    if name == "choice":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise InvalidRequest(name, f"must be a list of strings, got {value!r}")
+        return pb.Choices(choices=[_check_text(name, v) for v in value])
     if name == "stop":  # the only repeated string
         stops = [value] if isinstance(value, str) else value
         if not isinstance(stops, (list, tuple)) or not all(isinstance(v, str) and v for v in stops):
@@ -202,6 +219,9 @@ def build_request(prompt: Optional[Prompt] = None, *, prompt_token_ids: Optional
         if text is not None:
             _check_text(name, text)
     values = {k: _check_sampling(k, v) for k, v in sampling.items() if v is not None}
+    forms = [k for k in values if k in _STRUCTURED_OUTPUT_FORMS]
+    if len(forms) > 1:  # a oneof: the proto would silently keep only the last
+        raise InvalidRequest("structured_output", f"takes one form, got {', '.join(forms)}")
     request = pb.GenerateRequest(request_id=request_id, params=pb.SamplingParams(**values), system=system or "")
     if prompt is not None:
         request.prompt = prompt

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fqwenserve.proto\x12\x0cqwenserve.v1\"\xde\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.qwenserve.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1a.qwenserve.v1.ChatMessagesH\x00\x12,\n\x06params\x18\x05 \x01(\x0b\x32\x1c.qwenserve.v1.SamplingParams\x12\x0e\n\x06system\x18\x06 \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.qwenserve.v1.ChatMessage\"\xd0\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x11\n\x04seed\x18\t \x01(\x04H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\rH\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12\x12\n\x05min_p\x18\r \x01(\x02H\t\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\rH\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\rH\x0b\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\x0c\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x08\n\x06_min_pB\x04\n\x02_nB\r\n\x0b_min_tokensB\x16\n\x14_skip_special_tokens\"\xce\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12-\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1b.qwenserve.v1.TokenLogprobs\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"8\n\rTokenLogprobs\x12\'\n\x03top\x18\x01 \x03(\x0b\x32\x1a.qwenserve.v1.TokenLogprob\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1f\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"\xae\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x16\n\x0enum_gpu_blocks\x18\x07 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xd2\x02\n\x05Stats\x12\x17\n\x0fnum_used_blocks\x18\x01 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x02 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\x07 \x01(\x02\x12\x13\n\x0bnum_pending\x18\x08 \x01(\r\x12\x1b\n\x13num_active_requests\x18\t \x01(\r\x12\x1d\n\x15num_finished_requests\x18\n \x01(\x04\x12\x1c\n\x14num_aborted_requests\x18\x0b \x01(\x04\x12\x11\n\tnum_steps\x18\x0c \x01(\x04\x12\x19\n\x11num_cached_blocks\x18\r \x01(\r2\xb0\x02\n\nGeneration\x12K\n\x08Generate\x12\x1d.qwenserve.v1.GenerateRequest\x1a\x1e.qwenserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.qwenserve.v1.TokenizeRequest\x1a\x1e.qwenserve.v1.TokenizeResponse\x12J\n\x0cGetModelInfo\x12!.qwenserve.v1.GetModelInfoRequest\x1a\x17.qwenserve.v1.ModelInfo\x12>\n\x08GetStats\x12\x1d.qwenserve.v1.GetStatsRequest\x1a\x13.qwenserve.v1.Statsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fqwenserve.proto\x12\x0cqwenserve.v1\"\xde\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x32\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x16.qwenserve.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1a.qwenserve.v1.ChatMessagesH\x00\x12,\n\x06params\x18\x05 \x01(\x0b\x32\x1c.qwenserve.v1.SamplingParams\x12\x0e\n\x06system\x18\x06 \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.qwenserve.v1.ChatMessage\"\xa0\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x11\n\x04seed\x18\t \x01(\x04H\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\n \x01(\rH\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x12\n\x05min_p\x18\r \x01(\x02H\n\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\rH\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0f \x01(\rH\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x11 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x12 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x13 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x14 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x15 \x01(\x0b\x32\x15.qwenserve.v1.ChoicesH\x00\x12#\n\x16\x64isable_any_whitespace\x18\x16 \x01(\x08H\x0e\x88\x01\x01\x42\x13\n\x11structured_outputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x08\n\x06_min_pB\x04\n\x02_nB\r\n\x0b_min_tokensB\x16\n\x14_skip_special_tokensB\x19\n\x17_disable_any_whitespace\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xce\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x07 \x01(\r\x12-\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1b.qwenserve.v1.TokenLogprobs\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"8\n\rTokenLogprobs\x12\'\n\x03top\x18\x01 \x03(\x0b\x32\x1a.qwenserve.v1.TokenLogprob\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x1f\n\x10TokenizeResponse\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"\xae\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x16\n\x0enum_gpu_blocks\x18\x07 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xd2\x02\n\x05Stats\x12\x17\n\x0fnum_used_blocks\x18\x01 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x02 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x13\n\x0bnum_running\x18\x05 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x06 \x01(\x04\x12\x1d\n\x15prefix_cache_hit_rate\x18\x07 \x01(\x02\x12\x13\n\x0bnum_pending\x18\x08 \x01(\r\x12\x1b\n\x13num_active_requests\x18\t \x01(\r\x12\x1d\n\x15num_finished_requests\x18\n \x01(\x04\x12\x1c\n\x14num_aborted_requests\x18\x0b \x01(\x04\x12\x11\n\tnum_steps\x18\x0c \x01(\x04\x12\x19\n\x11num_cached_blocks\x18\r \x01(\r2\xb0\x02\n\nGeneration\x12K\n\x08Generate\x12\x1d.qwenserve.v1.GenerateRequest\x1a\x1e.qwenserve.v1.GenerateResponse0\x01\x12I\n\x08Tokenize\x12\x1d.qwenserve.v1.TokenizeRequest\x1a\x1e.qwenserve.v1.TokenizeResponse\x12J\n\x0cGetModelInfo\x12!.qwenserve.v1.GetModelInfoRequest\x1a\x17.qwenserve.v1.ModelInfo\x12>\n\x08GetStats\x12\x1d.qwenserve.v1.GetStatsRequest\x1a\x13.qwenserve.v1.Statsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,25 +40,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_start=329
   _globals['_CHATMESSAGES']._serialized_end=388
   _globals['_SAMPLINGPARAMS']._serialized_start=391
-  _globals['_SAMPLINGPARAMS']._serialized_end=983
-  _globals['_GENERATERESPONSE']._serialized_start=986
-  _globals['_GENERATERESPONSE']._serialized_end=1192
-  _globals['_TOKENLOGPROB']._serialized_start=1194
-  _globals['_TOKENLOGPROB']._serialized_end=1243
-  _globals['_TOKENLOGPROBS']._serialized_start=1245
-  _globals['_TOKENLOGPROBS']._serialized_end=1301
-  _globals['_TOKENIZEREQUEST']._serialized_start=1303
-  _globals['_TOKENIZEREQUEST']._serialized_end=1334
-  _globals['_TOKENIZERESPONSE']._serialized_start=1336
-  _globals['_TOKENIZERESPONSE']._serialized_end=1367
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1369
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1390
-  _globals['_MODELINFO']._serialized_start=1393
-  _globals['_MODELINFO']._serialized_end=1567
-  _globals['_GETSTATSREQUEST']._serialized_start=1569
-  _globals['_GETSTATSREQUEST']._serialized_end=1586
-  _globals['_STATS']._serialized_start=1589
-  _globals['_STATS']._serialized_end=1927
-  _globals['_GENERATION']._serialized_start=1930
-  _globals['_GENERATION']._serialized_end=2234
+  _globals['_SAMPLINGPARAMS']._serialized_end=1191
+  _globals['_CHOICES']._serialized_start=1193
+  _globals['_CHOICES']._serialized_end=1219
+  _globals['_GENERATERESPONSE']._serialized_start=1222
+  _globals['_GENERATERESPONSE']._serialized_end=1428
+  _globals['_TOKENLOGPROB']._serialized_start=1430
+  _globals['_TOKENLOGPROB']._serialized_end=1479
+  _globals['_TOKENLOGPROBS']._serialized_start=1481
+  _globals['_TOKENLOGPROBS']._serialized_end=1537
+  _globals['_TOKENIZEREQUEST']._serialized_start=1539
+  _globals['_TOKENIZEREQUEST']._serialized_end=1570
+  _globals['_TOKENIZERESPONSE']._serialized_start=1572
+  _globals['_TOKENIZERESPONSE']._serialized_end=1603
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1605
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1626
+  _globals['_MODELINFO']._serialized_start=1629
+  _globals['_MODELINFO']._serialized_end=1803
+  _globals['_GETSTATSREQUEST']._serialized_start=1805
+  _globals['_GETSTATSREQUEST']._serialized_end=1822
+  _globals['_STATS']._serialized_start=1825
+  _globals['_STATS']._serialized_end=2163
+  _globals['_GENERATION']._serialized_start=2166
+  _globals['_GENERATION']._serialized_end=2470
 # @@protoc_insertion_point(module_scope)

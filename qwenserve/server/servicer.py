@@ -18,6 +18,7 @@ from typing import Any, Optional
 import grpc
 
 from qwenserve.sampling_params import SamplingParams
+from qwenserve.structured_output import StructuredOutput
 
 from . import qwenserve_pb2 as pb
 from . import qwenserve_pb2_grpc as pb_grpc
@@ -49,7 +50,25 @@ def sampling_kwargs(params: pb.SamplingParams) -> dict:
         kwargs["stop_token_ids"] = list(params.stop_token_ids)
     if params.ignore_eos:
         kwargs["ignore_eos"] = True
+    structured = structured_output(params)
+    if structured is not None:
+        kwargs["structured_output"] = structured
     return kwargs
+
+
+def structured_output(params: pb.SamplingParams) -> Optional[StructuredOutput]:
+    """The `structured_output` oneof as a StructuredOutput (None when unset); ValueError
+    naming the field for a shape error (compiling is SamplingParams' check)."""
+    form = params.WhichOneof("structured_output")
+    if form is None:
+        return None
+    if form == "json_object" and not params.json_object:
+        raise ValueError("structured_output.json_object: must be true when set")
+    value = list(params.choice.choices) if form == "choice" else getattr(params, form)
+    kwargs: dict[str, Any] = {form: value}
+    if params.HasField("disable_any_whitespace"):
+        kwargs["disable_any_whitespace"] = params.disable_any_whitespace
+    return StructuredOutput(**kwargs)
 
 
 def make_sampling_params(params: pb.SamplingParams, generation_config: Optional[dict]) -> SamplingParams:
@@ -115,7 +134,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is not ready yet")
         try:
             add_kwargs = engine_input(request)
-            params = make_sampling_params(request.params, self.generation_config)
+            if request.params.WhichOneof("structured_output") is None:
+                params = make_sampling_params(request.params, self.generation_config)
+            else:  # compiling a new grammar may take up to its time limit: not on the event loop
+                params = await asyncio.to_thread(make_sampling_params, request.params,
+                                                 self.generation_config)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         request_id = request.request_id or uuid.uuid4().hex

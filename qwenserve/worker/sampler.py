@@ -1,19 +1,24 @@
 """The sampler: from a step's last-position logits to one token id per request.
 
-This module owns the logits processing (padding-id mask, min_tokens ban, repetition /
-presence / frequency penalties), the log-probabilities, and the draw itself (greedy,
-temperature, top-k, top-p, min-p). It runs on rank 0 only and knows nothing of the
-scheduler: each row of the batch comes with a `SamplingState`.
+This module owns the logits processing (structured-output mask, padding-id mask,
+min_tokens ban, repetition / presence / frequency penalties), the log-probabilities, and the
+draw itself (greedy, temperature, top-k, top-p, min-p). It runs on rank 0 only and knows
+nothing of the scheduler: each row of the batch comes with a `SamplingState`.
 
 Order of operations (Hugging Face LogitsProcessor semantics):
 
-    logits ─► (a) ids >= vocab_size_real → -inf          ┐
+    logits ─► (s) grammar mask (structured rows)          ┐
+           ─► (a) ids >= vocab_size_real → -inf          │
            ─► (b) banned ids → -inf while output < min_tokens │ process_logits()
            ─► (c) repetition penalty (prompt + output)   ┐ │
            ─► (d) presence / frequency (output only)     ┘ apply_penalties()
            ─► (e) log_softmax → logprobs (before temperature)
            ─► (f) greedy rows: argmax
            ─► (g) other rows: /temperature, top-k, top-p, min-p, exponential race
+
+(s) comes first so that every later step, greedy, the filters, penalties, seeds and logprobs,
+sees only the tokens the structure allows; it lives in qwenserve/structured_output (the
+matcher catches up with `output_token_ids` there, never inside the draw).
 
 Reproducibility: a row whose state has a `generator` draws only from it, V exponentials
 per step, so a seeded request yields the same tokens whatever else is in the batch.
@@ -27,6 +32,9 @@ import numpy as np
 import torch
 
 from qwenserve.sampling_params import SamplingParams
+from qwenserve.structured_output.batch import fill_bitmask
+from qwenserve.structured_output.logits_mask import apply_bitmask_
+from qwenserve.structured_output.matcher import GrammarMatcher
 
 QWEN_VOCAB_SIZE_REAL = 151851
 # Dividing by a near-zero temperature could overflow float32 to inf (and inf - inf = NaN
@@ -41,13 +49,15 @@ class SamplingState:
     """What the sampler needs to know about one row. `banned_token_ids` (EOS and the
     stop ids, filled by the engine) are masked while the output is shorter than
     `params.min_tokens`. `generator` may live on any device; draws are moved to the
-    logits' device."""
+    logits' device. `grammar_matcher` (rows with `params.structured_output`) is created on
+    the first mask and follows `output_token_ids`; a fresh state rebuilds it from them."""
 
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None = None
     banned_token_ids: list[int] = field(default_factory=list)
+    grammar_matcher: GrammarMatcher | None = field(default=None, repr=False, compare=False)
     # prompt + output ids as int64, kept in step with output_token_ids by appending only the
     # new tokens: the repetition penalty reads the whole context every step, and converting
     # thousands of Python ints per request per step would cost milliseconds of host time.
@@ -182,12 +192,17 @@ def _apply_penalties_(logits: torch.Tensor, states: list[SamplingState]) -> torc
 def process_logits(
     logits: torch.Tensor, states: list[SamplingState], vocab_size_real: int = QWEN_VOCAB_SIZE_REAL
 ) -> torch.Tensor:
-    """Steps (a)-(d): the logits that logprobs and greedy decoding see. Returns a new
+    """Steps (s), (a)-(d): the logits that logprobs and greedy decoding see. Returns a new
     float32 tensor; the input is left untouched."""
     if logits.dim() != 2 or logits.shape[0] != len(states):
         raise ValueError(f"logits must be [B={len(states)}, V], got {tuple(logits.shape)}")
     logits = logits.to(torch.float32, copy=True)  # the one copy: everything below is in place
     vocab = logits.shape[1]
+
+    # (s) Structured rows: only what the grammar allows (min_tokens' ban is inside the mask).
+    bitmask = fill_bitmask(states, pin_memory=logits.is_cuda)
+    if bitmask is not None:
+        apply_bitmask_(logits, bitmask)
 
     # (a) Rows of the embedding beyond the tokenizer's vocabulary are padding.
     if vocab > vocab_size_real:
@@ -197,7 +212,7 @@ def process_logits(
     ban_rows: list[int] = []
     ban_cols: list[int] = []
     for i, s in enumerate(states):
-        if len(s.output_token_ids) < s.params.min_tokens:
+        if len(s.output_token_ids) < s.params.min_tokens and s.params.structured_output is None:
             cols = [t for t in s.banned_token_ids if 0 <= t < vocab]
             ban_rows += [i] * len(cols)
             ban_cols += cols
@@ -249,8 +264,9 @@ def _apply_top_p(x: torch.Tensor, top_p: list[float]) -> torch.Tensor:
 
 
 def _is_plain_greedy(s: SamplingState) -> bool:
-    """Greedy with no logprobs, no penalty and no min_tokens ban in force this step."""
+    """Greedy with no logprobs, no penalty, no structure and no min_tokens ban this step."""
     return (s.params.is_greedy and s.params.logprobs is None and not _needs_penalties(s)
+            and s.params.structured_output is None
             and not (len(s.output_token_ids) < s.params.min_tokens and s.banned_token_ids))
 
 
