@@ -89,6 +89,9 @@ class EngineCoreProc:
         self._output_thread.start()
         self.outputs.put(("connect", 0, output_address))
         threading.Thread(target=self._watch_parent, name="core-parent-watch", daemon=True).start()
+        # Structured-output masks need llguidance's view of the vocabulary (~1 s to build):
+        # build it now, beside the model loading, rather than inside the first such step.
+        threading.Thread(target=_warm_structured_output, name="core-warm-grammar", daemon=True).start()
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -257,6 +260,12 @@ class EngineCoreProc:
         # A step stuck on a worker would never read the queue: leave anyway after a grace.
         time.sleep(STOP_GRACE_S)
         os._exit(1)
+
+
+def _warm_structured_output() -> None:
+    from qwenserve.structured_output.vocabulary import qwen_lltokenizer
+
+    qwen_lltokenizer()
 
 
 _STOP = b"stop"  # the parent watcher's message to the loop

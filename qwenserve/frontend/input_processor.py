@@ -4,7 +4,7 @@ every front end (offline `LLM`, gRPC, HTTP), so they cannot disagree.
 Owns: exactly-one-input checks, tokenization (plain text is never special; chat goes through
 the ChatML template), id validation, length checks against max_model_len and the KV cache,
 the stop-token set (EOS; plus <|im_end|>/<|im_start|> for chat; none with ignore_eos; plus the
-request's stop_token_ids), max_tokens resolved to the room left, and the fan-out of n > 1 into
+request's stop_token_ids; a structured request's are the end tokens, `structured_output.termination`), max_tokens resolved to the room left, and the fan-out of n > 1 into
 n core requests `id#i` whose seeds are seed + i. Every problem is a ValueError whose message
 starts with the field's name. Tokenizing a long prompt takes time: servers call `process`
 off their event loop.
@@ -21,6 +21,7 @@ from qwenserve.engine_core.protocol import EngineCoreReady, EngineCoreRequest
 from qwenserve.model.chat_template import encode_chat
 from qwenserve.model.tokenizer import QwenTokenizer, validate_ids
 from qwenserve.sampling_params import SamplingParams
+from qwenserve.structured_output import termination
 
 
 @dataclass
@@ -84,7 +85,8 @@ class InputProcessor:
                              f"max_model_len ({self.max_model_len})")
         if params.ignore_eos:
             stop_ids = frozenset()
-        stop_ids = frozenset(stop_ids) | frozenset(params.stop_token_ids)
+        # A structured request ends on an end token where its grammar allows, whatever else.
+        stop_ids = termination.stop_token_ids(params, frozenset(stop_ids) | frozenset(params.stop_token_ids))
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         needed = -(-(len(ids) + max_tokens) // self.block_size)

@@ -23,6 +23,7 @@ from qwenserve.frontend.input_processor import ProcessedRequest, completion_ids
 from qwenserve.model.detokenizer import IncrementalDetokenizer
 from qwenserve.model.tokenizer import QwenTokenizer
 from qwenserve.outputs import CompletionOutput, RequestOutput
+from qwenserve.structured_output import termination
 
 
 class CompletionState:
@@ -32,7 +33,8 @@ class CompletionState:
         self.index = index
         self.request = request
         params = request.params
-        self.stop_strings = params.stop
+        # Inside a structure the structure wins: no stop strings (structured_output.termination).
+        self.stop_strings = params.stop if termination.checks_stop_strings(params) else []
         self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
         self.text = ""                 # everything decoded so far, cut at a stop string
         self.num_sent_chars = 0        # of `text`, given to the caller

@@ -49,7 +49,7 @@ class StructuredOutput:
     json_object: bool = False
     regex: str | None = None
     grammar: str | None = None
-    choice: tuple[str, ...] | list[str] | None = None
+    choice: tuple[str, ...] | None = None  # a list is taken too (stored as a tuple)
     disable_any_whitespace: bool = True
     # Canonical text of the chosen form, fixed at construction (a dict given as json_schema
     # may be changed by its owner later; the compiled grammar must not).
