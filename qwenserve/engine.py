@@ -4,8 +4,9 @@
     step        ─► core.step() (one overlapped step) ─► OutputProcessor (text, stop strings)
                    ─► RequestOutputs of the requests that changed; stop strings abort in the core
 
-The core runs in this process and thread: the engine is not thread-safe (servers use
-`frontend.async_llm.AsyncLLM`, which runs the core in its own process).
+The core runs in this thread (`EngineCore`), or with `engine_core_process` in a process of its
+own behind the same interface (`SyncCoreClient`). The engine is not thread-safe (servers use
+`frontend.async_llm.AsyncLLM`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from qwenserve.engine_core.core import EngineCore
 from qwenserve.frontend.input_processor import InputProcessor
 from qwenserve.frontend.output_processor import OutputProcessor, RequestState
 from qwenserve.model.checkpoint import builtin_model_dir
+from qwenserve.model.config import QwenConfig
 from qwenserve.model.tokenizer import QwenTokenizer
 from qwenserve.outputs import RequestOutput
 from qwenserve.sampling_params import SamplingParams
@@ -28,8 +30,13 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.model_dir = config.model or builtin_model_dir()
         self.tokenizer = QwenTokenizer.from_dir(self.model_dir)
-        self.core = EngineCore(config, self.model_dir, load_progress)
-        self.model_config = self.core.model_config
+        if config.engine_core_process:
+            from qwenserve.engine_core.client import SyncCoreClient
+
+            self.core = SyncCoreClient(config, self.model_dir)
+        else:
+            self.core = EngineCore(config, self.model_dir, load_progress)
+        self.model_config = QwenConfig.from_dir(self.model_dir)
         self.max_model_len = self.core.max_model_len
         ready = self.core.ready_message()
         self.generation_config = ready.generation_config
@@ -37,18 +44,24 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
-    # The core's parts, for tests and benchmarks that look inside.
+    # The core's parts, for tests and benchmarks that look inside (in-process core only).
     @property
     def scheduler(self):
-        return self.core.scheduler
+        return self._in_process_core().scheduler
 
     @property
     def kv_cache(self):
-        return self.core.scheduler.kv_cache
+        return self._in_process_core().scheduler.kv_cache
 
     @property
     def executor(self):
-        return self.core.executor
+        return self._in_process_core().executor
+
+    def _in_process_core(self) -> EngineCore:
+        if not isinstance(self.core, EngineCore):
+            raise AttributeError("the engine core runs in its own process (engine_core_process=True): "
+                                 "its scheduler, KV cache and executor are not reachable from here")
+        return self.core
 
     # ------------------------------------------------------------------ requests
     def default_params(self, **overrides) -> SamplingParams:

@@ -131,17 +131,35 @@ SETTINGS = {
 }
 
 
+@pytest.mark.parametrize("core", ["in_process", "core_process"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_greedy_matches_reference(tiny_checkpoint, setting):
-    llm = LLM(model=tiny_checkpoint, device="cpu", **SETTINGS[setting])
-    steps = _record_steps(llm)
-    prompts = _prompts(LENGTHS)
-    assert _greedy(llm, prompts) == _expected(tiny_checkpoint, prompts)
-    if "max_num_batched_tokens" in SETTINGS[setting]:  # every such budget is below max(LENGTHS)
-        _assert_chunked(llm, steps)
-    if "preempt" in setting:
-        assert llm.get_stats()["num_preemptions"] > 0, "the cache was meant to be too small to avoid preemption"
-    _assert_no_leak(llm)
+def test_greedy_matches_reference(tiny_checkpoint, setting, core):
+    """In every scheduling regime, with the engine core in this process and in its own (where
+    its scheduler cannot be watched: chunking is checked in process)."""
+    llm = LLM(model=tiny_checkpoint, device="cpu", engine_core_process=core == "core_process",
+              **SETTINGS[setting])
+    try:
+        steps = _record_steps(llm) if core == "in_process" else None
+        prompts = _prompts(LENGTHS)
+        assert _greedy(llm, prompts) == _expected(tiny_checkpoint, prompts)
+        if steps is not None and "max_num_batched_tokens" in SETTINGS[setting]:  # budgets below max(LENGTHS)
+            _assert_chunked(llm, steps)
+        if "preempt" in setting:
+            assert llm.get_stats()["num_preemptions"] > 0, "the cache was meant to be too small to avoid preemption"
+        _assert_no_leak(llm)
+    finally:
+        llm.shutdown()
+
+
+def test_synchronous_steps_match_the_reference_too(tiny_checkpoint):
+    """async_scheduling=False (each step's samples back before the next is scheduled) in the
+    regimes where overlap changes most: preemption and chunked prefill."""
+    for setting in ("preemption", "tiny_blocks_chunked_and_preempted"):
+        llm = LLM(model=tiny_checkpoint, device="cpu", async_scheduling=False, **SETTINGS[setting])
+        prompts = _prompts(LENGTHS)
+        assert _greedy(llm, prompts) == _expected(tiny_checkpoint, prompts)
+        assert llm.get_stats()["num_preemptions"] > 0
+        _assert_no_leak(llm)
 
 
 def test_prefix_caching_hits_and_matches(tiny_checkpoint):

@@ -65,6 +65,16 @@ def test_tp4_matches_tp1(ray_session, tp1_tokens):
     assert _generate_tp(4) == tp1_tokens
 
 
+def test_tp2_through_the_engine_core_process_matches_tp1(tp1_tokens):
+    """The engine core in its own process drives its own Ray ranks (a Ray of its own: the core
+    process did not inherit this one's), with overlapped steps."""
+    llm = LLM(tensor_parallel_size=2, engine_core_process=True, **ENGINE_KWARGS)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == tp1_tokens
+    finally:
+        llm.shutdown()
+
+
 # ---------------------------------------------------------------------- sharded loading
 def _full_tensors(path: str) -> dict[str, torch.Tensor]:
     tensors = {}

@@ -55,13 +55,13 @@ class _Shutdown(Exception):
 
 
 def run_engine_core(config: EngineConfig, model_dir: str, input_address: str, output_address: str,
-                    parent_pid: int, log_level: str = "INFO") -> None:
-    """The process's entry point (multiprocessing target). Exits the process when done."""
+                    parent_pid: int, log_level: str = "INFO", show_load_progress: bool = True) -> None:
+    """The process's entry point (see `__main__` below). Exits the process when done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s [engine core]: %(message)s")
-    proc = EngineCoreProc(config, model_dir, input_address, output_address, parent_pid)
+    proc = EngineCoreProc(config, model_dir, input_address, output_address, parent_pid, show_load_progress)
     code = proc.run()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -70,8 +70,9 @@ def run_engine_core(config: EngineConfig, model_dir: str, input_address: str, ou
 
 class EngineCoreProc:
     def __init__(self, config: EngineConfig, model_dir: str, input_address: str, output_address: str,
-                 parent_pid: int):
+                 parent_pid: int, show_load_progress: bool = True):
         self.config, self.model_dir = config, model_dir
+        self.show_load_progress = show_load_progress
         self.parent_pid = parent_pid
         self.context = zmq.Context()
         self.inputs: queue.Queue = queue.Queue()
@@ -98,7 +99,8 @@ class EngineCoreProc:
         from qwenserve.engine_core.core import EngineCore
 
         try:
-            self.core = EngineCore(self.config, self.model_dir, load_progress=LoadProgress())
+            progress = LoadProgress() if self.show_load_progress else None
+            self.core = EngineCore(self.config, self.model_dir, load_progress=progress)
         except BaseException as e:  # noqa: BLE001 - told to the front end, which reports it
             if not isinstance(e, (ValueError, OSError)):  # a bad setting needs no traceback
                 logger.exception("engine core failed to start")
@@ -270,3 +272,9 @@ def _warm_structured_output() -> None:
 
 _STOP = b"stop"  # the parent watcher's message to the loop
 STOP_GRACE_S = 10.0
+
+
+if __name__ == "__main__":  # started by engine_core.client.CoreProcess; arguments pickled on stdin
+    import pickle
+
+    run_engine_core(*pickle.loads(sys.stdin.buffer.read()))
