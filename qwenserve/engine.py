@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from collections.abc import Iterable
 from typing import Callable, Optional, Sequence
 
@@ -32,6 +33,9 @@ class _Group:
                  trackers: list[CompletionTracker]):
         self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
         self.trackers = trackers
+        self.arrival_time = time.monotonic()
+        # Seconds from add_request to the first admission of any of its completions.
+        self.queue_time: Optional[float] = None
         # Prompt tokens served from the prefix cache when the group was first admitted (set
         # by the first completion the scheduler admits; a resumption after preemption keeps it).
         self.num_cached_tokens: Optional[int] = None
@@ -46,7 +50,7 @@ class _Group:
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
                              [t.output() for t in self.trackers], self.finished,
-                             num_cached_tokens=self.num_cached_tokens or 0)
+                             num_cached_tokens=self.num_cached_tokens or 0, queue_time=self.queue_time)
 
 
 class LLMEngine:
@@ -78,6 +82,8 @@ class LLMEngine:
         self._trackers: dict[str, tuple[_Group, CompletionTracker]] = {}  # by scheduler request id
         self._ids = itertools.count()
         self._scopes = itertools.count()  # one per request when prefix caching is off
+        # Tokens the last step computed (prefill chunks and decodes): the iteration-size metric.
+        self.num_tokens_last_step = 0
 
     # ------------------------------------------------------------------ requests
     def default_params(self, **overrides) -> SamplingParams:
@@ -86,8 +92,12 @@ class LLMEngine:
 
     def add_request(self, request_id: Optional[str] = None, prompt: Optional[str] = None,
                     prompt_token_ids: Optional[Sequence[int]] = None, messages: Optional[list] = None,
-                    system: Optional[str] = None, params: Optional[SamplingParams] = None) -> str:
-        """Validates and queues a request; returns its id. Bad input raises ValueError."""
+                    system: Optional[str] = None, params: Optional[SamplingParams] = None,
+                    continue_final_message: bool = False) -> str:
+        """Validates and queues a request; returns its id. Bad input raises ValueError.
+
+        `continue_final_message` (chat only): the last message is an assistant's that the model
+        continues instead of starting a new turn (see `chat_template.encode_chat`)."""
         if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
             raise ValueError("input: give exactly one of prompt, prompt_token_ids, messages")
         if request_id in (None, ""):
@@ -97,8 +107,11 @@ class LLMEngine:
         params = params if params is not None else self.default_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected a SamplingParams, got {type(params).__name__}")
+        if continue_final_message and messages is None:
+            raise ValueError("continue_final_message: only applies to chat messages")
         if messages is not None:
-            ids = encode_chat(self.tokenizer, messages, system=system)
+            ids = encode_chat(self.tokenizer, messages, system=system,
+                              continue_final_message=continue_final_message)
             stop_ids = self.eos_token_ids | self.chat_stop_token_ids
         elif prompt is not None:
             if not isinstance(prompt, str) or not prompt:
@@ -164,12 +177,14 @@ class LLMEngine:
         `finished_only`, of those that finished: no output is built for the others, which
         saves host time per running request when nobody streams)."""
         scheduler_output = self.scheduler.schedule()
+        self.num_tokens_last_step = scheduler_output.total_num_scheduled_tokens
         if scheduler_output.is_empty:
             return []
         for new in scheduler_output.new_requests:  # admissions: record their prefix-cache hits
             entry = self._trackers.get(new.request_id)
             if entry is not None and entry[0].num_cached_tokens is None:
                 entry[0].num_cached_tokens = min(new.num_computed_tokens, len(new.prompt_token_ids))
+                entry[0].queue_time = time.monotonic() - entry[0].arrival_time
         result = self.executor.execute_model(scheduler_output)
         changed: dict[str, _Group] = {}
         for rid, token, logprob, top in zip(result.request_ids, result.sampled_token_ids,
@@ -196,13 +211,17 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ introspection
     def get_stats(self) -> dict:
+        """Occupancy and counters. prefix_cache_query_tokens / prefix_cache_hit_tokens: prompt
+        tokens looked up in the prefix cache at admissions and the ones found (cumulative)."""
         kv = self.kv_cache
+        prefix = kv.prefix_cache_stats
         return {
             "num_used_blocks": kv.num_used_blocks, "num_free_blocks": kv.num_free_blocks,
             "num_total_blocks": kv.num_blocks - 1, "num_cached_blocks": kv.num_cached_blocks,
             "num_waiting": self.scheduler.num_waiting, "num_running": self.scheduler.num_running,
             "num_preemptions": self.scheduler.num_preemptions,
-            "prefix_cache_hit_rate": kv.prefix_cache_stats.hit_rate,
+            "prefix_cache_hit_rate": prefix.hit_rate,
+            "prefix_cache_query_tokens": prefix.query_tokens, "prefix_cache_hit_tokens": prefix.hit_tokens,
         }
 
     def shutdown(self) -> None:

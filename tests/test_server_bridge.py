@@ -269,3 +269,32 @@ def test_cancelling_futures_at_random_moments_never_kills_the_engine(make_bridge
     while bridge.num_active:
         assert time.monotonic() < deadline, bridge.num_active
         time.sleep(0.01)
+
+
+def test_step_observer_and_queue_time_reach_the_front_end(make_bridge):
+    """The bridge reports each step's token count to `on_step` (an observer that raises is
+    logged, never fatal) and passes the engine's queue time on every delta."""
+    class TimedEngine(ScriptedEngine):
+        def step(self):
+            outputs = super().step()
+            self.num_tokens_last_step = len(outputs)
+            for out in outputs:
+                out.queue_time = 0.25
+            return outputs
+
+    seen = []
+
+    def observe(num_tokens):
+        seen.append(num_tokens)
+        raise RuntimeError("a buggy observer")
+
+    bridge = EngineBridge(TimedEngine(), 16, on_step=observe)
+    bridge.start()
+    try:
+        future, items = collect(bridge, "r", n=1, max_tokens=3)
+        future.result(timeout=5)
+        deltas, failure = drain(items)
+        assert failure is None and [d.queue_time for d in deltas] == [0.25] * 3
+        assert seen == [1, 1, 1] and bridge.dead_reason is None
+    finally:
+        bridge.close(timeout=5)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
 from qwenserve.frontend.engine_client import (Delta, EngineClient, EngineUnavailable, ModelInfo,
-                                              QueueFull)
+                                              QueueFull, StepStats)
 from qwenserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -60,10 +60,12 @@ class _Tracked:
 
 class EngineBridge:
     def __init__(self, engine: Any, max_waiting_requests: int,
-                 on_failure: Optional[Callable[[str], None]] = None):
+                 on_failure: Optional[Callable[[str], None]] = None,
+                 on_step: Optional[Callable[[int], None]] = None):
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self.on_failure = on_failure
+        self.on_step = on_step  # called on the engine thread with each step's token count
         self._cond = threading.Condition()
         # ("add", tracked, kwargs, future) | ("abort", request_id)
         self._inbox: collections.deque = collections.deque()
@@ -177,6 +179,12 @@ class EngineBridge:
                     self._refresh_engine_stats()
                 if self._has_work:
                     outputs = self.engine.step()
+                    num_tokens = getattr(self.engine, "num_tokens_last_step", None)
+                    if self.on_step is not None and num_tokens:
+                        try:  # an observer's bug must not take the engine down
+                            self.on_step(num_tokens)
+                        except Exception:
+                            logger.exception("step callback failed")
                     with self._cond:
                         self._num_steps += 1
                         deliveries = [d for d in map(self._collect, outputs) if d]
@@ -247,7 +255,8 @@ class EngineBridge:
                 logprobs = list(completion.logprobs[tracked.sent_num_tokens[i]:len(ids)])
             deltas.append(Delta(i, text[tracked.sent_text_len[i]:],
                                 tuple(ids[tracked.sent_num_tokens[i]:]), finish,
-                                tracked.prompt_tokens, len(ids), logprobs))
+                                tracked.prompt_tokens, len(ids), logprobs,
+                                getattr(output, "queue_time", None)))
             tracked.sent_text_len[i] = len(text)
             tracked.sent_num_tokens[i] = len(ids)
             if finish is not None:
@@ -298,7 +307,8 @@ class BridgeEngineClient(EngineClient):
         self.max_model_len = engine.max_model_len
         self.info = engine_model_info(engine)
         self._failure_callbacks: list[Callable[[str], None]] = []
-        self.bridge = EngineBridge(engine, max_waiting_requests, on_failure=self._on_failure)
+        self.bridge = EngineBridge(engine, max_waiting_requests, on_failure=self._on_failure,
+                                   on_step=lambda num_tokens: self._notify_step(StepStats(num_tokens)))
         self.bridge.start()
 
     def _on_failure(self, reason: str) -> None:
@@ -310,9 +320,12 @@ class BridgeEngineClient(EngineClient):
 
     async def generate(self, request_id: str, *, params: SamplingParams, prompt: Optional[str] = None,
                        prompt_token_ids: Optional[Sequence[int]] = None, messages: Optional[list] = None,
-                       system: Optional[str] = None) -> AsyncIterator[list[Delta]]:
+                       system: Optional[str] = None,
+                       continue_final_message: bool = False) -> AsyncIterator[list[Delta]]:
         inputs = {k: v for k, v in dict(prompt=prompt, prompt_token_ids=prompt_token_ids,
                                           messages=messages, system=system).items() if v is not None}
+        if continue_final_message:
+            inputs["continue_final_message"] = True
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
 
