@@ -1,12 +1,14 @@
 """A scripted `EngineClient` for front-end tests that need no model: each request's completions
 are the text pieces a script returns, one piece per engine step, tokenized with the real Qwen
-tokenizer; every call's inputs are recorded and every early exit is seen as an abort."""
+tokenizer; chat input goes through the real ChatML template (its checks included); every call's
+inputs are recorded and every early exit is seen as an abort."""
 from __future__ import annotations
 
 import asyncio
 from typing import Callable, Optional
 
 from qwenserve.frontend.engine_client import (Delta, EngineClient, EngineUnavailable, ModelInfo, StepStats)
+from qwenserve.model.chat_template import encode_chat
 from qwenserve.model.tokenizer import QwenTokenizer
 
 
@@ -40,10 +42,14 @@ class ScriptedEngineClient(EngineClient):
             raise EngineUnavailable(f"engine failed: {self.dead}")
         if not self.accepting:
             raise EngineUnavailable("server is shutting down")
+        if messages is not None:  # the engine's own chat validation and prompt
+            prompt_tokens = len(encode_chat(self.tokenizer, messages, system=system,
+                                            continue_final_message=continue_final_message))
+        else:
+            prompt_tokens = len(prompt_token_ids or ()) or len(self.tokenizer.encode(prompt or "x"))
         pieces = self.script(call)
         if isinstance(pieces, Exception):
             raise pieces
-        prompt_tokens = len(prompt_token_ids or ()) or len(self.tokenizer.encode(prompt or "x"))
         reason = self.finish_reason(call)
         if params.max_tokens is not None and len(pieces) > params.max_tokens:
             pieces, reason = pieces[:params.max_tokens], "length"

@@ -232,3 +232,21 @@ def test_parser_arguments_are_checked():
         ReactOutputParser("middle")
     with pytest.raises(ValueError, match="function_name"):
         ReactOutputParser("arguments")
+
+
+@pytest.mark.parametrize("start,output,expected", [
+    ("start", "Thought: x\nAction: get_time\nAction Input: {}", text("x\nAction: get_time\nAction Input: {}")),
+    ("start", "Action: get_time\nAction Input: {}", text("Action: get_time\nAction Input: {}")),
+    ("thought", " I now know the final answer.\nFinal Answer: 21 C", text("21 C")),
+    ("start", "Hi\nAction: get_time\nAction Input: {}", text("Hi\nAction: get_time\nAction Input: {}")),
+])
+def test_without_tools_offered_an_action_is_text_and_a_final_answer_is_unwrapped(start, output, expected):
+    """tool_choice "none" with earlier calls in the history: the model may still write ReAct
+    text; an Action is then its text, never a call, and streaming never holds it back."""
+    assert parse_react_output(output, start, calls=False) == expected
+    for i in range(len(output) + 1):
+        parser = ReactOutputParser(start, calls=False)
+        events = parser.feed(output[:i]) + parser.feed(output[i:]) + parser.finish()
+        assert fold_events(events) == expected
+    streaming = ReactOutputParser("start", calls=False)
+    assert streaming.feed("Hi\nAct") == [("content", "Hi\nAct")]

@@ -199,13 +199,16 @@ class ReactResult:
 
 class ReactOutputParser:
     """Streams a ReAct answer: `feed(text)` and then `finish()` return events, each
-    ("content", text), ("call", name) (once, before any arguments) or ("arguments", text)."""
+    ("content", text), ("call", name) (once, before any arguments) or ("arguments", text).
+    With `calls=False` (no tools offered this turn) an Action is plain text; a final answer
+    is still unwrapped."""
 
-    def __init__(self, start: str = "start", function_name: Optional[str] = None):
+    def __init__(self, start: str = "start", function_name: Optional[str] = None, calls: bool = True):
         if start not in ("start", "thought", "arguments"):
             raise ValueError(f"start: unknown parser state {start!r}")
         if start == "arguments" and not function_name:
             raise ValueError("function_name: needed when the text starts with the arguments")
+        self._calls = calls
         self._state = start
         self._buf = ""
         self._held = ""           # markup consumed but not emitted: given back as text if no call follows
@@ -235,19 +238,21 @@ class ReactOutputParser:
 
     def _step_start(self, events, final) -> bool:
         text = self._buf.lstrip()
-        for marker, state in ((_THOUGHT, "thought"), (_ACTION, "action"), (_ANSWER, "answer")):
+        markers = ((_THOUGHT, "thought"), (_ANSWER, "answer")) + (((_ACTION, "action"),) if self._calls else ())
+        for marker, state in markers:
             if text.startswith(marker):
                 self._held = self._buf[:len(self._buf) - len(text) + len(marker)]
                 self._buf = text[len(marker):]
                 self._state, self._drop_space = state, state == "answer"
                 return True
-        if not final and any(m.startswith(text) for m in (_THOUGHT, _ACTION, _ANSWER)):
+        if not final and any(m.startswith(text) for m, _ in markers):
             return False  # still could be any of them
         self._state = "direct"
         return True
 
     def _step_thought(self, events, final) -> bool:
-        action, answer = self._buf.find(_NEW_ACTION), self._buf.find(_NEW_ANSWER)
+        action = self._buf.find(_NEW_ACTION) if self._calls else -1
+        answer = self._buf.find(_NEW_ANSWER)
         if action >= 0 and (answer < 0 or action < answer):
             self._thought = self._buf[:action].strip()
             self._held = self._buf[:action + len(_NEW_ACTION)]
@@ -264,14 +269,14 @@ class ReactOutputParser:
         return False
 
     def _step_direct(self, events, final) -> bool:
-        action = self._buf.find(_NEW_ACTION)
+        action = self._buf.find(_NEW_ACTION) if self._calls else -1
         if action >= 0:
             _emit(events, self._buf[:action])
             self._held, self._thought = _NEW_ACTION, None
             self._buf = self._buf[action + len(_NEW_ACTION):]
             self._state = "action"
             return True
-        keep = 0 if final else _partial_suffix(self._buf, _NEW_ACTION)
+        keep = 0 if final or not self._calls else _partial_suffix(self._buf, _NEW_ACTION)
         _emit(events, self._buf[:len(self._buf) - keep])
         self._buf = self._buf[len(self._buf) - keep:]
         return False
@@ -351,9 +356,10 @@ def _merged(events: list) -> list:
     return out
 
 
-def parse_react_output(text: str, start: str = "start", function_name: Optional[str] = None) -> ReactResult:
+def parse_react_output(text: str, start: str = "start", function_name: Optional[str] = None,
+                       calls: bool = True) -> ReactResult:
     """The whole of a ReAct answer at once (the same as streaming it through the parser)."""
-    parser = ReactOutputParser(start, function_name)
+    parser = ReactOutputParser(start, function_name, calls)
     events = parser.feed(text) + parser.finish()
     return fold_events(events)
 
