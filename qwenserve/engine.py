@@ -17,6 +17,7 @@ from qwenserve.kvcache import KVCacheManager
 from qwenserve.model.chat_template import encode_chat
 from qwenserve.model.checkpoint import builtin_model_dir
 from qwenserve.model.config import QwenConfig, load_generation_config
+from qwenserve.model.hub import resolve_model_dir
 from qwenserve.model.tokenizer import QwenTokenizer, validate_ids
 from qwenserve.output_processor import CompletionTracker
 from qwenserve.outputs import RequestOutput
@@ -57,7 +58,8 @@ class LLMEngine:
     def __init__(self, config: Optional[EngineConfig] = None,
                  load_progress: Optional[Callable[[int, int], None]] = None):
         self.config = config = config or EngineConfig()
-        self.model_dir = config.model or builtin_model_dir()
+        # A directory, or a Hugging Face repo id fetched (or found in the local cache) here.
+        self.model_dir = resolve_model_dir(config.model) if config.model else builtin_model_dir()
         self.model_config = QwenConfig.from_dir(self.model_dir)
         self.tokenizer = QwenTokenizer.from_dir(self.model_dir)
         self.generation_config = load_generation_config(self.model_dir)

@@ -91,7 +91,8 @@ def _logprobs_message(entry: Any) -> pb.TokenLogprobs:
 def model_info_message(info: ModelInfo) -> pb.ModelInfo:
     return pb.ModelInfo(model=info.model, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
                         tensor_parallel_size=info.tensor_parallel_size, dtype=info.dtype,
-                        device=info.device, block_size=info.block_size, num_gpu_blocks=info.num_kv_blocks)
+                        device=info.device, block_size=info.block_size, num_kv_blocks=info.num_kv_blocks,
+                        num_gpu_blocks=info.num_kv_blocks)
 
 
 def response_message(request_id: str, delta: Delta) -> pb.GenerateResponse:
