@@ -25,7 +25,7 @@ MODEL = "qwen-test"
 class InProcessServer:
     """The HTTP app on uvicorn, in a thread with its own event loop."""
 
-    def __init__(self, engine: ScriptedEngineClient, **app_kwargs):
+    def __init__(self, engine: ScriptedEngineClient, ssl_certfile=None, ssl_keyfile=None, **app_kwargs):
         self.engine = engine
         self.loop = asyncio.new_event_loop()
         self.readiness = Readiness(engine)
@@ -33,7 +33,7 @@ class InProcessServer:
         metrics = ServerMetrics(engine)
         app = build_http_app(MeteredEngineClient(engine, metrics, "http", log_requests=False), self.readiness,
                              MODEL, metrics=metrics, api_key=KEY, **app_kwargs)
-        self.http = HttpServer(app, "127.0.0.1", 0)
+        self.http = HttpServer(app, "127.0.0.1", 0, ssl_certfile, ssl_keyfile)
         self.http.bind()
         started = threading.Event()
 
@@ -443,3 +443,24 @@ def test_a_client_that_disconnects_before_a_whole_response_aborts_its_request(se
     wait_for(lambda: engine.aborted == [engine.calls[-1]["request_id"]])
     server.call(engine.hold.set)
     assert post(server, "/v1/completions", {"prompt": "x"}).status_code == 200
+
+
+def test_tls_when_a_certificate_is_given(tmp_path):
+    """ServerOptions.ssl_certfile/ssl_keyfile serve HTTPS (a certificate made here with openssl)."""
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    srv = InProcessServer(ScriptedEngineClient(), ssl_certfile=str(cert), ssl_keyfile=str(key))
+    try:
+        assert srv.url.startswith("https://127.0.0.1:")
+        with openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0,
+                           http_client=httpx.Client(verify=ssl.create_default_context(cafile=str(cert)))) as c:
+            assert c.completions.create(model=MODEL, prompt="x").choices[0].text == "Hello, world"
+        with pytest.raises((httpx.ConnectError, httpx.RemoteProtocolError)):  # no plain HTTP on that port
+            httpx.get(srv.url.replace("https", "http") + "/health", timeout=5)
+    finally:
+        srv.close()

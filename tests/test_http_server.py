@@ -4,15 +4,14 @@ built-in tiny model, served from a Hugging Face cache the test lays out (HF_HUB_
 checked against the offline engine in this process (greedy text and logprobs), the server's own
 GetStats (blocks freed after a disconnect) and /metrics parsed by prometheus_client.
 One server for the module (2 shared cores: each start costs tens of seconds)."""
-import os
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hf_cache import lay_out_hf_cache  # tests/ is on sys.path
 from qwenserve.sampling_params import SamplingParams
 from qwenserve.server.client import QwenClient
 from test_react import INSTRUCTION
@@ -22,20 +21,6 @@ REPO_ID = "qwenserve-test/qwen-tiny"
 MAX_MODEL_LEN = 512  # room for the ReAct instruction of two tools (about 270 tokens)
 # The same greedy settings over HTTP: OpenAI's fields plus vLLM's extras.
 HTTP_GREEDY = dict(temperature=0.0, extra_body={"repetition_penalty": 1.0, "ignore_eos": True})
-
-
-def lay_out_hf_cache(root: Path, repo_id: str, checkpoint: str) -> Path:
-    """A Hugging Face hub cache holding `checkpoint` as `repo_id` at revision main, as
-    huggingface_hub writes it (refs/main -> a commit, snapshots/<commit>/<files>)."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for name in os.listdir(checkpoint):
-        (snapshot / name).symlink_to(os.path.join(checkpoint, name))
-    return snapshot
 
 
 @pytest.fixture(scope="module")
