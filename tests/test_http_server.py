@@ -260,3 +260,19 @@ def test_request_log_lines_and_tokenize(server, client):
     r = httpx.post(server.http_url + "/tokenize", json={"prompt": "Hello, 世界"}).json()
     assert r["tokens"] == QwenTokenizer.from_dir(None).encode("Hello, 世界") and r["count"] == len(r["tokens"])
     assert httpx.post(server.http_url + "/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "Hello, 世界"}
+
+
+@pytest.mark.parametrize("script,flag", [("http_client.py", "--base-url"), ("grpc_client.py", "--address")])
+def test_the_examples_run_against_the_server(server, script, flag):
+    import subprocess
+    import sys
+
+    from test_server import REPO, _env
+
+    target = server.http_url if flag == "--base-url" else server.address
+    out = subprocess.run([sys.executable, str(REPO / "examples" / script), flag, target, "--max-tokens", "4"],
+                         capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "model: " in out.stdout and "Traceback" not in out.stderr
+    if script == "http_client.py":
+        assert "the model calls get_weather(" in out.stdout and "the model answers:" in out.stdout
