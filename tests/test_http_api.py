@@ -464,3 +464,33 @@ def test_tls_when_a_certificate_is_given(tmp_path):
             httpx.get(srv.url.replace("https", "http") + "/health", timeout=5)
     finally:
         srv.close()
+
+
+GENERATION_CONFIG = {"temperature": 0.7, "top_p": 0.8, "top_k": 0, "repetition_penalty": 1.1, "max_new_tokens": 512,
+                     "do_sample": True, "stop_words_ids": [[151645], [151644]]}
+
+
+@pytest.mark.parametrize("fields", [
+    {},
+    {"max_tokens": 9, "temperature": 0.0},
+    {"temperature": 1.3, "top_p": 0.5, "top_k": 7, "min_p": 0.05, "seed": 3, "n": 3, "stop": ["x", "yz"],
+     "presence_penalty": 0.25, "frequency_penalty": -0.5, "repetition_penalty": 1.0, "min_tokens": 2,
+     "stop_token_ids": [151643], "ignore_eos": True, "logprobs": 4, "skip_special_tokens": False},
+])
+def test_http_and_grpc_build_the_same_sampling_params(fields):
+    """One validation path: the same fields over HTTP (/v1/completions) and over gRPC (the
+    servicer's proto mapping) give equal SamplingParams, unset ones from generation_config."""
+    from qwenserve.server import qwenserve_pb2 as pb
+    from qwenserve.server.servicer import sampling_kwargs
+
+    engine = ScriptedEngineClient(generation_config=GENERATION_CONFIG)
+    srv = InProcessServer(engine)
+    try:
+        assert post(srv, "/v1/completions", dict(fields, prompt="x")).status_code == 200
+    finally:
+        srv.close()
+    over_http = engine.calls[-1]["params"]
+    over_grpc = engine.default_params(**sampling_kwargs(pb.SamplingParams(**fields)))
+    assert over_http == over_grpc
+    if not fields:
+        assert (over_http.temperature, over_http.max_tokens, over_http.stop_token_ids) == (0.7, 512, [151645, 151644])

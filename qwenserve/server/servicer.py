@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Optional
+from typing import Any
 
 import grpc
-
-from qwenserve.sampling_params import SamplingParams
 
 from . import qwenserve_pb2 as pb
 from . import qwenserve_pb2_grpc as pb_grpc
@@ -50,14 +48,6 @@ def sampling_kwargs(params: pb.SamplingParams) -> dict:
     if params.ignore_eos:
         kwargs["ignore_eos"] = True
     return kwargs
-
-
-def make_sampling_params(params: pb.SamplingParams, generation_config: Optional[dict]) -> SamplingParams:
-    """Proto -> SamplingParams; ValueError (naming the field) for invalid values."""
-    kwargs = sampling_kwargs(params)
-    if generation_config:
-        return SamplingParams.from_generation_config(generation_config, **kwargs)
-    return SamplingParams(**kwargs)
 
 
 def engine_input(request: pb.GenerateRequest) -> dict:
@@ -106,7 +96,6 @@ def response_message(request_id: str, delta: Delta) -> pb.GenerateResponse:
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, engine: EngineClient):
         self.engine = engine
-        self.generation_config = engine.generation_config
         self.info = model_info_message(engine.info)
         # Set by the app once the warm-up generation succeeded; until then, UNAVAILABLE.
         self.ready = False
@@ -116,7 +105,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is not ready yet")
         try:
             add_kwargs = engine_input(request)
-            params = make_sampling_params(request.params, self.generation_config)
+            # The same path as the HTTP front end's: the checkpoint's defaults, then the request's
+            # values, validated by SamplingParams.
+            params = self.engine.default_params(**sampling_kwargs(request.params))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         request_id = request.request_id or uuid.uuid4().hex
