@@ -31,6 +31,9 @@ setup(
         "protobuf>=7.35.1",  # gencode version of qwenserve_pb2.py
         "fastapi>=0.110",  # the OpenAI-compatible HTTP API
         "uvicorn>=0.30",
+        # uvicorn's C HTTP parser: with h11 (pure Python) a 128-stream SSE run on the tiny model
+        # served ~25% fewer tokens/s than gRPC; with httptools about as many (docs/PERFORMANCE.md).
+        "httptools>=0.6",
         "prometheus_client>=0.20",  # /metrics
         "huggingface_hub>=0.23",  # --model ORG/NAME
     ],
@@ -38,7 +41,7 @@ setup(
         "test": ["pytest>=7", "pytest-timeout", "transformers>=4.45", "grpcio-tools>=1.85.1", "openai>=1.40",
                  "httpx>=0.27", "jsonschema>=4"],
         # benchmarks/run.py: the transformers baseline of `offline`, `serve --backend openai`, `--plot`
-        "bench": ["transformers>=4.45", "openai>=1.40", "matplotlib"],
+        "bench": ["transformers>=4.45", "httpx>=0.27", "matplotlib"],
     },
     entry_points={"console_scripts": ["qwenserve=qwenserve.cli:main"]},
 )

@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common, data], help="online latency over gRPC or HTTP")
     p.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
                    help="grpc: qwenserve.v1.Generation; openai: the OpenAI-compatible /v1/completions "
-                        "(needs the openai package) (default: %(default)s)")
+                        "(needs httpx: pip install -e '.[bench]') (default: %(default)s)")
     p.add_argument("--address", default=None, help="a running server's gRPC HOST:PORT; default: start one")
     p.add_argument("--base-url", default=None, help="a running server's HTTP URL (--backend openai), "
                                                     "e.g. http://127.0.0.1:8000")
