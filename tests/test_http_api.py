@@ -284,8 +284,9 @@ def test_not_json_wrong_model_unknown_route_too_large_queue_full_and_unavailable
     assert err.value.body["param"] == "model" and err.value.body["code"] == "model_not_found"
     r = httpx.get(server.url + "/v2/nothing", headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    r = post(server, "/v1/completions", {"prompt": "x" * (9 * 1024 * 1024)})
-    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(model=MODEL, prompt="x" * (9 * 1024 * 1024))
+    assert err.value.status_code == 413 and err.value.body["code"] == "request_too_large"
     engine.script = lambda call: QueueFull("waiting queue is full (4096 of max_waiting_requests=4096 taken)")
     with pytest.raises(openai.RateLimitError) as err:
         client.completions.create(model=MODEL, prompt="x")

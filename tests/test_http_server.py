@@ -276,3 +276,16 @@ def test_the_examples_run_against_the_server(server, script, flag):
     assert "model: " in out.stdout and "Traceback" not in out.stderr
     if script == "http_client.py":
         assert "the model calls get_weather(" in out.stdout and "the model answers:" in out.stdout
+
+
+def test_launch_on_a_busy_http_port_fails_before_loading(server):
+    import subprocess
+    import sys
+
+    from test_server import ENGINE_FLAGS, REPO, _env
+
+    port = server.http_url.rsplit(":", 1)[1]
+    out = subprocess.run([sys.executable, "-m", "qwenserve.cli", "launch", "--port", "0", *ENGINE_FLAGS,
+                          "--http-port", port], capture_output=True, text=True, cwd=REPO, env=_env(), timeout=120)
+    assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}: address in use" in out.stderr, out.stderr
+    assert "loading" not in out.stderr  # it failed before minutes of weight loading

@@ -1,7 +1,7 @@
 """Tests of the tokenizer, the ChatML template and the incremental detokenizer.
 
-Golden data in tests/data/ comes from Alibaba's reference tokenizer (see
-../shared/reference/README.md); it is copied here so the tests stand alone.
+Golden data in tests/data/ comes from Alibaba's reference tokenizer; it is copied here so the
+tests stand alone.
 """
 
 import json
