@@ -495,3 +495,39 @@ def test_http_and_grpc_build_the_same_sampling_params(fields):
     assert over_http == over_grpc
     if not fields:
         assert (over_http.temperature, over_http.max_tokens, over_http.stop_token_ids) == (0.7, 512, [151645, 151644])
+
+
+def test_a_disconnect_while_a_write_is_stuck_still_closes_the_body():
+    """The client goes away while the response is blocked writing: the body iterator (and so
+    the engine requests it reads) is closed at once, not left to the garbage collector."""
+    from qwenserve.server.http.streaming import DisconnectAwareStreamingResponse
+
+    closed = []
+
+    async def body():
+        try:
+            yield b"data: 1\n\n"
+            yield b"data: 2\n\n"
+        finally:
+            closed.append(True)
+
+    async def run():
+        disconnect = asyncio.Event()
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+            if message.get("body"):  # the first event: its write never completes
+                disconnect.set()
+                await asyncio.Event().wait()
+
+        async def receive():
+            await disconnect.wait()
+            return {"type": "http.disconnect"}
+
+        response = DisconnectAwareStreamingResponse(body(), media_type="text/event-stream")
+        await asyncio.wait_for(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send), 5)
+        return sent, list(closed)  # before the loop's shutdown would finalize the generator anyway
+
+    sent, closed_when_the_response_returned = asyncio.run(run())
+    assert closed_when_the_response_returned == [True] and sent[-1]["body"] == b"data: 1\n\n"

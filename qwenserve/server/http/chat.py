@@ -10,6 +10,7 @@ and calls, because the whole response is the stream's events folded together.
 from __future__ import annotations
 
 import uuid
+from contextlib import aclosing
 from typing import Optional
 
 from starlette.requests import Request
@@ -134,35 +135,40 @@ async def _events(ctx: RouteContext, primed: list, head: dict, choices: list, us
     try:
         for choice in choices:
             yield chunk(choice.index, {"role": "assistant", "content": ""})
-        async for _, deltas in merged(primed):
-            for d in deltas:
-                choice = choices[d.index]
-                prompt_tokens, choice.completion_tokens = d.prompt_tokens, d.completion_tokens
-                logprobs = _logprobs(ctx, choice, d)
-                pieces = [choice.delta(kind, text) for kind, text in choice.feed(d.text, bool(d.finish_reason))]
-                if logprobs and not pieces:
-                    pieces = [{}]  # the tokens' logprobs go out even while their text is held back
-                for k, piece in enumerate(pieces):
-                    yield chunk(d.index, piece, logprobs if k == 0 else None)
-                if d.finish_reason:
-                    yield chunk(d.index, {}, finish_reason=choice.finish_reason(d.finish_reason))
+        async with aclosing(merged(primed)) as outputs:  # closed even if the client left
+            async for _, deltas in outputs:
+                for d in deltas:
+                    choice = choices[d.index]
+                    prompt_tokens, choice.completion_tokens = d.prompt_tokens, d.completion_tokens
+                    logprobs = _logprobs(ctx, choice, d)
+                    pieces = [choice.delta(kind, text) for kind, text in choice.feed(d.text, bool(d.finish_reason))]
+                    if logprobs and not pieces:
+                        pieces = [{}]  # the tokens' logprobs go out even while their text is held back
+                    for k, piece in enumerate(pieces):
+                        yield chunk(d.index, piece, logprobs if k == 0 else None)
+                    if d.finish_reason:
+                        yield chunk(d.index, {}, finish_reason=choice.finish_reason(d.finish_reason))
         if usage:
             yield sse_event(dict(head, choices=[], usage=_usage(prompt_tokens, choices)))
     except Exception as e:  # noqa: BLE001 - the 200 is out: the error is the last event
         yield sse_event(from_exception(e, aliases).body())
+    finally:  # the client may have left before the outputs were read (no-op once they were)
+        for stream in primed:
+            await stream.aclose()
     yield DONE
 
 
 async def _collect(ctx: RouteContext, primed: list, head: dict, choices: list) -> dict:
     finish, prompt_tokens = {}, 0
-    async for _, deltas in merged(primed):
-        for d in deltas:
-            choice = choices[d.index]
-            prompt_tokens, choice.completion_tokens = d.prompt_tokens, d.completion_tokens
-            choice.logprobs += _logprobs(ctx, choice, d) or []
-            choice.feed(d.text, bool(d.finish_reason))
-            if d.finish_reason:
-                finish[d.index] = choice.finish_reason(d.finish_reason)
+    async with aclosing(merged(primed)) as outputs:  # closed even if the client left
+        async for _, deltas in outputs:
+            for d in deltas:
+                choice = choices[d.index]
+                prompt_tokens, choice.completion_tokens = d.prompt_tokens, d.completion_tokens
+                choice.logprobs += _logprobs(ctx, choice, d) or []
+                choice.feed(d.text, bool(d.finish_reason))
+                if d.finish_reason:
+                    finish[d.index] = choice.finish_reason(d.finish_reason)
     return dict(head, choices=[{"index": c.index, "message": c.message(),
                                 "logprobs": {"content": c.logprobs} if c.top_logprobs is not None else None,
                                 "finish_reason": finish.get(c.index)} for c in choices],

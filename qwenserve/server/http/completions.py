@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numbers
 from collections import defaultdict
+from contextlib import aclosing
 from typing import Any
 
 from starlette.requests import Request
@@ -76,40 +77,45 @@ def _usage(prompt_tokens: dict, completion_tokens: dict) -> dict:
 async def _events(ctx: RouteContext, primed: list, head: dict, n: int, usage: bool):
     prompt_tokens, completion_tokens, offsets = {}, {}, defaultdict(int)
     try:
-        async for source, deltas in merged(primed):
-            for d in deltas:
-                index = source * n + d.index
-                prompt_tokens[source], completion_tokens[index] = d.prompt_tokens, d.completion_tokens
-                logprobs = None
-                if d.logprobs:
-                    logprobs, offsets[index] = ctx.formatter.completion(d.token_ids, d.logprobs, offsets[index])
-                if not (d.text or d.finish_reason or logprobs):
-                    continue
-                chunk = dict(head, choices=[{"index": index, "text": d.text, "logprobs": logprobs,
-                                             "finish_reason": d.finish_reason}])
-                if usage:
-                    chunk["usage"] = None
-                yield sse_event(chunk)
+        async with aclosing(merged(primed)) as outputs:  # closed even if the client left
+            async for source, deltas in outputs:
+                for d in deltas:
+                    index = source * n + d.index
+                    prompt_tokens[source], completion_tokens[index] = d.prompt_tokens, d.completion_tokens
+                    logprobs = None
+                    if d.logprobs:
+                        logprobs, offsets[index] = ctx.formatter.completion(d.token_ids, d.logprobs, offsets[index])
+                    if not (d.text or d.finish_reason or logprobs):
+                        continue
+                    chunk = dict(head, choices=[{"index": index, "text": d.text, "logprobs": logprobs,
+                                                 "finish_reason": d.finish_reason}])
+                    if usage:
+                        chunk["usage"] = None
+                    yield sse_event(chunk)
         if usage:
             yield sse_event(dict(head, choices=[], usage=_usage(prompt_tokens, completion_tokens)))
     except Exception as e:  # noqa: BLE001 - the 200 is out: the error is the last event
         yield sse_event(from_exception(e, ALIASES).body())
+    finally:  # the client may have left before the outputs were read (no-op once they were)
+        for stream in primed:
+            await stream.aclose()
     yield DONE
 
 
 async def _collect(ctx: RouteContext, primed: list, head: dict, n: int) -> dict:
     texts, finish, logprobs = defaultdict(list), {}, defaultdict(list)
     prompt_tokens, completion_tokens, offsets = {}, {}, defaultdict(int)
-    async for source, deltas in merged(primed):
-        for d in deltas:
-            index = source * n + d.index
-            texts[index].append(d.text)
-            prompt_tokens[source], completion_tokens[index] = d.prompt_tokens, d.completion_tokens
-            if d.logprobs:
-                part, offsets[index] = ctx.formatter.completion(d.token_ids, d.logprobs, offsets[index])
-                logprobs[index].append(part)
-            if d.finish_reason:
-                finish[index] = d.finish_reason
+    async with aclosing(merged(primed)) as outputs:  # closed even if the client left
+        async for source, deltas in outputs:
+            for d in deltas:
+                index = source * n + d.index
+                texts[index].append(d.text)
+                prompt_tokens[source], completion_tokens[index] = d.prompt_tokens, d.completion_tokens
+                if d.logprobs:
+                    part, offsets[index] = ctx.formatter.completion(d.token_ids, d.logprobs, offsets[index])
+                    logprobs[index].append(part)
+                if d.finish_reason:
+                    finish[index] = d.finish_reason
     choices = [{"index": i, "text": "".join(texts[i]), "logprobs": merge_completion_logprobs(logprobs[i]),
                 "finish_reason": finish.get(i)} for i in range(len(primed) * n)]
     return dict(head, choices=choices, usage=_usage(prompt_tokens, completion_tokens))

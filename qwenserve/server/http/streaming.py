@@ -145,6 +145,11 @@ class DisconnectAwareStreamingResponse(StreamingResponse):
             group.start_soon(stream)
             await _wait_for_disconnect(receive)
             group.cancel_scope.cancel()
+        # Cancelled while writing, the body iterator is left suspended: close it now (its
+        # requests are aborted) rather than whenever the garbage collector finds it.
+        close = getattr(self.body_iterator, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def sse_response(events: AsyncIterator[bytes], headers: Optional[dict] = None) -> StreamingResponse:
