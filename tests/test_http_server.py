@@ -289,3 +289,43 @@ def test_launch_on_a_busy_http_port_fails_before_loading(server):
                           "--http-port", port], capture_output=True, text=True, cwd=REPO, env=_env(), timeout=120)
     assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}: address in use" in out.stderr, out.stderr
     assert "loading" not in out.stderr  # it failed before minutes of weight loading
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT + 120)
+def test_sigterm_drains_http_streams_and_exits_0(tmp_path):
+    """SIGTERM while an HTTP stream runs: /health turns 503 and new requests get 503 during the
+    grace period, then the stream is aborted (its last event says finish_reason "abort", then
+    [DONE]) and the process exits 0."""
+    import json
+    import signal
+    import threading
+
+    srv = Server(tmp_path, "--shutdown-grace", "3", "--max-model-len", "8192")
+    events, started = [], threading.Event()
+
+    def stream():
+        body = {"prompt": "Count to a thousand", "max_tokens": 8000, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", srv.http_url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line:
+                    events.append(line)
+                    started.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    try:
+        assert started.wait(120), srv.log()
+        srv.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 2
+        while httpx.get(srv.http_url + "/health").status_code != 503:
+            assert time.monotonic() < deadline, "health still 200 after SIGTERM"
+        r = httpx.post(srv.http_url + "/v1/completions", json={"prompt": "late", "max_tokens": 1})
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+    finally:
+        rc = srv.stop(timeout=60)
+        reader.join(60)
+    assert rc == 0, srv.log()
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][len("data: "):])
+    assert last["choices"][0]["finish_reason"] == "abort"
+    assert all(json.loads(e[len("data: "):])["choices"][0]["finish_reason"] is None for e in events[:-2])
