@@ -298,13 +298,15 @@ def test_not_json_wrong_model_unknown_route_too_large_queue_full_and_unavailable
     assert err.value.status_code == 503 and "device lost" in err.value.body["message"]
     assert httpx.get(server.url + "/health").status_code == 503
     engine.dead = None
-    server.readiness.draining = True
-    try:
-        r = post(server, "/v1/completions", {"prompt": "x"})
-        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
-        assert httpx.get(server.url + "/health").status_code == 503
-    finally:
-        server.readiness.draining = False
+    for flag, value, reason in (("draining", True, "shutting down"), ("warm", False, "warming up")):
+        setattr(server.readiness, flag, value)
+        try:
+            r = post(server, "/v1/completions", {"prompt": "x"})
+            assert r.status_code == 503 and reason in r.json()["error"]["message"]
+            assert httpx.get(server.url + "/health").status_code == 503
+        finally:
+            setattr(server.readiness, flag, not value)
+    assert httpx.get(server.url + "/health").status_code == 200
 
 
 def test_tokenize_and_detokenize(server, engine):
