@@ -45,7 +45,9 @@ def _specs(definitions, field_name: str) -> list[FunctionSpec]:
     return specs
 
 
-def tool_plan(body: ChatCompletionRequest) -> ToolPlan:
+def _offered(body: ChatCompletionRequest) -> Optional[tuple]:
+    """(function specs, the choice, the style, the choice's field) of the tools or legacy
+    functions the request offers; None when it offers none."""
     if body.tools is not None and body.functions is not None:
         raise APIError(400, "functions: give tools or the legacy functions, not both", param="functions")
     if body.tools:
@@ -54,18 +56,22 @@ def tool_plan(body: ChatCompletionRequest) -> ToolPlan:
                 raise APIError(400, f"tools[{i}].type: only 'function' tools are supported", param=f"tools[{i}].type")
         if body.function_call is not None:
             raise APIError(400, "function_call: goes with functions; with tools use tool_choice", param="function_call")
-        specs, choice, style, name = _specs([t.function for t in body.tools], "tools"), body.tool_choice, "tools", \
-            "tool_choice"
-    elif body.functions:
+        return _specs([t.function for t in body.tools], "tools"), body.tool_choice, "tools", "tool_choice"
+    if body.functions:
         if body.tool_choice is not None:
             raise APIError(400, "tool_choice: goes with tools; with functions use function_call", param="tool_choice")
-        specs, choice, style, name = _specs(body.functions, "functions"), body.function_call, "functions", \
-            "function_call"
-    else:
-        for name, choice in (("tool_choice", body.tool_choice), ("function_call", body.function_call)):
-            if choice not in (None, "none"):
-                raise APIError(400, f"{name}: no tools were given", param=name)
+        return _specs(body.functions, "functions"), body.function_call, "functions", "function_call"
+    for name, choice in (("tool_choice", body.tool_choice), ("function_call", body.function_call)):
+        if choice not in (None, "none"):
+            raise APIError(400, f"{name}: no tools were given", param=name)
+    return None
+
+
+def tool_plan(body: ChatCompletionRequest) -> ToolPlan:
+    offered = _offered(body)
+    if offered is None:
         return ToolPlan()
+    specs, choice, style, name = offered
     if choice is None or choice == "auto":
         return ToolPlan(specs, None, style)
     if choice == "none":
