@@ -684,3 +684,46 @@ def test_skip_special_tokens_in_the_engine(tiny_checkpoint):
             name = tok.decode([t])
             assert name.startswith("<|") and name in kept and name not in skipped
     _assert_no_leak(llm)
+
+
+def test_step_token_counts_queue_time_and_prefix_token_stats(tiny_checkpoint):
+    """What the server's metrics read from the engine: `num_tokens_last_step` is the step's
+    scheduled tokens (a prompt's prefill, then one per running request), every output carries
+    the request's queue time once admitted, and get_stats' prefix-cache token counters add the
+    admissions' prompt tokens and the hit blocks' tokens."""
+    llm = LLM(model=tiny_checkpoint, device="cpu", max_num_seqs=1, block_size=16)
+    engine = llm.engine
+    prompt = _prompts([40], seed=91)[0]
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    before = engine.get_stats()
+    engine.add_request("a", prompt_token_ids=prompt, params=params)
+    engine.add_request("b", prompt_token_ids=prompt + [7], params=params)  # waits: max_num_seqs=1
+    steps, queue_times = [], {}
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        steps.append(engine.num_tokens_last_step)
+        for o in outs:
+            assert o.queue_time is not None and o.queue_time >= 0
+            assert queue_times.setdefault(o.request_id, o.queue_time) == o.queue_time  # fixed once admitted
+    # Steps that computed anything (with overlapped steps, some only collect the last samples).
+    assert [n for n in steps if n] == [40, 1, 9, 1]  # "b" hits 32 cached tokens: 9 to compute
+    assert queue_times["b"] >= queue_times["a"]  # "b" waited for "a" to finish
+    after = engine.get_stats()
+    assert after["prefix_cache_query_tokens"] - before["prefix_cache_query_tokens"] == 40 + 41
+    assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] == 32
+
+
+def test_continue_final_message_continues_the_assistant_turn(tiny_checkpoint):
+    from qwenserve.model.chat_template import encode_chat
+
+    engine = _shared_llm(tiny_checkpoint).engine
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Thought:"}]
+    engine.add_request("cont", messages=msgs, continue_final_message=True,
+                       params=SamplingParams(max_tokens=1, temperature=0.0))
+    outs = []
+    while not outs:  # with overlapped steps the first output comes a step later
+        outs = [o for o in engine.step() if o.request_id == "cont"]
+    assert outs[0].prompt_token_ids == encode_chat(engine.tokenizer, msgs, continue_final_message=True)
+    engine.abort_request("cont")
+    with pytest.raises(ValueError, match="continue_final_message: only applies to chat"):
+        engine.add_request(prompt="hi", continue_final_message=True)

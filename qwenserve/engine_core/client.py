@@ -150,8 +150,8 @@ class AsyncCoreClient:
 
     # ------------------------------------------------------------------ sending
     async def add_requests(self, requests: list[P.EngineCoreRequest]) -> None:
-        for request in requests:
-            await self._send(P.TAG_REQUEST, request)
+        """One message: a request's n completions reach the core's loop together."""
+        await self._send(P.TAG_REQUEST, requests)
 
     async def abort(self, request_ids: list[str]) -> None:
         if request_ids and self.dead_reason is None:
@@ -323,8 +323,9 @@ class SyncCoreClient:
         self.input_socket.send_multipart((tag, self._encoder.encode(message)), copy=False)
 
     # ------------------------------------------------------------------ EngineCore's interface
-    def add_request(self, request: P.EngineCoreRequest) -> None:
-        self._send(P.TAG_REQUEST, request)
+    def add_requests(self, requests: list[P.EngineCoreRequest]) -> None:
+        """One message: a request's n completions reach the core's loop together."""
+        self._send(P.TAG_REQUEST, requests)
 
     def abort_requests(self, request_ids) -> None:
         request_ids = list(request_ids)

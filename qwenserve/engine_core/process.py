@@ -85,6 +85,7 @@ class EngineCoreProc:
         # as they are now (False once an input or a step may have changed them).
         self._last_sent: dict[int, float] = {0: 0.0}
         self._stats_current: dict[int, bool] = {0: False}
+        self._step_tokens: dict[int, list[int]] = {0: []}  # per client: steps not yet reported
         threading.Thread(target=self._input_thread, args=(input_address,), name="core-input", daemon=True).start()
         self._output_thread = threading.Thread(target=self._output_thread_main, name="core-output", daemon=True)
         self._output_thread.start()
@@ -144,7 +145,14 @@ class EngineCoreProc:
                     self._handle(self.inputs.get_nowait())
                 except queue.Empty:
                     break
-            self._publish(core.step() if core.has_work() else [])
+            if core.has_work():
+                outputs = core.step()
+                if core.last_step_num_tokens:
+                    for steps in self._step_tokens.values():
+                        steps.append(core.last_step_num_tokens)
+                self._publish(outputs)
+            else:
+                self._publish([])
 
     def _handle(self, item) -> None:
         tag, message = item
@@ -153,12 +161,14 @@ class EngineCoreProc:
             self._stats_current[client] = False
         if tag == P.TAG_REQUEST:
             try:
-                core.add_request(message)
+                core.add_requests(message)
             except ValueError as e:  # the front end checks first; this is the last line
-                self._client_of.pop(message.request_id, None)
-                rejected = P.EngineCoreOutput(message.request_id, [], finish_reason="abort", error=str(e))
-                self._send(message.client_index, P.TAG_OUTPUTS,
-                           P.EngineCoreOutputs(outputs=[rejected], timestamp=time.monotonic()))
+                rejected = []
+                for request in message:
+                    self._client_of.pop(request.request_id, None)
+                    rejected.append(P.EngineCoreOutput(request.request_id, [], finish_reason="abort", error=str(e)))
+                self._send(message[0].client_index, P.TAG_OUTPUTS,
+                           P.EngineCoreOutputs(outputs=rejected, timestamp=time.monotonic()))
         elif tag == P.TAG_ABORT:
             core.abort_requests(message.request_ids)
             for request_id in message.request_ids:
@@ -166,6 +176,7 @@ class EngineCoreProc:
         elif tag == P.TAG_HELLO:
             self._last_sent[message.client_index] = 0.0
             self._stats_current[message.client_index] = False
+            self._step_tokens[message.client_index] = []
             self.outputs.put(("connect", message.client_index, message.output_address))
         elif tag == P.TAG_UTILITY:
             self._utility(message)
@@ -209,7 +220,9 @@ class EngineCoreProc:
             if mine is None and (self._stats_current[client] if idle else now - last_sent < STATS_PERIOD_S):
                 continue
             stats = stats or self.core.stats()
-            self._send(client, P.TAG_OUTPUTS, P.EngineCoreOutputs(outputs=mine or [], stats=stats, timestamp=now))
+            steps, self._step_tokens[client] = self._step_tokens[client], []
+            self._send(client, P.TAG_OUTPUTS, P.EngineCoreOutputs(
+                outputs=mine or [], stats=stats, timestamp=now, step_num_tokens=steps))
             self._stats_current[client] = idle
 
     # ------------------------------------------------------------------ threads
@@ -222,7 +235,8 @@ class EngineCoreProc:
             tag = tag.bytes
             message = decoders[tag].decode(body.buffer)
             if tag == P.TAG_REQUEST:
-                self._client_of[message.request_id] = message.client_index
+                for request in message:
+                    self._client_of[request.request_id] = request.client_index
             self.inputs.put((tag, message))
 
     def _output_thread_main(self) -> None:
