@@ -1,19 +1,16 @@
 """Tests of qwenserve.scheduler.Scheduler on its own: a real KVCacheManager, no model.
 
-`Sim` plays the engine core and the worker around the scheduler, in either order:
-  * synchronous: schedule step k, execute it, `update_from_output(k)` before the next schedule;
-  * overlapped (`overlap=True`, the default engine, `EngineCore.step` verbatim in effect):
-    schedule(k) -> the worker executes k, which returns step k-1's samples ->
-    `update_from_output(k-1)`. Step k may compute the position of the token k-1 sampled, whose
-    value the host does not know yet (a *placeholder* in the scheduler).
-  * the worker (qwenserve/worker/model_runner.py `ModelRunner.execute`): it rebuilds each
-    request's tokens and block table from the `SchedulerOutput` diffs only; its host-side token
-    list holds UNKNOWN where a sample is still "on the device", and an input there is taken
-    from the previous step's samples, as the runner does. It "writes K/V" as
-    (cache_salt, position, token) into a fake slot array, then checks every scheduled request
-    reads exactly the reference tokens back from its block table.
-  * aborts between steps call `finish_request(..., FINISHED_ABORTED)` like
-    `EngineCore.abort_requests` (in the overlapped order a sample may then be in flight).
+`Sim` plays the engine core and the worker around the scheduler, in either order of
+`EngineCore.step`: synchronous (schedule k, execute k, `update_from_output(k)`) or overlapped
+(`overlap=True`, the engine's default: schedule k, execute k, which returns step k-1's samples,
+`update_from_output(k-1)`), where step k may compute the position of the token k-1 sampled
+before the host knows its value (a *placeholder* in the scheduler). Aborts between steps call
+`finish_request(..., FINISHED_ABORTED)` like `EngineCore.abort_requests`.
+Its worker (model_runner.py `ModelRunner.execute`) rebuilds each request's tokens and block
+table from the `SchedulerOutput` diffs only; its host-side tokens hold UNKNOWN where a sample
+is still "on the device", and such an input comes from the previous step's samples, as in the
+runner. It "writes K/V" as (cache_salt, position, token) into a fake slot array, then checks
+every scheduled request reads exactly the reference tokens back from its block table.
 The "model" samples a token that is a deterministic function of the whole context, so the
 outputs every request must end with are known up front (`reference_output`), preemption or not.
 
@@ -77,8 +74,7 @@ class WorkerState:
 
 
 class Sample(NamedTuple):
-    """One row of a launched step's samples (model_runner._PendingStep): drawn on the device,
-    not read back yet. A step's samples are a list of them."""
+    """A launched step's sample (a row of model_runner._PendingStep), not read back yet."""
     request_id: str
     state: WorkerState  # the worker's state the sample goes to ...
     position: int       # ... at this place in its token_ids
@@ -96,7 +92,6 @@ class Sim:
         self.overlap = overlap
         self.worker: dict[str, WorkerState] = {}
         self.launched: list[Sample] | None = None  # the worker's last step, not read back yet
-        self._last_launched: list[Sample] | None = None  # the harness's: the step executed last
         self.in_flight: deque = deque()  # EngineCore._in_flight: (SchedulerOutput, its samples)
         self.slots: dict[tuple[int, int], tuple] = {}  # (block id, offset) -> (salt, pos, token)
         self.expected: dict[str, tuple[list[int], RequestStatus]] = {}
@@ -104,10 +99,13 @@ class Sim:
         self.all: dict[str, Request] = {}
         self.finished: dict[str, Request] = {}
         self.ended: list = []  # (request, its output when it ended): nothing may change it later
-        self.outputs: list = []  # SchedulerOutputs, for the directed tests
         self.num_steps = 0
         self.num_added = 0
-        self.stats = dict.fromkeys([  # what the runs exercise (test_random_workloads_cover_every_case)
+        # What the runs exercise (test_random_workloads_cover_every_case). Only overlapped: a
+        # position computed while its sample is in flight; a request held back while its last
+        # sample is; preempted / aborted with one in flight; a stop known only after the request
+        # was scheduled again (its extra sample dropped); a step that schedules nothing.
+        self.stats = dict.fromkeys([
             "preemptions", "chunked", "prefix_hit_tokens", "stop_before_min_tokens", "max_model_len_ends",
             "computed_in_flight", "held_back_last", "preempted_in_flight", "aborted_in_flight",
             "dropped_after_stop", "empty_steps"], 0)
@@ -127,10 +125,9 @@ class Sim:
         self.stats["stop_before_min_tokens"] += any(t in req.stop_token_ids for t in early)
 
     def abort(self, rid: str) -> Request:
-        in_flight = self.sched.requests[rid].num_output_placeholders
+        self.stats["aborted_in_flight"] += self.sched.requests[rid].num_output_placeholders > 0
         req = self.sched.finish_request(rid, RequestStatus.FINISHED_ABORTED)
         assert req is not None and req.status == RequestStatus.FINISHED_ABORTED
-        self.stats["aborted_in_flight"] += bool(in_flight)
         # Catches: an abort that does not free the request's blocks (leak).
         assert self.kv.num_request_blocks(rid) == 0
         # Catches: an aborted request left in a queue (would be scheduled again or hang).
@@ -161,14 +158,12 @@ class Sim:
 
         out = sched.schedule()
         self.num_steps += 1
-        self.outputs.append(out)
         self._check_limits(out, may_compute)
         self._check_order_and_preemption(out, running_before, waiting_before, free_before, budget_need)
         self._check_token_counts(out, running_before, computed_before, may_compute)
         if out.is_empty and not self.in_flight and not (out.finished_request_ids or out.preempted_request_ids):
             return out  # EngineCore.step: nothing for the executor
-        runner_output = self._execute(out, placeholders_before)
-        launched = self._last_launched  # this step's samples, None when it computed nothing
+        runner_output, launched = self._execute(out, placeholders_before)
         for rid, req in sched.requests.items():
             # Catches: a placeholder not taken for a sample this step draws (the next step would
             # not compute its position, or a limit would let one sample too many through), or
@@ -177,7 +172,7 @@ class Sim:
             assert req.num_output_placeholders == placeholders_before.get(rid, 0) + sampled, req
             assert req.num_output_placeholders <= (2 if self.overlap else 1)
         if not out.is_empty:
-            self.in_flight.append((out, self._last_launched))
+            self.in_flight.append((out, launched))
         if runner_output is not None:
             self._take_back(*self.in_flight.popleft(), runner_output)
         self._check_blocks()
@@ -213,18 +208,15 @@ class Sim:
         for r in self.sched.requests.values():
             pending = r.num_output_placeholders
             # Catches: a placeholder not dropped when its sample came back (the request would
-            # stall at its limits) or never taken; in the synchronous order none is left.
+            # stall at its limits) or never taken; in the synchronous order none is left. A
+            # victim's sample is back before the next schedule too (the step that preempted it
+            # admits nobody), so it resumes with every token it has.
             assert pending == sum(q is r for q in in_flight), r
             # Catches: computing a position that is neither known nor being sampled.
             assert r.num_computed_tokens <= r.num_tokens + pending
             # Catches: a sample drawn past max_tokens / max_model_len (limits not counting
             # the samples in flight).
-            assert r.num_output_tokens + pending <= r.max_tokens
-            assert r.num_tokens + pending <= self.max_model_len
-        for r in self.sched.waiting:
-            # In EngineCore's order a victim's sample is back before the next schedule (the
-            # step that preempted it admits nobody), so it resumes with every token it has.
-            assert r.num_output_placeholders == 0, r
+            assert r.num_output_tokens + pending <= r.max_tokens and r.num_tokens + pending <= self.max_model_len
 
     def _check_limits(self, out, may_compute):
         sched = self.sched
@@ -334,11 +326,6 @@ class Sim:
             assert new.prompt_token_ids == req.prompt_token_ids
             assert new.output_token_ids == req.output_token_ids
             assert new.banned_token_ids == sorted(req.stop_token_ids)
-        for rid in out.num_scheduled_tokens:
-            req = sched.requests[rid]
-            # Catches: scheduling past the known tokens and the samples in flight (the worker
-            # would index past the end).
-            assert req.num_computed_tokens <= req.num_tokens + req.num_output_placeholders
 
     def _update_worker(self, out):
         """model_runner.ModelRunner._update_states, verbatim in effect."""
@@ -388,21 +375,19 @@ class Sim:
     def _execute(self, out, placeholders_before):
         """model_runner.ModelRunner.execute: update the states, run this step's forward, read
         back the samples of the step launched before, leave this step's samples on the device;
-        return the previous step's output (overlapped) or this step's (synchronous)."""
+        return the previous step's output (overlapped) or this step's (synchronous), and (for the
+        harness) this step's samples, None when it computed nothing."""
         self._update_worker(out)
         step = self._forward(out, placeholders_before) if not out.is_empty else None
-        self._last_launched = step
-        previous, self.launched = self.launched, step
-        if not self.overlap:
-            previous, self.launched = step, None
+        previous, self.launched = (self.launched, step) if self.overlap else (step, None)
         if previous is None:
-            return None
+            return None, step
         for s in previous:
             if s.state.token_ids[s.position] == UNKNOWN:  # the read-back: the host learns its samples
                 s.state.token_ids[s.position] = s.value
         return ModelRunnerOutput(request_ids=[s.request_id for s in previous],
                                  sampled_token_ids=[s.value for s in previous],
-                                 logprobs=[None] * len(previous), sampled_logprobs=[None] * len(previous))
+                                 logprobs=[None] * len(previous), sampled_logprobs=[None] * len(previous)), step
 
     def _forward(self, out, placeholders_before) -> list[Sample]:
         kv, pool, sched = self.kv, self.kv.pool, self.sched
@@ -448,10 +433,10 @@ class Sim:
             assert end == req.num_tokens + req.num_output_placeholders - 1
             # Catches: a sample drawn past max_tokens or max_model_len.
             assert end - req.num_prompt_tokens < req.max_tokens and end < self.max_model_len
-            if end >= len(truth):
-                # Only a step scheduled before the stop token it computes was known may sample
-                # past the end; update_from_output must drop that sample.
-                assert self.overlap and end == len(truth) and self.expected[rid][1] == RequestStatus.FINISHED_STOPPED
+            # Only a step scheduled before the stop token it computes was known may sample past
+            # the end; update_from_output must drop that sample.
+            assert end < len(truth) or (self.overlap and end == len(truth)
+                                        and self.expected[rid][1] == RequestStatus.FINISHED_STOPPED)
             samples.append(Sample(rid, st, end, model_token(context), req))
         for rid in out.num_scheduled_tokens:
             st, req, truth = self.worker[rid], sched.requests[rid], self.truth[rid]
@@ -481,9 +466,8 @@ class Sim:
             assert req.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_ABORTED), req
             self.stats["dropped_after_stop"] += req.status == RequestStatus.FINISHED_STOPPED
         for output in outputs:
-            req = self.all[output.request_id]
             if output.finish_reason is not None:
-                status = RequestStatus(output.finish_reason)
+                req, status = self.all[output.request_id], RequestStatus(output.finish_reason)
                 assert req.status == status
                 self._on_finished(req, status)
 
@@ -611,10 +595,8 @@ def test_random_workloads_cover_every_case(overlap):
             totals[k] = totals.get(k, 0) + v
         totals["resumed_finished"] += sum(
             1 for rid in sim.preempted_ever if sim.finished[rid].status != RequestStatus.FINISHED_ABORTED)
-    # Only the overlapped order has samples in flight at scheduling time: requests computing
-    # the position of a sample not back yet, holding back while their last one is in flight,
-    # preempted or aborted with one in flight, stopped while scheduled again (the extra
-    # sample dropped), steps that schedule nothing while the last samples come back.
+    # Only the overlapped order has samples in flight at scheduling time (Sim.stats says which
+    # case each counter counts).
     in_flight = {"computed_in_flight", "held_back_last", "preempted_in_flight",
                  "aborted_in_flight", "dropped_after_stop", "empty_steps"}
     assert all(v > 0 for k, v in totals.items() if overlap or k not in in_flight), totals
