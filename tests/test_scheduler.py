@@ -107,7 +107,7 @@ class Sim:
         # was scheduled again (its extra sample dropped); a step that schedules nothing.
         self.stats = dict.fromkeys([
             "preemptions", "chunked", "prefix_hit_tokens", "stop_before_min_tokens", "max_model_len_ends",
-            "computed_in_flight", "held_back_last", "preempted_in_flight", "aborted_in_flight",
+            "ids_reused", "computed_in_flight", "held_back_last", "preempted_in_flight", "aborted_in_flight",
             "dropped_after_stop", "empty_steps"], 0)
         self.preempted_ever: set[str] = set()
 
@@ -115,6 +115,8 @@ class Sim:
     def add(self, req: Request) -> None:
         rid = req.request_id
         self.sched.add_request(req)
+        if rid in self.all:
+            self.stats["ids_reused"] += 1  # a client retrying under the id of an ended request
         self.all[rid] = req
         self.finished.pop(rid, None)
         self.num_added += 1
@@ -564,8 +566,12 @@ def run_random_workload(seed: int, overlap: bool):
                         RequestStatus.PREEMPTED: "preempted"}[r.status]
                 by_kind.setdefault(kind, []).append(r)
             kind = rng.choice(sorted(by_kind))
-            sim.abort(rng.choice(by_kind[kind]).request_id)
+            sim.abort(rid := rng.choice(by_kind[kind]).request_id)
             aborted[kind] += 1
+            if rng.random() < 0.5:  # the client retries under the same id at once
+                prompt, max_tokens, kw = random_request()
+                if min(len(prompt) + max_tokens, max_model_len) <= longest:
+                    sim.add(make_request(rid, prompt, max_tokens, arrival=sim.num_added, **kw))
         if sim.has_work():
             sim.step()
         step += 1
@@ -772,3 +778,30 @@ def test_a_prompt_longer_than_max_model_len_is_rejected_by_the_scheduler():
     with pytest.raises(ValueError, match="max_model_len"):
         sim.sched.add_request(make_request("full", list(range(1, 33)), 1))
 
+
+def test_overlap_a_stop_in_flight_the_extra_sample_is_dropped_and_the_id_can_be_reused():
+    # A prompt whose first three outputs differ, so that the third alone can be the stop id.
+    prompt = next([k, k] for k in range(1, VOCAB) if len(set(reference_output([k, k], 3, (), 99)[0])) == 3)
+    expected = reference_output(prompt, 3, (), 99)[0]
+    sim = Sim(num_blocks=20, block_size=4, max_num_seqs=4, max_num_batched_tokens=64, overlap=True)
+    req = make_request("a", prompt, 10, stop_ids={expected[2]})
+    sim.add(req)
+    for _ in range(3):  # prefill, then two decodes; the third draws the stop, not known yet
+        sim.step()
+    assert req.output_token_ids == expected[:2] and req.num_output_placeholders == 1
+    out = sim.step()
+    # Catches: holding a request back while its sample in flight is not its last (the overlap
+    # lost); it computes the stop token's position, then the stop comes back and ends it.
+    assert out.num_scheduled_tokens == {"a": 1}
+    assert req.status == RequestStatus.FINISHED_STOPPED and req.output_token_ids == expected
+    # Its sample from that step is still in flight when a client takes the id again.
+    again = make_request("a", [7, 7, 7], 4, stop_ids=())
+    sim.add(again)
+    out = sim.step()
+    # Catches: the workers not told that the old "a" ended before the new one arrives.
+    assert out.finished_request_ids == ["a"] and [n.request_id for n in out.new_requests] == ["a"]
+    # Catches: the ended request's sample handed to the new request (a token it never drew,
+    # and a placeholder taken back that it does not have).
+    assert again.output_token_ids == [] and again.num_output_placeholders == 1
+    sim.run_to_end()  # Sim._on_finished checks the new "a" ends with its own reference output
+    assert sim.stats["dropped_after_stop"] == 1
