@@ -13,6 +13,7 @@ once), aborts when a consumer leaves, the latest scheduler stats, and the core's
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from typing import AsyncIterator, Callable, Optional, Sequence
 
@@ -54,6 +55,7 @@ class AsyncLLM(EngineClient):
         self._num_waiting = 0          # completions accepted whose first token has not come
         self._waiting_ids: set[str] = set()
         self._num_pending = 0          # requests being processed, not yet handed to the core
+        self._core_ids = itertools.count()  # makes each request's core id unique
         self._num_finished = 0
         self._num_aborted = 0
         self._accepting = True
@@ -102,7 +104,8 @@ class AsyncLLM(EngineClient):
                 processed = await asyncio.to_thread(
                     self.input_processor.process, request_id, params=params, prompt=prompt,
                     prompt_token_ids=prompt_token_ids, messages=messages, system=system,
-                    continue_final_message=continue_final_message)
+                    continue_final_message=continue_final_message,
+                    core_request_id=f"{request_id}@{next(self._core_ids)}")
             finally:
                 self._num_pending -= n
             self._check_accepting()

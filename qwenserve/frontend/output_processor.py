@@ -19,7 +19,7 @@ from typing import Optional
 
 from qwenserve.engine_core.protocol import EngineCoreOutput
 from qwenserve.frontend.engine_client import Delta
-from qwenserve.frontend.input_processor import ProcessedRequest, completion_ids
+from qwenserve.frontend.input_processor import ProcessedRequest
 from qwenserve.model.detokenizer import IncrementalDetokenizer
 from qwenserve.model.tokenizer import QwenTokenizer
 from qwenserve.outputs import CompletionOutput, RequestOutput
