@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -251,3 +252,33 @@ def test_a_rank_that_dies_while_idle_turns_health_not_serving_within_5_s(tmp_pat
     finally:
         server.proc.send_signal(signal.SIGTERM)
         assert server.proc.wait(60) == 0, server.log()
+
+
+def test_input_processing_runs_off_the_event_loop_and_never_in_the_core():
+    """Tokenizing a long prompt or chat must not stall other streams (issue 11, item 3): the
+    front end tokenizes in a worker thread, never on its event loop; the core never tokenizes
+    (it gets token ids only)."""
+    from qwenserve.engine_core.core import EngineCore
+
+    assert not any("token" in name.lower() and "izer" in name.lower() for name in vars(EngineCore))
+
+    async def run():
+        llm = await AsyncLLM(EngineConfig(**CONFIG)).start("WARNING")
+        loop_thread = threading.get_ident()
+        threads = []
+        process = llm.input_processor.process
+
+        def spying_process(*args, **kwargs):
+            threads.append(threading.get_ident())
+            return process(*args, **kwargs)
+
+        llm.input_processor.process = spying_process
+        try:
+            await _tokens(llm, "text", "word " * 200)
+            async for _ in llm.generate("chat", params=GREEDY, messages=[{"role": "user", "content": "hi " * 200}]):
+                pass
+            assert len(threads) == 2 and loop_thread not in threads
+        finally:
+            await llm.close()
+
+    asyncio.run(run())
