@@ -35,6 +35,7 @@ from qwenserve.sampling_params import SamplingParams
 from . import qwenserve_pb2 as pb
 from . import qwenserve_pb2_grpc as pb_grpc
 from qwenserve.frontend.engine_client import EngineClient, EngineUnavailable
+from qwenserve.frontend.limits import RequestLimits
 
 from .engine_bridge import BridgeEngineClient
 from .options import ServerOptions
@@ -93,6 +94,12 @@ async def warm_up(engine: EngineClient, timeout: float = 600.0) -> None:
     await asyncio.wait_for(run(), timeout)
 
 
+def grpc_server_options(limits: RequestLimits) -> list:
+    # so_reuseport off: a second server on a busy port must fail, not share it. A message over
+    # the request limit is refused by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed.
+    return [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limits.max_request_bytes)]
+
+
 class _Server:
     def __init__(self, engine: Any, config: EngineConfig, options: ServerOptions):
         self.engine = engine
@@ -117,9 +124,8 @@ class _Server:
         await self._set_health(_NOT_SERVING)
         client = BridgeEngineClient(self.engine, self.config.max_waiting_requests)
         client.on_failure(lambda reason: self._on_engine_failure(loop, reason))
-        servicer = GenerationServicer(client)
-        # so_reuseport off: a second server on a busy port must fail, not share it.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        servicer = GenerationServicer(client, self.options.limits)
+        server = grpc.aio.server(options=grpc_server_options(servicer.limits))
         pb_grpc.add_GenerationServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

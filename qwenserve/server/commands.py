@@ -51,8 +51,40 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, default="INFO",
                    help="logging level for stderr (default: %(default)s)")
+    _add_limit_flags(p)
     p.set_defaults(func=launch)
     return p
+
+
+# flag -> (RequestLimits field, help); every limit is checked before tokenizing, see
+# qwenserve/frontend/limits.py and docs/RELIABILITY.md.
+_LIMIT_FLAGS = {
+    "--max-request-id-chars": ("max_request_id_chars", "longest request_id (default: 256)"),
+    "--max-prompt-chars": ("max_prompt_chars", "longest prompt text, or chat text in total (default: "
+                           "128 x (max_model_len - 1), the most that can fit)"),
+    "--max-chat-messages": ("max_chat_messages", "most chat messages (default: (max_model_len - 4) // 5, "
+                            "the most that can fit)"),
+    "--max-stop-strings": ("max_stop_strings", "most stop strings per request (default: 16)"),
+    "--max-stop-string-chars": ("max_stop_string_chars", "longest stop string (default: 512)"),
+    "--max-stop-token-ids": ("max_stop_token_ids", "most stop_token_ids per request (default: 256)"),
+    "--max-request-bytes": ("max_request_bytes", "largest request message, e.g. 8MiB (default: 4 bytes "
+                            "per --max-prompt-chars + 1 MiB); larger ones get RESOURCE_EXHAUSTED"),
+}
+
+
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("request limits", "Requests over a limit get INVALID_ARGUMENT naming "
+                                                   "the field and the limit.")
+    for flag, (dest, help_text) in _LIMIT_FLAGS.items():
+        kind = parse_bytes if dest == "max_request_bytes" else int_in(1)
+        group.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+
+
+def request_limits_from_args(args: argparse.Namespace):
+    from qwenserve.frontend.limits import RequestLimits
+
+    values = {dest: getattr(args, dest) for dest, _ in _LIMIT_FLAGS.values()}
+    return RequestLimits(**{k: v for k, v in values.items() if v is not None})
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -82,7 +114,13 @@ def launch(args: argparse.Namespace) -> int:
 
     from .options import ServerOptions
 
-    return run_server(config, ServerOptions(host=args.host, port=args.port, shutdown_grace=args.shutdown_grace))
+    try:
+        limits = request_limits_from_args(args)
+    except ValueError as e:
+        print(f"qwenserve launch: error: {e}", file=sys.stderr)
+        return 2
+    return run_server(config, ServerOptions(host=args.host, port=args.port, shutdown_grace=args.shutdown_grace,
+                                            limits=limits))
 
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
