@@ -142,3 +142,63 @@ def test_memory_stays_bounded_under_repeated_oversized_requests(server, stub, cl
     growth = _rss_mib(server.proc.pid) - baseline
     assert growth < RSS_GROWTH_BOUND_MIB, f"RSS grew {growth:.0f} MiB from {baseline:.0f} MiB"
     wait_idle(client)
+
+
+# --- malformed protobuf --------------------------------------------------------------------------
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2) of a hand-built message."""
+    assert number < 16 and len(payload) < 128  # one-byte tag and length
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+BAD_UTF8 = b"ok \xff\xfe"  # never valid UTF-8
+VALID = pb.GenerateRequest(prompt="hi", params=pb.SamplingParams(max_tokens=3, stop=["x"])).SerializeToString()
+MALFORMED = {
+    "request_id": (_field(1, BAD_UTF8) + _field(2, b"hi"), "request_id: not valid UTF-8"),
+    "prompt": (_field(2, BAD_UTF8), "prompt: not valid UTF-8"),
+    "chat content": (_field(4, _field(1, _field(1, b"user") + _field(2, b"fine")) +
+                            _field(1, _field(1, b"user") + _field(2, BAD_UTF8))),
+                     "chat.messages[1].content: not valid UTF-8"),
+    "stop": (_field(2, b"hi") + _field(5, _field(6, b"fine") + _field(6, BAD_UTF8)),
+             "params.stop[1]: not valid UTF-8"),
+    "truncated string": (VALID[:3], "prompt: truncated"),
+    "truncated varint": (_field(2, b"hi") + _field(5, bytes([1 << 3, 0x80])), "params.max_tokens: truncated"),
+    "truncated packed ids": (_field(3, _field(1, bytes([5, 0x80]))), "prompt_token_ids.ids: truncated"),
+    "length past the end": (_field(2, b"hi") + bytes([6 << 3 | 2, 100]) + b"abc", "system: truncated"),
+    "bad wire type": (_field(2, b"hi") + _field(5, bytes([5 << 3 | 7])), "params.repetition_penalty: invalid wire type 7"),
+    "unknown field truncated": (_field(2, b"hi") + bytes([15 << 3 | 2, 50]) + b"abc", "request (field 15): truncated"),
+}
+
+
+@pytest.fixture(scope="module")
+def raw_generate(server):
+    """Generate with the request as raw bytes: what a buggy or hostile client can send."""
+    with grpc.insecure_channel(server.address) as channel:
+        yield channel.unary_stream("/qwenserve.v1.Generation/Generate", request_serializer=None,
+                                   response_deserializer=pb.GenerateResponse.FromString)
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_protobuf_is_invalid_argument_naming_the_field(raw_generate, client, name):
+    data, message = MALFORMED[name]
+    with pytest.raises(Exception):
+        pb.GenerateRequest.FromString(data)  # premise: protobuf itself refuses it
+    with pytest.raises(grpc.RpcError) as err:
+        list(raw_generate(data, timeout=60))
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+    assert len(client.generate("still serving?", max_tokens=1).token_ids) == 1
+
+
+def test_well_formed_raw_bytes_still_generate(raw_generate):
+    messages = list(raw_generate(VALID, timeout=60))
+    assert messages[-1].finish_reason and sum(len(m.token_ids) for m in messages) >= 1
+
+
+def test_malformed_tokenize_request_names_the_field(server):
+    with grpc.insecure_channel(server.address) as channel:
+        tokenize = channel.unary_unary("/qwenserve.v1.Generation/Tokenize", request_serializer=None,
+                                       response_deserializer=pb.TokenizeResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            tokenize(_field(1, BAD_UTF8), timeout=60)
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "text: not valid UTF-8")

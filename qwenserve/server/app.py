@@ -33,12 +33,12 @@ from qwenserve.config import EngineConfig
 from qwenserve.sampling_params import SamplingParams
 
 from . import qwenserve_pb2 as pb
-from . import qwenserve_pb2_grpc as pb_grpc
 from qwenserve.frontend.engine_client import EngineClient, EngineUnavailable
 from qwenserve.frontend.limits import RequestLimits
 
 from .engine_bridge import BridgeEngineClient
 from .options import ServerOptions
+from .request_parsing import add_generation_service
 from .servicer import GenerationServicer
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class _Server:
         client.on_failure(lambda reason: self._on_engine_failure(loop, reason))
         servicer = GenerationServicer(client, self.options.limits)
         server = grpc.aio.server(options=grpc_server_options(servicer.limits))
-        pb_grpc.add_GenerationServicer_to_server(servicer, server)
+        add_generation_service(servicer, server)  # parses requests itself: see request_parsing.py
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
