@@ -16,7 +16,7 @@ from qwenserve.kvcache import KVCacheManager
 from qwenserve.model.chat_template import encode_chat
 from qwenserve.model.checkpoint import builtin_model_dir
 from qwenserve.model.config import QwenConfig, load_generation_config
-from qwenserve.model.tokenizer import QwenTokenizer, validate_ids
+from qwenserve.model.tokenizer import VOCAB_SIZE, QwenTokenizer, validate_ids
 from qwenserve.output_processor import CompletionTracker
 from qwenserve.outputs import RequestOutput
 from qwenserve.sampling_params import SamplingParams
@@ -62,6 +62,8 @@ class LLMEngine:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's "
                              f"max_position_embeddings ({limit})")
         self.max_model_len = config.max_model_len or limit
+        # The ids the model can sample: the tokenizer's, within the embedding's rows.
+        self.vocab_size = min(VOCAB_SIZE, self.model_config.vocab_size)
         eos = self.generation_config.get("eos_token_id", self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos])
         self.chat_stop_token_ids = frozenset(
@@ -118,7 +120,7 @@ class LLMEngine:
                              f"max_model_len ({self.max_model_len})")
         if params.ignore_eos:
             stop_ids = frozenset()
-        stop_ids = frozenset(stop_ids) | frozenset(params.stop_token_ids)
+        stop_ids = frozenset(stop_ids) | self._checked_stop_token_ids(params)
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         alpha = self.model_config.ntk_alpha(len(ids))
@@ -143,6 +145,17 @@ class LLMEngine:
         for req, tracker in zip(requests, trackers):
             self._trackers[req.request_id] = (group, tracker)
         return request_id
+
+    def _checked_stop_token_ids(self, params: SamplingParams) -> frozenset:
+        """params.stop_token_ids; ValueError for an id the model can never sample, and for a
+        min_tokens whose ban (every stop id, until min_tokens) would leave no token to sample."""
+        ids = frozenset(params.stop_token_ids)
+        if ids and max(ids) >= self.vocab_size:
+            raise ValueError(f"stop_token_ids: id {max(ids)} is out of range [0, {self.vocab_size})")
+        if params.min_tokens and len(ids) >= self.vocab_size:
+            raise ValueError(f"min_tokens: {params.min_tokens} with every token of the vocabulary a stop "
+                             "token bans every token; leave at least one id out of stop_token_ids")
+        return ids
 
     def abort_request(self, request_id: str) -> Optional[RequestOutput]:
         """Aborts a request (all its completions) and frees its blocks; unknown ids are ignored."""

@@ -5,6 +5,7 @@ that 4 MB requests reach the limits instead of gRPC's own size check, and lowers
 request_id limit to 64 to show that the launch flags reach the checks.
 """
 import concurrent.futures
+import math
 import time
 
 import grpc
@@ -202,3 +203,28 @@ def test_malformed_tokenize_request_names_the_field(server):
         with pytest.raises(grpc.RpcError) as err:
             tokenize(_field(1, BAD_UTF8), timeout=60)
     assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "text: not valid UTF-8")
+
+
+# --- values that could make NaN or inf (issue 11.8) ----------------------------------------------
+
+@pytest.mark.parametrize("options,message", [
+    (dict(repetition_penalty=1e-45), "repetition_penalty must be in [0.01, 100], got 1.401298e-45"),
+    (dict(repetition_penalty=1e30), "repetition_penalty must be in [0.01, 100], got 1e+30"),
+    (dict(stop_token_ids=[2 ** 32 - 1]), "stop_token_ids: id 4294967295 is out of range [0, 151851)"),
+])
+def test_values_that_could_make_nan_are_rejected(client, options, message):
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate("hi", max_tokens=2, **options)
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@pytest.mark.parametrize("options", [
+    dict(repetition_penalty=0.01), dict(repetition_penalty=100.0), dict(temperature=1e-30),
+    dict(temperature=3e38), dict(frequency_penalty=2.0, presence_penalty=-2.0, min_p=1.0),
+    dict(top_p=1e-30, top_k=1, temperature=0.5),
+], ids=str)
+def test_every_logprob_is_finite_at_the_edges_of_the_allowed_values(client, options):
+    result = client.generate("the the the the", max_tokens=6, logprobs=20, ignore_eos=True, seed=3, **options)
+    values = [lp for entry in result.outputs[0].logprobs for _, lp in entry]
+    assert len(result.token_ids) == 6 and len(values) >= 6 * 20
+    assert all(math.isfinite(v) for v in values), options
