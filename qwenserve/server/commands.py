@@ -87,11 +87,26 @@ def request_limits_from_args(args: argparse.Namespace):
     return RequestLimits(**{k: v for k, v in values.items() if v is not None})
 
 
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 (bracketed or not) or localhost."""
+    import ipaddress
+
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def engine_config_from_args(args: argparse.Namespace):
     from qwenserve.config import EngineConfig
 
     kwargs = {"model": args.model, "tensor_parallel_size": args.tp, "device": args.device,
-              "dtype": args.dtype, "ray_address": args.ray_address}
+              "dtype": args.dtype, "ray_address": args.ray_address,
+              # A server reachable only from this machine keeps its local Ray there too.
+              "ray_loopback_only": is_loopback_host(args.host)}
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                  "gpu_memory_utilization", "max_waiting_requests", "kv_cache_memory", "seed"):
         value = getattr(args, name)
