@@ -37,6 +37,7 @@ from qwenserve.frontend.engine_client import EngineClient, EngineUnavailable
 from qwenserve.frontend.limits import RequestLimits
 
 from .engine_bridge import BridgeEngineClient
+from .grpc_security import bind_port, server_interceptors
 from .options import ServerOptions
 from .request_parsing import add_generation_service
 from .servicer import GenerationServicer
@@ -125,7 +126,8 @@ class _Server:
         client = BridgeEngineClient(self.engine, self.config.max_waiting_requests)
         client.on_failure(lambda reason: self._on_engine_failure(loop, reason))
         servicer = GenerationServicer(client, self.options.limits)
-        server = grpc.aio.server(options=grpc_server_options(servicer.limits))
+        server = grpc.aio.server(options=grpc_server_options(servicer.limits),
+                                 interceptors=server_interceptors(self.options.api_key))
         add_generation_service(servicer, server)  # parses requests itself: see request_parsing.py
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -133,7 +135,7 @@ class _Server:
              reflection.SERVICE_NAME), server)
         address = f"{self.host}:{self.port}"
         try:
-            bound = server.add_insecure_port(address)
+            bound = bind_port(server, address, self.options.ssl_certfile, self.options.ssl_keyfile)
         except RuntimeError as e:
             bound = 0
             logger.error("%s", e)
@@ -142,6 +144,8 @@ class _Server:
             await client.close()
             return 1
         address = f"{self.host}:{bound}"
+        security = ", ".join(name for name, on in (("TLS", self.options.ssl_certfile),
+                                                   ("API key required", self.options.api_key)) if on)
         await server.start()
         print(f"qwenserve: listening on {address} (warming up)", flush=True)
 
@@ -162,7 +166,8 @@ class _Server:
                 servicer.ready = True
                 await self._set_health(_SERVING)
                 print(f"qwenserve: ready on {address} (model: {servicer.info.model}, "
-                      f"warm-up {time.monotonic() - started:.1f}s)", flush=True)
+                      f"warm-up {time.monotonic() - started:.1f}s{', ' + security if security else ''})",
+                      flush=True)
                 await self.stop_requested.wait()
         except Exception as e:  # warm-up failed: never report SERVING
             logger.exception("warm-up failed")

@@ -51,6 +51,12 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, default="INFO",
                    help="logging level for stderr (default: %(default)s)")
+    security = p.add_argument_group("security")
+    security.add_argument("--api-key", default=None,
+                          help="every call but health needs metadata 'authorization: Bearer KEY' "
+                               "(default: $QWENSERVE_API_KEY; prefer it: a flag shows in `ps`)")
+    security.add_argument("--ssl-certfile", default=None, help="serve TLS with this PEM certificate (chain)")
+    security.add_argument("--ssl-keyfile", default=None, help="the PEM private key of --ssl-certfile")
     _add_limit_flags(p)
     p.set_defaults(func=launch)
     return p
@@ -127,15 +133,24 @@ def launch(args: argparse.Namespace) -> int:
         return 2
     from .app import run_server
 
-    from .options import ServerOptions
-
     try:
-        limits = request_limits_from_args(args)
+        options = server_options_from_args(args)
     except ValueError as e:
         print(f"qwenserve launch: error: {e}", file=sys.stderr)
         return 2
-    return run_server(config, ServerOptions(host=args.host, port=args.port, shutdown_grace=args.shutdown_grace,
-                                            limits=limits))
+    return run_server(config, options)
+
+
+def server_options_from_args(args: argparse.Namespace):
+    """ServerOptions from the launch flags; ValueError naming the flag for a bad limit or TLS file."""
+    from .auth import resolve_api_key
+    from .grpc_security import check_tls_files
+    from .options import ServerOptions
+
+    check_tls_files(args.ssl_certfile, args.ssl_keyfile)
+    return ServerOptions(host=args.host, port=args.port, shutdown_grace=args.shutdown_grace,
+                         api_key=resolve_api_key(args.api_key), ssl_certfile=args.ssl_certfile,
+                         ssl_keyfile=args.ssl_keyfile, limits=request_limits_from_args(args))
 
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
@@ -154,6 +169,10 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message")
     p.add_argument("--system", default=None, help="system prompt (only with --chat)")
     p.add_argument("--timeout", type=float_in(0.0, low_open=True), default=None, help="deadline in seconds")
+    p.add_argument("--api-key", default=None, help="the server's API key (default: $QWENSERVE_API_KEY)")
+    p.add_argument("--ssl", action="store_true", help="connect with TLS, trusting the system's CAs")
+    p.add_argument("--ssl-root-cert", default=None, metavar="PEM",
+                   help="connect with TLS, trusting this CA or self-signed certificate (implies --ssl)")
     p.set_defaults(func=generate, parser=p)
     return p
 
@@ -178,10 +197,20 @@ def generate(args: argparse.Namespace) -> int:
                 "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
     sampling = {k: v for k, v in sampling.items() if v is not None}
     finish, wrote = None, False
+    root_certificates = None
+    if args.ssl_root_cert is not None:
+        try:
+            with open(args.ssl_root_cert, "rb") as f:
+                root_certificates = f.read()
+        except OSError as e:
+            parser.error(f"argument --ssl-root-cert: cannot read {args.ssl_root_cert!r}: {e.strerror or e}")
+    from .auth import resolve_api_key
+
     try:
-        client = QwenClient(args.address)
+        client = QwenClient(args.address, api_key=resolve_api_key(args.api_key),
+                            ssl=args.ssl or root_certificates is not None, root_certificates=root_certificates)
     except InvalidRequest as e:
-        parser.error(f"argument --address: {e.problem}")
+        parser.error(f"argument --{e.field.replace('_', '-')}: {e.problem}")
     with client:
         try:  # builds and checks the request before anything is sent
             if args.chat:
