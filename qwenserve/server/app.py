@@ -7,9 +7,10 @@ Owns the server's lifecycle:
   3. run one warm-up generation through the engine thread; only if it succeeds does health
      turn SERVING and the one "ready" line get printed (health must never say OK while
      nothing can be generated);
-  4. on SIGINT/SIGTERM: health NOT_SERVING, refuse new calls, let running calls finish for
-     up to `shutdown_grace` seconds, abort the rest (their streams end with finish_reason
-     "abort"), stop the engine thread and the engine's workers, exit 0.
+  4. on SIGINT/SIGTERM, drain: health NOT_SERVING at once with the port still open (probes
+     see it), new Generate calls UNAVAILABLE, running calls finish for up to `shutdown_grace`
+     seconds; then abort the rest (their streams end with finish_reason "abort"), close the
+     port, stop the engine thread and the engine's workers, exit 0.
 An engine failure later turns health NOT_SERVING (calls get UNAVAILABLE) but keeps
 the process up, so that an orchestrator sees the failure through health.
 """
@@ -184,19 +185,21 @@ class _Server:
         self.stop_requested.set()
 
     async def _shutdown(self, server: grpc.aio.Server, client: EngineClient, grace: float) -> None:
+        """Drains, then stops. During the drain the port stays open: health answers NOT_SERVING
+        (a probe sees the change; a closed port would only look like a crash), new Generate
+        calls get UNAVAILABLE, and running calls go on until they end or the grace is over."""
         loop = asyncio.get_running_loop()
         print(f"qwenserve: shutting down ({client.num_active} running, grace {grace:g}s)",
               file=sys.stderr, flush=True)
         await self.health.enter_graceful_shutdown()
         client.stop_accepting()
-        # server.stop refuses new calls at once and cancels what is left after its grace;
-        # ours ends first, so every stream still open gets its "abort" message.
-        stopped = asyncio.ensure_future(server.stop(grace + _FLUSH_SECONDS))
         deadline = loop.time() + grace
         while client.num_active and loop.time() < deadline and not self._forced(grace):
             await asyncio.sleep(0.05)
+        # Our abort first, so every stream still open gets its "abort" message; then gRPC
+        # refuses new calls and gives those messages _FLUSH_SECONDS to go out.
         await client.abort_all()
-        await stopped
+        await server.stop(_FLUSH_SECONDS)
         await client.close()
 
     def _forced(self, grace: float) -> bool:
