@@ -87,3 +87,35 @@ def test_max_request_bytes_fits_grpcs_int32():
     RequestLimits(max_request_bytes=2 ** 31 - 1)
     with pytest.raises(ValueError, match="max_request_bytes must be at most 2\\*\\*31 - 1"):
         RequestLimits(max_request_bytes=2 ** 31)
+
+
+def test_launch_flags_set_the_limits():
+    from qwenserve.cli import build_parser
+    from qwenserve.server.commands import server_options_from_args
+
+    args = build_parser().parse_args(["launch", "--max-request-id-chars", "64", "--max-prompt-chars", "1000",
+                                      "--max-chat-messages", "9", "--max-stop-strings", "2",
+                                      "--max-stop-string-chars", "30", "--max-stop-token-ids", "5",
+                                      "--max-request-bytes", "8MiB"])
+    assert server_options_from_args(args).limits == RequestLimits(
+        max_request_id_chars=64, max_prompt_chars=1000, max_chat_messages=9, max_stop_strings=2,
+        max_stop_string_chars=30, max_stop_token_ids=5, max_request_bytes=8 << 20)
+    assert server_options_from_args(build_parser().parse_args(["launch"])).limits == RequestLimits()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--max-stop-strings", "0", "must be an integer >= 1, got 0"),
+    ("--max-prompt-chars", "many", "not an integer: 'many'"),
+])
+def test_bad_limit_flags_are_argparse_errors(capsys, flag, value, message):
+    from cli_run import run_cli
+
+    code, _, err = run_cli(capsys, "launch", flag, value)
+    assert code == 2 and f"argument {flag}: {message}" in err, err
+
+
+def test_a_max_request_bytes_over_grpcs_limit_fails_launch_before_loading(capsys):
+    from cli_run import run_cli
+
+    code, _, err = run_cli(capsys, "launch", "--max-request-bytes", "2GiB")
+    assert code == 2 and "qwenserve launch: error: max_request_bytes must be at most 2**31 - 1" in err, err

@@ -52,11 +52,11 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, default="INFO",
                    help="logging level for stderr (default: %(default)s)")
     security = p.add_argument_group("security")
-    security.add_argument("--api-key", default=None,
+    security.add_argument("--api-key", default=None, metavar="KEY",
                           help="every call but health needs metadata 'authorization: Bearer KEY' "
                                "(default: $QWENSERVE_API_KEY; prefer it: a flag shows in `ps`)")
-    security.add_argument("--ssl-certfile", default=None, help="serve TLS with this PEM certificate (chain)")
-    security.add_argument("--ssl-keyfile", default=None, help="the PEM private key of --ssl-certfile")
+    security.add_argument("--ssl-certfile", default=None, metavar="PEM", help="serve TLS with this PEM certificate (chain)")
+    security.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the PEM private key of --ssl-certfile")
     _add_limit_flags(p)
     p.set_defaults(func=launch)
     return p
@@ -82,8 +82,8 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("request limits", "Requests over a limit get INVALID_ARGUMENT naming "
                                                    "the field and the limit.")
     for flag, (dest, help_text) in _LIMIT_FLAGS.items():
-        kind = parse_bytes if dest == "max_request_bytes" else int_in(1)
-        group.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+        kind, metavar = (parse_bytes, "BYTES") if dest == "max_request_bytes" else (int_in(1), "N")
+        group.add_argument(flag, dest=dest, type=kind, default=None, metavar=metavar, help=help_text)
 
 
 def request_limits_from_args(args: argparse.Namespace):
@@ -169,7 +169,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message")
     p.add_argument("--system", default=None, help="system prompt (only with --chat)")
     p.add_argument("--timeout", type=float_in(0.0, low_open=True), default=None, help="deadline in seconds")
-    p.add_argument("--api-key", default=None, help="the server's API key (default: $QWENSERVE_API_KEY)")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="the server's API key (default: $QWENSERVE_API_KEY)")
     p.add_argument("--ssl", action="store_true", help="connect with TLS, trusting the system's CAs")
     p.add_argument("--ssl-root-cert", default=None, metavar="PEM",
                    help="connect with TLS, trusting this CA or self-signed certificate (implies --ssl)")
