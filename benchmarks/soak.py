@@ -107,11 +107,14 @@ class SoakFigures:
     outcomes: dict = field(default_factory=dict)        # "kind OUTCOME" -> count
     unexpected: int = 0
     unexpected_examples: list = field(default_factory=list)
-    max_silence_s: float = 0.0                          # longest an open call went without a message
+    max_silence_s: float = 0.0                          # longest an open call went without a message:
+    max_first_message_s: float = 0.0                    # from a call's start to its first message (queueing)
+    max_gap_s: float = 0.0                              # between two messages of a call (a stall mid-stream)
     health_checks: int = 0
     health_not_serving: int = 0
     tokens_streamed: int = 0
     tokens_per_s: float = 0.0
+    seconds_per_step: Optional[float] = None            # the engine's mean step time under this load
     # The server's RSS: its highest in the first half of the traffic (the working set, once the
     # largest batches and every kind of request have been seen), its highest overall, at the end
     # (all blocks free); growth = end - first-half peak: a leak shows as an end above it.
@@ -141,15 +144,23 @@ class _Soak:
         self.rng = random.Random(seed)
         self.figures = SoakFigures(duration_s=duration, streams=streams)
         self.open_calls: dict[int, float] = {}  # call number -> time of its last message (or start)
+        self.heard_from: set = set()  # open calls that have had a message
         self.calls = 0
         self.requests: collections.Counter = collections.Counter()
         self.outcomes: collections.Counter = collections.Counter()
         self.rss_samples: list[tuple[float, float]] = []
 
     # ---------------------------------------------------------------- one call
-    def _heard(self, call: int) -> None:
+    def _heard(self, call: int, message: bool = True) -> None:
         now = time.monotonic()
-        self.figures.max_silence_s = max(self.figures.max_silence_s, now - self.open_calls[call])
+        silence = now - self.open_calls[call]
+        f = self.figures
+        f.max_silence_s = max(f.max_silence_s, silence)
+        if message and call in self.heard_from:
+            f.max_gap_s = max(f.max_gap_s, silence)
+        elif message:
+            f.max_first_message_s = max(f.max_first_message_s, silence)
+            self.heard_from.add(call)
         self.open_calls[call] = now
 
     def _normal_request(self, rng: random.Random) -> dict:
@@ -221,8 +232,9 @@ class _Soak:
             self.figures.unexpected_examples.append(f"{kind}: bad stream: {e}")
             return "BAD_STREAM"
         finally:
-            self._heard(call)
+            self._heard(call, message=False)
             del self.open_calls[call]
+            self.heard_from.discard(call)
 
     async def _worker(self, client: AsyncQwenClient, raw_generate, rng: random.Random, stop_at: float) -> None:
         kinds, weights = zip(*KINDS)
@@ -289,7 +301,10 @@ class _Soak:
         f = self.figures
         f.requests, f.outcomes = dict(self.requests), dict(sorted(self.outcomes.items()))
         f.tokens_per_s = round(f.tokens_streamed / traffic_s, 1)
-        f.max_silence_s = round(f.max_silence_s, 2)
+        if f.final_stats.get("num_steps"):
+            f.seconds_per_step = round(traffic_s / f.final_stats["num_steps"], 3)
+        f.max_silence_s, f.max_first_message_s, f.max_gap_s = (
+            round(f.max_silence_s, 2), round(f.max_first_message_s, 2), round(f.max_gap_s, 2))
         if self.rss_samples:
             first_half = [rss for t, rss in self.rss_samples if t <= self.duration / 2] or [self.rss_samples[0][1]]
             f.rss_first_half_peak_mib = round(max(first_half), 1)
@@ -315,9 +330,10 @@ def print_figures(f: SoakFigures) -> None:
     print(f"unexpected outcomes: {f.unexpected}")
     for example in f.unexpected_examples:
         print(f"  {example}")
-    print(f"longest silence of a stream: {f.max_silence_s:.2f}s")
+    print(f"longest silence of a stream: {f.max_silence_s:.2f}s (waiting for the first message: "
+          f"{f.max_first_message_s:.2f}s; between two messages: {f.max_gap_s:.2f}s)")
     print(f"health: {f.health_checks} checks, {f.health_not_serving} not SERVING")
-    print(f"tokens streamed: {f.tokens_streamed} ({f.tokens_per_s} tok/s)")
+    print(f"tokens streamed: {f.tokens_streamed} ({f.tokens_per_s} tok/s; {f.seconds_per_step} s per engine step)")
     if f.rss_end_mib is not None:
         print(f"server RSS: peak {f.rss_first_half_peak_mib} MiB in the first half, {f.rss_peak_mib} MiB overall, "
               f"{f.rss_end_mib} MiB at the end (growth {f.rss_growth_mib:+} MiB)")
