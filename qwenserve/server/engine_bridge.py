@@ -209,6 +209,10 @@ class EngineBridge:
                 self.engine.add_request(tracked.request_id, **kwargs)
             except Exception as e:  # ValueError: bad input; anything else: a bug for this request
                 del self._requests[tracked.request_id]
+                if isinstance(e, ValueError):
+                    # Its traceback's frames (this one holds `future`, add_request's the token
+                    # ids) would form a cycle with the future, freed only by a garbage collection.
+                    e = e.with_traceback(None)
                 future.set_exception(e)
                 return
             tracked.in_engine = True
