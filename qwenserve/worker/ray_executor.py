@@ -42,6 +42,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 import qwenserve
 from qwenserve.config import EngineConfig
+from qwenserve.kernels._triton import AUTO_MARKER, INTERPRET_VAR
 from qwenserve.model.config import QwenConfig
 from qwenserve.model.loader import checkpoint_files
 from qwenserve.scheduler.output import SchedulerOutput
@@ -201,14 +202,21 @@ def _use_gpus(config: EngineConfig, tp: int) -> bool:
     return True
 
 
-def _actor_env(tp: int) -> dict[str, str]:
+def _actor_env(tp: int, gpu: bool) -> dict[str, str]:
     """What an actor needs from the driver's environment: the source tree, the caches, one
-    thread pool per core share (two ranks on two cores must not each spawn two threads)."""
+    thread pool per core share (two ranks on two cores must not each spawn two threads).
+
+    Not the driver's TRITON_INTERPRET: each rank decides its own device environment. A GPU rank
+    compiles its kernels (TRITON_INTERPRET=0, whatever the driver or the raylet it started has:
+    a CPU-only driver switches the interpreter on for itself); a CPU rank leaves it to
+    `kernels/_triton.py` in its own process (the interpreter, as it sees no CUDA)."""
     path = os.environ.get("PYTHONPATH", "")
     env = {"PYTHONPATH": _SOURCE_ROOT + (os.pathsep + path if path else ""),
            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // tp))}
     env.update({k: v for k, v in os.environ.items()
-                if k.startswith("QWENSERVE_") or k in ("TRITON_INTERPRET", "HF_HOME")})
+                if (k.startswith("QWENSERVE_") and k != AUTO_MARKER) or k == "HF_HOME"})
+    if gpu:
+        env[INTERPRET_VAR] = "0"
     return env
 
 
@@ -247,7 +255,7 @@ class RayExecutor:
         if not ready:
             raise RuntimeError(f"Ray could not place {tp} ranks of {bundle} within "
                                f"{PLACEMENT_TIMEOUT_S:g}s; cluster resources: {ray.cluster_resources()}")
-        env = _actor_env(tp)
+        env = _actor_env(tp, gpu)
         self.actors = [
             _RankActor.options(
                 num_cpus=1, num_gpus=1 if gpu else 0,
