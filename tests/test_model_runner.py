@@ -49,3 +49,36 @@ def test_step_tensors_are_aligned_views_with_the_scheduled_values(tiny_checkpoin
                 pos = positions[row].item()
                 assert meta.slot_mapping[row].item() == meta.block_tables[b, pos // 4].item() * 4 + pos % 4
         assert torch.all(meta.rope_theta > 0)
+
+
+def test_logn_scales_come_from_a_table_built_once(tiny_checkpoint):
+    """Qwen's logn factor (past seq_length = 2048 for the built-in model) is gathered each step
+    from a device table evaluated once; its values are the float64 formula rounded to float32."""
+    from qwenserve.model.attention import logn_scales
+
+    llm = LLM(model=tiny_checkpoint, device="cpu", max_num_batched_tokens=1024)
+    runner = llm.engine.executor.worker.runner
+    assert runner.config.use_logn_attn and runner.config.seq_length == 2048
+    seen = []
+    original = runner.prepare_inputs
+
+    def recording(out):
+        result = original(out)
+        seen.append(result)
+        return result
+
+    runner.prepare_inputs = recording
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    # Chunks of 1024 and a decode past 2048, then past the table's first size (grows once).
+    prompt = [100 + i % 5000 for i in range(2300)]
+    llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)
+    assert runner.logn.builds == 1
+    runner.logn.scales(torch.tensor([3]), max_position=runner.logn.table.shape[0])
+    assert runner.logn.builds == 2 and runner.logn.table.shape[0] >= 2 * 8192
+    llm.shutdown()
+
+    positions = torch.cat([p for _, p, _, _, _ in seen])
+    scales = torch.cat([meta.logn_scale for _, _, meta, _, _ in seen])
+    assert int(positions.max()) > 2048 and int(positions.min()) == 0
+    assert torch.equal(scales, logn_scales(positions, 2048))
+    assert torch.equal(runner.logn.table[:9000], logn_scales(torch.arange(9000), 2048))

@@ -13,10 +13,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from qwenserve.model.attention import AttentionMetadata, logn_scales
+from qwenserve.model.attention import AttentionMetadata
 from qwenserve.model.qwen import NUM_REAL_TOKENS, QWenLMHeadModel
 from qwenserve.sampling_params import SamplingParams
 from qwenserve.scheduler.output import SchedulerOutput
+from qwenserve.worker.logn_table import LognTable
 from qwenserve.worker.sampler import Sampler, SamplingState, make_generator
 
 
@@ -72,6 +73,8 @@ class ModelRunner:
         self.sampler = Sampler(vocab_size_real=min(NUM_REAL_TOKENS, self.config.vocab_size), seed=seed)
         self.requests: dict[str, RequestState] = {}
         self.decode_graphs = None  # a `DecodeGraphs` once the worker has captured them
+        self.logn = (LognTable(self.config.seq_length, device, self.config.max_position_embeddings)
+                     if self.config.use_logn_attn else None)
         # Seeded generators outlive preemption so a resumed request continues its stream.
         self._generators: dict[str, torch.Generator] = {}
 
@@ -150,17 +153,13 @@ class ModelRunner:
         int64, (id_span, pos_span, slot_span, row_span) = _pack(
             [ids, positions_np, slots, [row for row, _ in sample_rows]], np.int64)
         int32, (qsl_span, len_span, table_span) = _pack([starts, seq_lens, table.ravel()], np.int32)
-        use_logn = self.config.use_logn_attn
-        floats = [np.asarray(thetas, dtype=np.float32)]
-        if use_logn:
-            floats.append(logn_scales(torch.from_numpy(positions_np), self.config.seq_length).numpy())
-        float32, float_spans = _pack(floats, np.float32)
+        float32, float_spans = _pack([np.asarray(thetas, dtype=np.float32)], np.float32)
         int64_t, int32_t, float32_t = (torch.from_numpy(a).to(dev) for a in (int64, int32, float32))
         meta = AttentionMetadata(
             query_start_loc=_view(int32_t, qsl_span), seq_lens=_view(int32_t, len_span),
             max_query_len=max(b - a for a, b in zip(starts, starts[1:])), max_seq_len=max(seq_lens),
             rope_theta=_view(float32_t, float_spans[0]),
-            logn_scale=_view(float32_t, float_spans[1]) if use_logn else None,
+            logn_scale=self.logn.scales(_view(int64_t, pos_span), max(seq_lens) - 1) if self.logn else None,
             block_tables=_view(int32_t, table_span).view(table.shape),
             slot_mapping=_view(int64_t, slot_span),
             query_start_loc_list=starts, seq_lens_list=seq_lens)
