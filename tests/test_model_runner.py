@@ -82,3 +82,30 @@ def test_logn_scales_come_from_a_table_built_once(tiny_checkpoint):
     assert int(positions.max()) > 2048 and int(positions.min()) == 0
     assert torch.equal(scales, logn_scales(positions, 2048))
     assert torch.equal(runner.logn.table[:9000], logn_scales(torch.arange(9000), 2048))
+
+
+def test_decode_rows_come_first_in_a_mixed_step(tiny_model):
+    """One-token rows lead the flat batch (each group in the scheduler's order), and
+    `num_decodes` says how many: the Triton attention sends exactly those to the decode kernel."""
+    from qwenserve.scheduler.output import NewRequestData, SchedulerOutput
+    from qwenserve.worker.model_runner import ModelRunner
+
+    def new(rid, prompt, blocks, computed):
+        return NewRequestData(rid, prompt, [], blocks, computed, 1.0, SamplingParams(max_tokens=4), [])
+
+    runner = ModelRunner(tiny_model, block_size=4, device=torch.device("cpu"))
+    out = SchedulerOutput(
+        new_requests=[new("p", list(range(10, 22)), [1, 2, 3], 0),  # a whole 12-token prompt
+                      new("d1", [5, 6, 7, 8, 9], [4, 5], 4),  # its last token: a decode row
+                      new("c", list(range(30, 36)), [6, 7], 2),  # a 4-token chunk after a prefix hit
+                      new("d2", [1, 2, 3], [8], 2)],
+        num_scheduled_tokens={"p": 12, "d1": 1, "c": 4, "d2": 1})
+    runner._update_states(out)
+    input_ids, positions, meta, sample_rows, sample_index = runner.prepare_inputs(out)
+    assert meta.num_decodes == 2
+    assert meta.query_start_loc_list == [0, 1, 2, 14, 18]
+    assert meta.seq_lens_list == [5, 3, 12, 6]
+    assert input_ids.tolist() == [9, 3] + list(range(10, 22)) + [32, 33, 34, 35]
+    assert positions.tolist() == [4, 2] + list(range(12)) + [2, 3, 4, 5]
+    assert sample_rows == [(0, "d1"), (1, "d2"), (13, "p"), (17, "c")]
+    assert meta.block_tables.tolist() == [[4, 5, 0], [8, 0, 0], [1, 2, 3], [6, 7, 0]]

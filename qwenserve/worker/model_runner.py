@@ -17,6 +17,7 @@ from qwenserve.model.attention import AttentionMetadata
 from qwenserve.model.qwen import NUM_REAL_TOKENS, QWenLMHeadModel
 from qwenserve.sampling_params import SamplingParams
 from qwenserve.scheduler.output import SchedulerOutput
+from qwenserve.worker.batch_order import decodes_first
 from qwenserve.worker.logn_table import LognTable
 from qwenserve.worker.sampler import Sampler, SamplingState, make_generator
 
@@ -119,7 +120,8 @@ class ModelRunner:
         bs = self.block_size
         ids, positions, slots, thetas = [], [], [], []
         starts, seq_lens, tables, sample_rows = [0], [], [], []
-        for rid, num_new in out.num_scheduled_tokens.items():
+        order, num_decodes = decodes_first(out.num_scheduled_tokens)
+        for rid, num_new in order:
             state = self.requests[rid]
             begin = state.num_computed_tokens
             end = begin + num_new
@@ -161,7 +163,7 @@ class ModelRunner:
             rope_theta=_view(float32_t, float_spans[0]),
             logn_scale=self.logn.scales(_view(int64_t, pos_span), max(seq_lens) - 1) if self.logn else None,
             block_tables=_view(int32_t, table_span).view(table.shape),
-            slot_mapping=_view(int64_t, slot_span),
+            slot_mapping=_view(int64_t, slot_span), num_decodes=num_decodes,
             query_start_loc_list=starts, seq_lens_list=seq_lens)
         return (_view(int64_t, id_span), _view(int64_t, pos_span), meta, sample_rows,
                 _view(int64_t, row_span))
