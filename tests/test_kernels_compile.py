@@ -30,11 +30,11 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     assert result.returncode == 0, report
     compiled = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
     # Every wrapper launched something: 2 models x 3 dtypes x (store_kv, 2 prefill, 2 x 2 decode,
-    # rotary, 2 norms, swiglu) + GPTQ 2 dtypes x (fused, dequantize).
+    # rotary, 2 norms, swiglu) + GPTQ 2 dtypes x (16-row kernel, large-tile kernel).
     assert len(compiled) == 2 * 3 * 11 + 4, report
     for kernel in ("_store_kv_kernel", "_prefill_kernel", "_split_kernel", "_reduce_kernel",
                    "_rotary_kernel", "_rms_norm_kernel", "_swiglu_kernel", "_gptq_matmul_kernel",
-                   "_gptq_dequant_kernel"):
+                   "_gptq_gemm_kernel"):
         assert any(kernel in line for line in compiled), kernel
 
 
