@@ -17,7 +17,7 @@ from qwenserve.model.loader import load_weights
 from qwenserve.model.parallel import get_tp_group
 from qwenserve.model.qwen import QWenLMHeadModel
 from qwenserve.scheduler.output import SchedulerOutput
-from qwenserve.worker.cuda_graphs import try_capture
+from qwenserve.worker.cuda_graphs import capture_decode_graphs
 from qwenserve.worker.memory_profile import profile_kv_budget
 from qwenserve.worker.model_runner import ModelRunner, ModelRunnerOutput
 
@@ -113,8 +113,10 @@ class Worker:
                                   is_driver=self.tp.rank == 0)
         if self.device.type == "cuda" and self.config.use_cuda_graphs and self.use_triton:
             # The torch reference kernels sync with the host, so only the Triton path is captured.
-            self.runner.decode_graphs = try_capture(self.model, min(self.config.max_num_seqs, 256),
-                                                    self.max_model_len, self.config.block_size, self.device)
+            # Every rank captures or none does (decided together; see cuda_graphs.py).
+            self.runner.decode_graphs = capture_decode_graphs(
+                self.model, min(self.config.max_num_seqs, 256), self.max_model_len,
+                self.config.block_size, self.device, self.tp)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
         return self.runner.execute(scheduler_output)
