@@ -199,3 +199,21 @@ def test_host_overhead_benchmark(tmp_path):
     assert [r["batch_size"] for r in result["results"]] == [1, 3]
     for r in result["results"]:
         assert r["ms_per_step"] > 0 and r["us_per_request"] == pytest.approx(r["ms_per_step"] * 1e3 / r["batch_size"])
+
+
+def test_sampling_speed_benchmark(tmp_path):
+    """benchmarks/sampling_speed.py: each mode at each batch size, with its speed against greedy."""
+    out = tmp_path / "sampling.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sampling_speed.py"), "--batch-size", "1", "3",
+                           "--modes", "top_p", "top_p_seeded", "--output-len", "3", "--prompt-len", "4",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["batch_size"], r["mode"]) for r in rows] == [
+        (b, m) for b in (1, 3) for m in ("greedy", "top_p", "top_p_seeded")]
+    for r in rows:
+        assert r["steps"] == 2 and r["tokens_per_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * 1e3 / r["ms_per_step"])
+        if r["mode"] == "greedy":
+            assert r["speed_vs_greedy"] == 1.0
+    assert "vs greedy" in proc.stdout
