@@ -230,7 +230,8 @@ def _draw_full(x, rows, specs, picks, uniforms, buffers) -> torch.Tensor:
         u = uniforms.draw(picks_np[pending.cpu().numpy()], round_)
         j = _draw_in_support(e, pending, sums.index_select(0, pending), above.index_select(0, pending), u)
         e_j = e[pending, j]
-        test = has_top_p.index_select(0, pending)
+        # A most probable id (e = 1, exactly: exp(0)) is in every nucleus: no pass needed.
+        test = has_top_p.index_select(0, pending) & (e_j < 1.0)
         accepted = ~test
         if bool(test.any()):
             tested = pending[test]
