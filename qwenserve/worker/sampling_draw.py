@@ -124,17 +124,15 @@ def _block_sums(e: torch.Tensor) -> torch.Tensor:
     return sums.double()
 
 
-def _support_sums(e: torch.Tensor, rows: torch.Tensor, above: torch.Tensor, buffer: torch.Tensor):
-    """Block sums of e[rows] over the ids with e > `above` [len(rows)] (> 0): the row divided by
-    its threshold and cut at 1 (one fused threshold instead of a mask and a select)."""
-    part = buffer[:len(rows)]
-    if len(rows) == e.shape[0]:
-        torch.div(e, above.unsqueeze(1), out=part)
-    else:
-        torch.index_select(e, 0, rows, out=part)
-        part.div_(above.unsqueeze(1))
-    F.threshold(part, 1.0, 0.0, inplace=True)
-    return _block_sums(part) * above.double().unsqueeze(1)
+def _support_sums(e: torch.Tensor, rows: torch.Tensor, above: torch.Tensor) -> torch.Tensor:
+    """Block sums of e[rows] over the ids with e > `above` [len(rows)]: on a CPU one fused
+    hardshrink per row (x where x > above, else 0: no mask, no select; twice as fast as the
+    batched form there), on a GPU one batched select."""
+    if e.device.type == "cpu":
+        return torch.cat([_block_sums(F.hardshrink(e[r], threshold).unsqueeze(0))
+                          for r, threshold in zip(rows.tolist(), above.tolist())])
+    part = e.index_select(0, rows)
+    return _block_sums(torch.where(part > above.unsqueeze(1), part, 0.0))
 
 
 def _draw_in_support(e, rows, sums, above, u) -> torch.Tensor:
@@ -149,9 +147,7 @@ def _draw_in_support(e, rows, sums, above, u) -> torch.Tensor:
     valid = ids < vocab
     ids = ids.clamp(max=vocab - 1)
     values = e[rows.unsqueeze(1), ids]
-    # The same membership test as _support_sums (value / threshold > 1), so both agree on ties.
-    scaled = values / torch.where(above > 0, above, 1.0).unsqueeze(1)
-    inside = valid & (values > 0) & ((above.unsqueeze(1) == 0) | (scaled > 1.0))
+    inside = valid & (values > above.unsqueeze(1))  # the test of _support_sums (above >= 0)
     weights = torch.where(inside, values, 0.0).double()
     pos = _pick(weights, (target - before).clamp(min=0.0))
     return ids.gather(1, pos.unsqueeze(1)).squeeze(1)
@@ -204,10 +200,15 @@ def _draw_full(x, rows, specs, picks, uniforms, buffers) -> torch.Tensor:
     e = buffers.get("e", n, vocab, device)
     x_rows = [rows[i] for i in picks]
     source = _gather_rows(x, x_rows, e)  # x itself when every row is drawn here
-    inv_t = 1.0 / torch.tensor([max(specs[i].temperature, MIN_TEMPERATURE) for i in picks],
-                               device=device).unsqueeze(1)
-    # e = exp((x - max) / T) in two passes: one fused multiply-add, then the exponential.
-    torch.addcmul(-source.amax(dim=1, keepdim=True) * inv_t, source, inv_t, out=e)
+    temperatures = [max(specs[i].temperature, MIN_TEMPERATURE) for i in picks]
+    top = source.amax(dim=1, keepdim=True)
+    # e = exp((x - max) / T) in two passes: a subtraction (T = 1) or one fused multiply-add, then
+    # the exponential.
+    if all(t == 1.0 for t in temperatures):
+        torch.sub(source, top, out=e)
+    else:
+        inv_t = 1.0 / torch.tensor(temperatures, device=device).unsqueeze(1)
+        torch.addcmul(-top * inv_t, source, inv_t, out=e)
     e.exp_()
     for row, i in enumerate(picks):  # top-k beyond the candidate path, or tied at the k-th: rare
         k = specs[i].top_k
@@ -220,7 +221,6 @@ def _draw_full(x, rows, specs, picks, uniforms, buffers) -> torch.Tensor:
     if _apply_min_p(e, [specs[i].min_p for i in picks]):
         sums = _block_sums(e)
     has_top_p = top_p < 1.0
-    scratch = buffers.get("scratch", n, vocab, device)
     tokens = torch.empty(n, dtype=torch.long, device=device)
     above = torch.zeros(n, dtype=torch.float32, device=device)  # support: e > above
     pending = torch.arange(n, device=device)
@@ -237,7 +237,7 @@ def _draw_full(x, rows, specs, picks, uniforms, buffers) -> torch.Tensor:
             tested = pending[test]
             # One pass: the mass of the ids strictly more probable than j decides whether j is in
             # the nucleus, and those ids are the next proposal's support if it is not.
-            greater = _support_sums(e, tested, e_j[test], scratch)
+            greater = _support_sums(e, tested, e_j[test])
             in_nucleus = greater.sum(dim=1) < nucleus_mass.index_select(0, tested)
             accepted[test] = in_nucleus
             sums.index_copy_(0, tested[~in_nucleus], greater[~in_nucleus])
