@@ -5,10 +5,12 @@ what it costs end to end: `--batch-size` requests decode through `LLMEngine.step
 built-in tiny model (its LM head is most of a step, as a 7B's weights are on a GPU), once per
 sampling mode, and the decode steps after every request has its first token are timed (CPU time
 of this process, one torch thread). Reported per mode and batch: tok/s and the ratio of greedy's
-step time to the mode's (1.0 = as fast as greedy; the target is >= 1/1.5 at batch 200).
+step time to the mode's (1.0 = as fast as greedy; the target is >= 1/1.5 at batch 200). With
+`--repeat N` the modes of a batch size run N times in turn and each reports its median: other
+processes' load comes and goes, and interleaving spreads it over the modes alike.
 
     python benchmarks/sampling_speed.py [--batch-size 1 64 200 256] [--modes greedy top_p ...]
-        [--output-len 16] [--json PATH]
+        [--output-len 16] [--repeat 3] [--json PATH]
 
 Modes: greedy; temperature (0.7); top_p (0.8, temperature 1, Qwen-Chat's default filter);
 top_p_seeded (the same, each request seeded); top_k_top_p (top_k 50, top_p 0.8); min_p (0.1).
@@ -16,6 +18,7 @@ top_p_seeded (the same, each request seeded); top_k_top_p (top_k 50, top_p 0.8);
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -41,12 +44,16 @@ MODES = {
 }
 
 
+_RUNS = itertools.count()
+
+
 def measure(engine: LLMEngine, batch_size: int, mode: str, args) -> dict:
+    run = next(_RUNS)
     for i in range(batch_size):
         seed = {"seed": i} if mode.endswith("_seeded") else {}
         params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, **MODES[mode], **seed)
         prompt = [100 + (7 * i + j) % 5000 for j in range(args.prompt_len)]
-        engine.add_request(f"{mode}-{batch_size}-{i}", prompt_token_ids=prompt, params=params)
+        engine.add_request(f"{mode}-{batch_size}-{run}-{i}", prompt_token_ids=prompt, params=params)
     engine.step(finished_only=True)  # the prefill (the whole batch fits one step) and first tokens
     assert engine.scheduler.num_running == batch_size, "every request must be decoding"
     steps, start = 0, time.process_time()
@@ -65,10 +72,11 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per mode, interleaved; the median counts")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    if min(args.batch_size) < 1 or args.prompt_len < 1 or args.output_len < 2:
-        parser.error("--batch-size and --prompt-len must be positive, --output-len at least 2")
+    if min(args.batch_size) < 1 or args.prompt_len < 1 or args.output_len < 2 or args.repeat < 1:
+        parser.error("--batch-size, --prompt-len and --repeat must be positive, --output-len at least 2")
     modes = ["greedy"] + [m for m in args.modes if m != "greedy"]  # the ratios need greedy
     torch.set_num_threads(1)
     engine = LLMEngine(EngineConfig(device="cpu", dtype="float32", use_triton=False,
@@ -80,8 +88,13 @@ def main(argv=None) -> int:
     rows = []
     for batch_size in args.batch_size:
         measure(engine, batch_size, "greedy", args)  # warm-up at this size (allocator, caches)
+        runs = {mode: [] for mode in modes}
+        for _ in range(args.repeat):
+            for mode in modes:
+                runs[mode].append(measure(engine, batch_size, mode, args))
         for mode in modes:
-            r = measure(engine, batch_size, mode, args)
+            r = sorted(runs[mode], key=lambda run: run["ms_per_step"])[(args.repeat - 1) // 2]
+            r["ms_per_step_runs"] = [run["ms_per_step"] for run in runs[mode]]
             if mode == "greedy":
                 greedy = r["ms_per_step"]
             r["speed_vs_greedy"] = greedy / r["ms_per_step"]

@@ -206,14 +206,14 @@ def test_sampling_speed_benchmark(tmp_path):
     """benchmarks/sampling_speed.py: each mode at each batch size, with its speed against greedy."""
     out = tmp_path / "sampling.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sampling_speed.py"), "--batch-size", "1", "3",
-                           "--modes", "top_p", "top_p_seeded", "--output-len", "3", "--prompt-len", "4",
+                           "--modes", "top_p", "top_p_seeded", "--output-len", "3", "--prompt-len", "4", "--repeat", "2",
                            "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
     assert [(r["batch_size"], r["mode"]) for r in rows] == [
         (b, m) for b in (1, 3) for m in ("greedy", "top_p", "top_p_seeded")]
     for r in rows:
-        assert r["steps"] == 2 and r["tokens_per_s"] > 0
+        assert r["steps"] == 2 and r["tokens_per_s"] > 0 and len(r["ms_per_step_runs"]) == 2
         assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * 1e3 / r["ms_per_step"])
         if r["mode"] == "greedy":
             assert r["speed_vs_greedy"] == 1.0

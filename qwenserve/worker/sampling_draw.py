@@ -201,14 +201,12 @@ def _draw_full(x, rows, specs, picks, uniforms, buffers) -> torch.Tensor:
     x_rows = [rows[i] for i in picks]
     source = _gather_rows(x, x_rows, e)  # x itself when every row is drawn here
     temperatures = [max(specs[i].temperature, MIN_TEMPERATURE) for i in picks]
-    top = source.amax(dim=1, keepdim=True)
-    # e = exp((x - max) / T) in two passes: a subtraction (T = 1) or one fused multiply-add, then
-    # the exponential.
-    if all(t == 1.0 for t in temperatures):
-        torch.sub(source, top, out=e)
-    else:
-        inv_t = 1.0 / torch.tensor(temperatures, device=device).unsqueeze(1)
-        torch.addcmul(-top * inv_t, source, inv_t, out=e)
+    # e = exp((x - max) / T): the subtraction first, so that the largest is exp(0) = 1 exactly
+    # (a fused multiply-add would leave it an ulp off; the draw relies on e <= 1 with equality
+    # for the most probable ids).
+    torch.sub(source, source.amax(dim=1, keepdim=True), out=e)
+    if any(t != 1.0 for t in temperatures):
+        e.mul_(1.0 / torch.tensor(temperatures, device=device).unsqueeze(1))
     e.exp_()
     for row, i in enumerate(picks):  # top-k beyond the candidate path, or tied at the k-th: rare
         k = specs[i].top_k
