@@ -87,6 +87,9 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     if device.type == "cuda":
         torch.cuda.set_device(device)
         kwargs["device_id"] = device  # binds the NCCL communicator eagerly to this device
+        # The layers' all_reduce is captured in the decode CUDA graphs (worker/cuda_graphs.py):
+        # without recordStream calls ProcessGroupNCCL's collectives are graph-capturable.
+        os.environ.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
     timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(backend, store=rendezvous_store(rank, world_size, master_addr, master_port, timeout),
                             rank=rank, world_size=world_size, timeout=timeout, **kwargs)

@@ -29,11 +29,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from qwenserve.model.attention import AttentionMetadata, logn_scales
+from qwenserve.model.attention import AttentionMetadata
 from qwenserve.model.qwen import NUM_REAL_TOKENS, QWenLMHeadModel
 from qwenserve.sampling_params import SamplingParams
 from qwenserve.scheduler.output import SchedulerOutput
 from qwenserve.model.parallel import get_tp_group
+from qwenserve.worker.batch_order import decodes_first
+from qwenserve.worker.logn_table import LognTable
 from qwenserve.worker.sampler import Sampler, SamplerOutput, SamplingState, make_generator
 
 
@@ -134,6 +136,8 @@ class ModelRunner:
         self.sampler = Sampler(vocab_size_real=min(NUM_REAL_TOKENS, self.config.vocab_size), seed=seed)
         self.requests: dict[str, RequestState] = {}
         self.decode_graphs = None  # a `DecodeGraphs` once the worker has captured them
+        self.logn = (LognTable(self.config.seq_length, device, self.config.max_position_embeddings)
+                     if self.config.use_logn_attn else None)
         # Seeded generators outlive preemption so a resumed request continues its stream.
         self._generators: dict[str, torch.Generator] = {}
         self._pending: Optional[_PendingStep] = None
@@ -196,7 +200,8 @@ class ModelRunner:
         starts, seq_lens, tables, sample_rows = [0], [], [], []
         fill_rows, fill_sources = [], []
         pending_rows = self._pending_rows()
-        for rid, num_new in out.num_scheduled_tokens.items():
+        order, num_decodes = decodes_first(out.num_scheduled_tokens)
+        for rid, num_new in order:
             state = self.requests[rid]
             begin = state.num_computed_tokens
             end = begin + num_new
@@ -238,11 +243,7 @@ class ModelRunner:
         int64, (id_span, pos_span, slot_span, row_span, fill_span, source_span) = _pack(
             [ids, positions_np, slots, [row for row, _ in sample_rows], fill_rows, fill_sources], np.int64)
         int32, (qsl_span, len_span, table_span) = _pack([starts, seq_lens, table.ravel()], np.int32)
-        use_logn = self.config.use_logn_attn
-        floats = [np.asarray(thetas, dtype=np.float32)]
-        if use_logn:
-            floats.append(logn_scales(torch.from_numpy(positions_np), self.config.seq_length).numpy())
-        float32, float_spans = _pack(floats, np.float32)
+        float32, float_spans = _pack([np.asarray(thetas, dtype=np.float32)], np.float32)
         int64_t, int32_t, float32_t = (torch.from_numpy(a).to(dev) for a in (int64, int32, float32))
         input_ids = _view(int64_t, id_span)
         if fill_rows:
@@ -252,9 +253,9 @@ class ModelRunner:
             query_start_loc=_view(int32_t, qsl_span), seq_lens=_view(int32_t, len_span),
             max_query_len=max(b - a for a, b in zip(starts, starts[1:])), max_seq_len=max(seq_lens),
             rope_theta=_view(float32_t, float_spans[0]),
-            logn_scale=_view(float32_t, float_spans[1]) if use_logn else None,
+            logn_scale=self.logn.scales(_view(int64_t, pos_span), max(seq_lens) - 1) if self.logn else None,
             block_tables=_view(int32_t, table_span).view(table.shape),
-            slot_mapping=_view(int64_t, slot_span),
+            slot_mapping=_view(int64_t, slot_span), num_decodes=num_decodes,
             query_start_loc_list=starts, seq_lens_list=seq_lens)
         return (input_ids, _view(int64_t, pos_span), meta, sample_rows, _view(int64_t, row_span))
 

@@ -43,6 +43,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 import qwenserve
 from qwenserve.config import EngineConfig
+from qwenserve.kernels._triton import AUTO_MARKER, INTERPRET_VAR
 from qwenserve.model.config import QwenConfig
 from qwenserve.model.loader import checkpoint_files
 from qwenserve.scheduler.output import SchedulerOutput
@@ -222,15 +223,22 @@ def _use_gpus(config: EngineConfig, tp: int) -> bool:
     return True
 
 
-def _actor_env(tp: int, node_ip: str) -> dict[str, str]:
+def _actor_env(tp: int, node_ip: str, gpu: bool) -> dict[str, str]:
     """What an actor needs from the driver's environment: the source tree, the caches, one
     thread pool per core share (two ranks on two cores must not each spawn two threads); on a
-    loopback-only node, gloo's and NCCL's sockets on the loopback interface too."""
+    loopback-only node, gloo's and NCCL's sockets on the loopback interface too.
+
+    Not the driver's TRITON_INTERPRET: each rank decides its own device environment. A GPU rank
+    compiles its kernels (TRITON_INTERPRET=0, whatever the driver or the raylet it started has:
+    a CPU-only driver switches the interpreter on for itself); a CPU rank leaves it to
+    `kernels/_triton.py` in its own process (the interpreter, as it sees no CUDA)."""
     path = os.environ.get("PYTHONPATH", "")
     env = {"PYTHONPATH": _SOURCE_ROOT + (os.pathsep + path if path else ""),
            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // tp))}
     env.update({k: v for k, v in os.environ.items()
-                if k.startswith("QWENSERVE_") or k in ("TRITON_INTERPRET", "HF_HOME")})
+                if (k.startswith("QWENSERVE_") and k != AUTO_MARKER) or k == "HF_HOME"})
+    if gpu:
+        env[INTERPRET_VAR] = "0"
     loopback = _loopback_interface()
     if _is_loopback_ip(node_ip) and loopback is not None:
         for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
@@ -286,7 +294,7 @@ class RayExecutor:
         if not ready:
             raise RuntimeError(f"Ray could not place {tp} ranks of {bundle} within "
                                f"{PLACEMENT_TIMEOUT_S:g}s; cluster resources: {ray.cluster_resources()}")
-        env = _actor_env(tp, ray.util.get_node_ip_address())
+        env = _actor_env(tp, ray.util.get_node_ip_address(), gpu)
         self.actors = [
             _RankActor.options(
                 num_cpus=1, num_gpus=1 if gpu else 0,
