@@ -56,11 +56,12 @@ def measure(engine: LLMEngine, batch_size: int, mode: str, args) -> dict:
         engine.add_request(f"{mode}-{batch_size}-{run}-{i}", prompt_token_ids=prompt, params=params)
     engine.step(finished_only=True)  # the prefill (the whole batch fits one step) and first tokens
     assert engine.scheduler.num_running == batch_size, "every request must be decoding"
-    steps, start = 0, time.process_time()
+    first_step, start = engine.scheduler.num_steps, time.process_time()
     while engine.has_unfinished_requests():
         engine.step(finished_only=True)
-        steps += 1
     seconds = time.process_time() - start
+    # Steps that computed something (with overlapped steps the last call only collects samples).
+    steps = engine.scheduler.num_steps - first_step
     ms_per_step = seconds / steps * 1e3
     return dict(batch_size=batch_size, mode=mode, steps=steps, ms_per_step=ms_per_step,
                 tokens_per_s=batch_size * steps / seconds)
