@@ -268,16 +268,21 @@ class SimulatedSampler:
         self.stream = stream
         self._rng = np.random.default_rng(seed)
 
-    def sample(self, logits, states):
-        from qwenserve.worker.sampler import SamplerOutput
-        tokens = self._rng.integers(0, NUM_ORDINARY_TOKENS, size=len(states)).tolist()
+    def sample_on_device(self, logits, states):
+        import torch
+
+        from qwenserve.worker.sampler import DeviceSamples
+        tokens = torch.from_numpy(self._rng.integers(0, NUM_ORDINARY_TOKENS, size=len(states)))
         # Logprobs are not modelled: a row that asks gets its token at log-probability 0.
-        asked = [s.params.logprobs is not None for s in states]
-        return SamplerOutput(
-            token_ids=tokens,
-            logprobs=[[(t, 0.0)] if a and s.params.logprobs else ([] if a else None)
-                      for t, a, s in zip(tokens, asked, states)],
-            sampled_logprobs=[0.0 if a else None for a in asked])
+        rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        top_n = [min(states[i].params.logprobs, 1) for i in rows]
+        sampled_logprobs = torch.zeros(len(rows)) if rows else None
+        top_ids = tokens[rows].unsqueeze(1) if rows else None
+        top_vals = torch.zeros(len(rows), 1) if rows else None
+        return DeviceSamples(tokens, rows, top_n, sampled_logprobs, top_vals, top_ids)
+
+    def sample(self, logits, states):
+        return self.sample_on_device(logits, states).to_host()
 
 
 class SimulatedExecutor:

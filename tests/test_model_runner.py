@@ -1,6 +1,8 @@
-"""ModelRunner.prepare_inputs: the step's tensors, packed into three host-to-device copies, hold
+"""ModelRunner.prepare_inputs: the step's tensors, packed into one host-to-device copy, hold
 what the scheduler asked for, and every one starts on a 16-byte boundary (Triton compiles a
 kernel per pointer alignment; a view whose alignment changed with the batch would recompile)."""
+import dataclasses
+
 import torch
 
 from qwenserve import LLM, SamplingParams
@@ -14,7 +16,16 @@ def test_step_tensors_are_aligned_views_with_the_scheduled_values(tiny_checkpoin
 
     def recording(out):
         result = original(out)
-        seen.append((dict(out.num_scheduled_tokens), result))
+        # The views' buffers are reused two steps later: check them now, keep copies.
+        tensors = [result.input_ids, result.positions, result.sample_index, result.meta.query_start_loc,
+                   result.meta.seq_lens, result.meta.block_tables, result.meta.slot_mapping, result.meta.rope_theta]
+        for t in tensors:
+            assert t.data_ptr() % 16 == 0, t
+        meta = dataclasses.replace(result.meta, **{name: getattr(result.meta, name).clone() for name in (
+            "query_start_loc", "seq_lens", "block_tables", "slot_mapping", "rope_theta")})
+        seen.append((dict(out.num_scheduled_tokens),
+                     (result.input_ids.clone(), result.positions.clone(), meta, result.sample_rows,
+                      result.sample_index.clone())))
         return result
 
     runner.prepare_inputs = recording
@@ -28,10 +39,6 @@ def test_step_tensors_are_aligned_views_with_the_scheduled_values(tiny_checkpoin
 
     assert len(seen) > 3
     for scheduled, (input_ids, positions, meta, sample_rows, sample_index) in seen:
-        tensors = [input_ids, positions, sample_index, meta.query_start_loc, meta.seq_lens,
-                   meta.block_tables, meta.slot_mapping, meta.rope_theta]
-        for t in tensors:
-            assert t.data_ptr() % 16 == 0, t
         num_tokens = sum(scheduled.values())
         assert input_ids.shape == positions.shape == meta.slot_mapping.shape == meta.rope_theta.shape == (num_tokens,)
         assert meta.query_start_loc.tolist() == meta.query_start_loc_list
@@ -64,7 +71,7 @@ def test_logn_scales_come_from_a_table_built_once(tiny_checkpoint):
 
     def recording(out):
         result = original(out)
-        seen.append(result)
+        seen.append((result.positions.clone(), result.meta.logn_scale.clone()))  # buffers are reused
         return result
 
     runner.prepare_inputs = recording
@@ -77,8 +84,8 @@ def test_logn_scales_come_from_a_table_built_once(tiny_checkpoint):
     assert runner.logn.builds == 2 and runner.logn.table.shape[0] >= 2 * 8192
     llm.shutdown()
 
-    positions = torch.cat([p for _, p, _, _, _ in seen])
-    scales = torch.cat([meta.logn_scale for _, _, meta, _, _ in seen])
+    positions = torch.cat([p for p, _ in seen])
+    scales = torch.cat([scale for _, scale in seen])
     assert int(positions.max()) > 2048 and int(positions.min()) == 0
     assert torch.equal(scales, logn_scales(positions, 2048))
     assert torch.equal(runner.logn.table[:9000], logn_scales(torch.arange(9000), 2048))
@@ -101,7 +108,7 @@ def test_decode_rows_come_first_in_a_mixed_step(tiny_model):
                       new("d2", [1, 2, 3], [8], 2)],
         num_scheduled_tokens={"p": 12, "d1": 1, "c": 4, "d2": 1})
     runner._update_states(out)
-    input_ids, positions, meta, sample_rows, sample_index = runner.prepare_inputs(out)
+    input_ids, positions, meta, sample_rows, sample_index = runner.prepare_inputs(out)[:5]
     assert meta.num_decodes == 2
     assert meta.query_start_loc_list == [0, 1, 2, 14, 18]
     assert meta.seq_lens_list == [5, 3, 12, 6]

@@ -93,6 +93,34 @@ class SamplerOutput:
     sampled_logprobs: list[float | None]
 
 
+@dataclass
+class DeviceSamples:
+    """A step's samples while they are still on the device (`Sampler.sample_on_device`):
+    nothing here has been read by the host, so launching them costs no host sync (the greedy
+    path; the random draw's rejection loop reads a flag per round). `to_host()` reads them."""
+    token_ids: torch.Tensor                    # [B] int64
+    logprob_rows: list[int]                    # rows that asked for logprobs
+    top_n: list[int]                           # per such row, its N
+    sampled_logprobs: torch.Tensor | None      # [len(logprob_rows)] float32
+    top_vals: torch.Tensor | None              # [len(logprob_rows), max N]
+    top_ids: torch.Tensor | None
+
+    def to_host(self, token_ids: list[int] | None = None) -> SamplerOutput:
+        """The samples as host lists; `token_ids`: their values, when already copied back."""
+        num_rows = self.token_ids.shape[0]
+        token_ids = self.token_ids.tolist() if token_ids is None else token_ids
+        logprobs: list[list[tuple[int, float]] | None] = [None] * num_rows
+        sampled_logprobs: list[float | None] = [None] * num_rows
+        if self.logprob_rows:
+            values = self.sampled_logprobs.tolist()
+            top_vals = self.top_vals.tolist() if self.top_vals is not None else None
+            top_ids = self.top_ids.tolist() if self.top_ids is not None else None
+            for j, (i, n) in enumerate(zip(self.logprob_rows, self.top_n)):
+                sampled_logprobs[i] = values[j]
+                logprobs[i] = list(zip(top_ids[j][:n], top_vals[j][:n])) if n and top_ids is not None else []
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs, sampled_logprobs=sampled_logprobs)
+
+
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A per-request generator for `SamplingState.generator`."""
     gen = torch.Generator(device=device)
@@ -235,7 +263,8 @@ def _is_plain_greedy(s: SamplingState) -> bool:
 
 
 class Sampler:
-    """`Sampler(vocab_size_real, seed)`; `sample(logits [B, V], states) -> SamplerOutput`.
+    """`Sampler(vocab_size_real, seed)`; `sample(logits [B, V], states) -> SamplerOutput`, or
+    `sample_on_device(...) -> DeviceSamples` to read the results back later.
 
     `seed` seeds the shared generator used by rows whose state has no generator of its own.
     """
@@ -257,8 +286,13 @@ class Sampler:
             self._shared[device] = gen
         return gen
 
-    @torch.no_grad()
     def sample(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
+        """One token per row, read back to the host (`sample_on_device(...).to_host()`)."""
+        return self.sample_on_device(logits, states).to_host()
+
+    @torch.no_grad()
+    def sample_on_device(self, logits: torch.Tensor, states: list[SamplingState]) -> DeviceSamples:
+        """One token per row (and the logprobs asked for), left on the device."""
         if all(_is_plain_greedy(s) for s in states):
             return self._sample_plain_greedy(logits, len(states))
         processed = process_logits(logits, states, self.vocab_size_real,
@@ -277,42 +311,24 @@ class Sampler:
             tokens.index_copy_(0, _row_index(sampled, device), drawn)
 
         logprob_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        sampled_logprobs = torch.empty(num_rows, dtype=torch.float32, device=device)
-        top_ids = top_vals = None
+        top_n = [states[i].params.logprobs for i in logprob_rows]
+        sampled_logprobs = top_vals = top_ids = None
         if logprob_rows:
             idx = _row_index(logprob_rows, device)
             logp = _select_rows(processed, logprob_rows, idx).log_softmax(dim=-1)
-            sampled_logprobs.index_copy_(
-                0, idx, logp.gather(1, tokens.index_select(0, idx).unsqueeze(1)).squeeze(1)
-            )
-            max_n = max(states[i].params.logprobs for i in logprob_rows)
-            if max_n > 0:
-                top_vals, top_ids = logp.topk(min(max_n, logp.shape[1]), dim=-1)
-                top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+            sampled_logprobs = logp.gather(1, tokens.index_select(0, idx).unsqueeze(1)).squeeze(1)
+            if max(top_n) > 0:
+                top_vals, top_ids = logp.topk(min(max(top_n), logp.shape[1]), dim=-1)
+        return DeviceSamples(tokens, logprob_rows, top_n, sampled_logprobs, top_vals, top_ids)
 
-        logprobs: list[list[tuple[int, float]] | None] = [None] * num_rows
-        for j, i in enumerate(logprob_rows):
-            n = states[i].params.logprobs
-            logprobs[i] = (
-                list(zip(top_ids[j][:n], top_vals[j][:n])) if n and top_ids is not None else []
-            )
-        return SamplerOutput(
-            token_ids=tokens.tolist(),
-            logprobs=logprobs,
-            sampled_logprobs=[v if logprobs[i] is not None else None
-                              for i, v in enumerate(sampled_logprobs.tolist())],
-        )
-
-    def _sample_plain_greedy(self, logits: torch.Tensor, num_states: int) -> SamplerOutput:
+    def _sample_plain_greedy(self, logits: torch.Tensor, num_states: int) -> DeviceSamples:
         """Every row greedy, with nothing to mask, penalise or report: the argmax over the real
         vocabulary of the logits as they are. Same tokens as the general path (widening to fp32
         is exact, so the maximum and its first index do not change), without its [B, V] copy."""
         if logits.dim() != 2 or logits.shape[0] != num_states:
             raise ValueError(f"logits must be [B={num_states}, V], got {tuple(logits.shape)}")
         real = logits[:, :self.vocab_size_real] if logits.shape[1] > self.vocab_size_real else logits
-        num_rows = logits.shape[0]
-        return SamplerOutput(token_ids=real.argmax(dim=-1).tolist(), logprobs=[None] * num_rows,
-                             sampled_logprobs=[None] * num_rows)
+        return DeviceSamples(real.argmax(dim=-1), [], [], None, None, None)
 
     def _sample_random(self, logits: torch.Tensor, rows: list[int],
                        states: list[SamplingState]) -> torch.Tensor:
