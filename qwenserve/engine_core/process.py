@@ -2,7 +2,7 @@
 there is work and blocks while there is none.
 
     front end(s)                                 engine-core process
-    PUSH ─ input address (ipc) ─► PULL ─ input thread ─► queue ─┐
+    PUSH ─ input address (ipc; tcp for a Ray replica) ─► PULL ─ input thread ─► queue ─┐
                                                                  ▼
                                           main thread: busy loop (EngineCore.step)
                                                                  │
@@ -16,7 +16,9 @@ its step overlaps their work. A front end joins with a hello naming its output a
 Lifetime. The process ignores SIGINT/SIGTERM: a Ctrl-C or a service manager's SIGTERM reaches
 the whole process group, and the front end, which drains its calls first, decides when the
 core stops (a "shutdown" utility call). If the front end dies instead, a watcher thread sees
-the parent process change and stops the core (workers included) within a second.
+the parent process change and stops the core (workers included) within a second. A core that
+runs as a data-parallel replica (`ray_replica.py`) is a Ray actor instead, whose lifetime Ray
+ties to its owner, the front end; it has no parent to watch.
 
 Failure. Any exception from a step, or from the periodic worker health check (every
 `HEALTH_CHECK_S` while idle; a step notices a dead worker by itself), is sent to every client
@@ -70,11 +72,19 @@ def run_engine_core(config: EngineConfig, model_dir: str, input_address: str, ou
 
 class EngineCoreProc:
     def __init__(self, config: EngineConfig, model_dir: str, input_address: str, output_address: str,
-                 parent_pid: int, show_load_progress: bool = True):
+                 parent_pid: Optional[int], show_load_progress: bool = True):
+        """`input_address`: where to listen ("ipc://PATH", or "tcp://IP:*" for any free port:
+        `self.input_address` is the address bound). `parent_pid`: stop when this process's
+        parent is no longer that process (None: another watcher owns the core's lifetime, e.g.
+        Ray, whose actor this core is)."""
         self.config, self.model_dir = config, model_dir
         self.show_load_progress = show_load_progress
         self.parent_pid = parent_pid
         self.context = zmq.Context()
+        # Bound here, before anything can be sent to it, then handed to the input thread.
+        input_socket = self.context.socket(zmq.PULL)
+        input_socket.bind(input_address)
+        self.input_address = input_socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.inputs: queue.Queue = queue.Queue()
         self.outputs: queue.Queue = queue.Queue()
         self.core = None
@@ -86,11 +96,12 @@ class EngineCoreProc:
         self._last_sent: dict[int, float] = {0: 0.0}
         self._stats_current: dict[int, bool] = {0: False}
         self._step_tokens: dict[int, list[int]] = {0: []}  # per client: steps not yet reported
-        threading.Thread(target=self._input_thread, args=(input_address,), name="core-input", daemon=True).start()
+        threading.Thread(target=self._input_thread, args=(input_socket,), name="core-input", daemon=True).start()
         self._output_thread = threading.Thread(target=self._output_thread_main, name="core-output", daemon=True)
         self._output_thread.start()
         self.outputs.put(("connect", 0, output_address))
-        threading.Thread(target=self._watch_parent, name="core-parent-watch", daemon=True).start()
+        if parent_pid is not None:
+            threading.Thread(target=self._watch_parent, name="core-parent-watch", daemon=True).start()
         # Structured-output masks need llguidance's view of the vocabulary (~1 s to build):
         # build it now, beside the model loading, rather than inside the first such step.
         threading.Thread(target=_warm_structured_output, name="core-warm-grammar", daemon=True).start()
@@ -240,9 +251,7 @@ class EngineCoreProc:
             self._stats_current[client] = idle
 
     # ------------------------------------------------------------------ threads
-    def _input_thread(self, address: str) -> None:
-        socket = self.context.socket(zmq.PULL)
-        socket.bind(address)
+    def _input_thread(self, socket: zmq.Socket) -> None:
         decoders = {tag: msgspec.msgpack.Decoder(kind) for tag, kind in P.INPUT_TYPES.items()}
         while True:
             tag, body = socket.recv_multipart(copy=False)
