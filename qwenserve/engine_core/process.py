@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import signal
 import sys
 import threading
@@ -72,14 +73,16 @@ def run_engine_core(config: EngineConfig, model_dir: str, input_address: str, ou
 
 class EngineCoreProc:
     def __init__(self, config: EngineConfig, model_dir: str, input_address: str, output_address: str,
-                 parent_pid: Optional[int], show_load_progress: bool = True):
+                 parent_pid: Optional[int], show_load_progress: bool = True, owner_pid: Optional[int] = None):
         """`input_address`: where to listen ("ipc://PATH", or "tcp://IP:*" for any free port:
         `self.input_address` is the address bound). `parent_pid`: stop when this process's
-        parent is no longer that process (None: another watcher owns the core's lifetime, e.g.
-        Ray, whose actor this core is)."""
+        parent is no longer that process. `owner_pid` (a Ray replica, whose parent is Ray's):
+        stop when that process, the front end on this machine, exits. Neither: Ray alone ties
+        the core's life to its front end's (an actor on another node)."""
         self.config, self.model_dir = config, model_dir
         self.show_load_progress = show_load_progress
         self.parent_pid = parent_pid
+        self.front_end_gone = threading.Event()
         self.context = zmq.Context()
         # Bound here, before anything can be sent to it, then handed to the input thread.
         input_socket = self.context.socket(zmq.PULL)
@@ -102,6 +105,8 @@ class EngineCoreProc:
         self.outputs.put(("connect", 0, output_address))
         if parent_pid is not None:
             threading.Thread(target=self._watch_parent, name="core-parent-watch", daemon=True).start()
+        elif owner_pid is not None:
+            threading.Thread(target=self._watch_owner, args=(owner_pid,), name="core-owner-watch", daemon=True).start()
         # Structured-output masks need llguidance's view of the vocabulary (~1 s to build):
         # build it now, beside the model loading, rather than inside the first such step.
         threading.Thread(target=_warm_structured_output, name="core-warm-grammar", daemon=True).start()
@@ -303,11 +308,37 @@ class EngineCoreProc:
     def _watch_parent(self) -> None:
         while os.getppid() == self.parent_pid:
             time.sleep(PARENT_POLL_S)
-        logger.warning("the front end (pid %d) is gone: stopping the engine core", self.parent_pid)
+        self._stop_without_front_end(self.parent_pid)
+
+    def _watch_owner(self, pid: int) -> None:
+        try:
+            fd = os.pidfd_open(pid)  # readable once the process has exited, whatever reuses its pid
+        except (AttributeError, OSError):
+            fd = None
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while _exists(pid):
+                time.sleep(PARENT_POLL_S)
+        self._stop_without_front_end(pid)
+
+    def _stop_without_front_end(self, pid: int) -> None:
+        logger.warning("the front end (pid %d) is gone: stopping the engine core", pid)
+        self.front_end_gone.set()
         self.inputs.put((_STOP, None))
         # A step stuck on a worker would never read the queue: leave anyway after a grace.
         time.sleep(STOP_GRACE_S)
         os._exit(1)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _warm_structured_output() -> None:

@@ -54,21 +54,31 @@ class EngineCoreActor:
     """One replica's engine core, inside its Ray actor's process."""
 
     def start(self, config: EngineConfig, model_dir: str, output_address: str, log_level: str,
-              replica: int) -> tuple[str, int, str]:
-        """Binds the core's input socket and connects its output to the front end; returns
-        (input address, this process's pid, Ray node id). The model loads in `run`."""
+              replica: int, front_end: tuple[str, int]) -> tuple[str, int, str]:
+        """Binds the core's input socket and connects its output to the front end (`front_end`:
+        its Ray node id and pid); returns (input address, this process's pid, Ray node id). The
+        model loads in `run`."""
         from qwenserve.engine_core.process import EngineCoreProc
 
         logging.basicConfig(level=log_level, stream=sys.stderr,
                             format=f"%(asctime)s %(levelname)s %(name)s [engine core {replica}]: %(message)s")
         ip = ray.util.get_node_ip_address()
+        node_id = ray.get_runtime_context().get_node_id()
+        # On the front end's machine the core also watches the front end's process: a local
+        # cluster dies with the front end, and Ray then has nobody left to stop its actors.
+        owner_pid = front_end[1] if front_end[0] == node_id else None
         self.proc = EngineCoreProc(config, model_dir, f"tcp://{_zmq_host(ip)}:*", output_address,
-                                   parent_pid=None, show_load_progress=False)
-        return self.proc.input_address, os.getpid(), ray.get_runtime_context().get_node_id()
+                                   parent_pid=None, show_load_progress=False, owner_pid=owner_pid)
+        return self.proc.input_address, os.getpid(), node_id
 
     def run(self) -> int:
-        """The core's loop: loads the model, serves until told to stop; returns its exit code."""
-        return self.proc.run()
+        """The core's loop: loads the model, serves until told to stop; returns its exit code
+        (or ends this process, when it stopped because the front end is gone)."""
+        code = self.proc.run()
+        if self.proc.front_end_gone.is_set():
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
 
 _CoreActor = ray.remote(EngineCoreActor)
@@ -108,7 +118,9 @@ class RayCoreReplica:
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0),
             runtime_env={"env_vars": self.env},
         ).remote()
-        ref = self.actor.start.remote(self.config, self.model_dir, output_address, self.log_level, self.index)
+        front_end = (ray.get_runtime_context().get_node_id(), os.getpid())
+        ref = self.actor.start.remote(self.config, self.model_dir, output_address, self.log_level, self.index,
+                                      front_end)
         try:
             self.input_address, self.pid, node_id = ray.get(ref, timeout=START_TIMEOUT_S)
         except RayError as e:

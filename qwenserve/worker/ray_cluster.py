@@ -14,6 +14,7 @@ Ray is imported by this module: import it only when Ray is wanted (dp > 1 or tp 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from typing import Optional
@@ -99,7 +100,7 @@ def init_ray(config: EngineConfig, num_cpus: int) -> bool:
     if address and address != "local":
         check_reachable(address, setting)
         try:
-            with env_default(RAY_GCS_WAIT_ENV, RAY_GCS_WAIT_ATTEMPTS):
+            with env_default(RAY_GCS_WAIT_ENV, RAY_GCS_WAIT_ATTEMPTS), _no_sigterm_handler_warning():
                 ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, TimeoutError) as e:
             raise ConnectionError(f"{setting}: could not join the Ray cluster at {address!r}: "
@@ -111,9 +112,28 @@ def init_ray(config: EngineConfig, num_cpus: int) -> bool:
         os.environ[RAY_SINGLE_NODE_ENV] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
     # A small object store: steps and requests cross on sockets of their own, not through Ray.
-    ray.init(address="local", num_cpus=num_cpus, object_store_memory=200 * 1024 ** 2,
-             include_dashboard=False, log_to_driver=False)
+    with _no_sigterm_handler_warning():
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=200 * 1024 ** 2,
+                 include_dashboard=False, log_to_driver=False)
     return True
+
+
+class _DropSigtermWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_sigterm_handler_warning():
+    """Ray warns that it cannot install its SIGTERM handler (sys.exit) when started off the main
+    thread, as a server starts it; the server handles SIGTERM itself (a drain), so that is as wanted."""
+    ray_logger = logging.getLogger("ray._private.worker")
+    quiet = _DropSigtermWarning()
+    ray_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        ray_logger.removeFilter(quiet)
 
 
 def use_gpus(config: EngineConfig, num_gpus: int, what: str) -> bool:
