@@ -155,3 +155,16 @@ def test_a_dead_replica_leaves_routing_and_its_index_is_dropped():
 def test_a_bad_policy_is_refused_naming_the_setting():
     with pytest.raises(ValueError, match="data_parallel_routing"):
         DataParallelRouter(2, "random")
+
+
+def test_one_engine_core_needs_no_ray():
+    """dp = 1 (and tp = 1) never imports Ray: the server, its front end and the core process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, qwenserve.server.app, qwenserve.frontend.async_llm, qwenserve.engine_core.process; "
+            "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False", out.stderr
