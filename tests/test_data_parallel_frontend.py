@@ -75,6 +75,14 @@ def test_two_cores_give_the_offline_tokens_and_a_shared_prefix_goes_home(offline
             total = llm.stats()
             assert total["num_total_blocks"] == sum(r["num_total_blocks"] for r in after) > 0
             assert total["prefix_cache_hit_tokens"] == sum(r["prefix_cache_hit_tokens"] for r in after)
+            # A request's n completions go to one core together: one routed request there, and
+            # both completions looked up in that core's cache (the other's untouched).
+            two = SamplingParams(n=2, max_tokens=4, temperature=0.0, ignore_eos=True)
+            assert len(await tokens(llm, "n2", prompt_token_ids=list(range(300, 340)), params=two)) == 8
+            final = llm.replica_stats()
+            moved = [(f["num_routed_requests"] - a["num_routed_requests"],
+                      f["prefix_cache_query_tokens"] - a["prefix_cache_query_tokens"]) for f, a in zip(final, after)]
+            assert sorted(moved) == [(0, 0), (1, 2 * 40)], moved
         finally:
             await llm.close()
 

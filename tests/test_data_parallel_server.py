@@ -259,6 +259,19 @@ def test_killing_a_replica_under_load_leaves_the_other_serving(dp2, dp1_tokens):
     assert dp2.metrics()[("qwenserve:engine_core_up", (("replica", str(dead)),))] == 0
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("flags, message", [
+    (["--kv-cache-memory", "1KiB"], "fewer than 2 blocks"),     # every core refuses it, as at dp = 1
+    (["--device", "cuda"], "device: data_parallel_size 2 x tensor_parallel_size 1 on CUDA needs 2 GPUs"),
+])
+def test_a_bad_setting_fails_the_start_cleanly(tmp_path, flags, message):
+    proc = subprocess.run([sys.executable, "-m", "qwenserve.cli", "launch", "--port", "0", "--http-port", "0",
+                           *FLAGS, "--dp", "2", *flags], capture_output=True, text=True, cwd=REPO, timeout=240,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.timeout(900)
 def test_dp2_tp2_ranks_in_each_replicas_group_and_a_killed_front_end_takes_all(tmp_path, dp1_tokens):
     """--dp 2 --tp 2: two cores, each driving two gloo ranks in its own placement group; the
