@@ -37,6 +37,9 @@ setup(
         "prometheus_client>=0.20",  # /metrics
         "huggingface_hub>=0.23",  # --model ORG/NAME
         "llguidance>=1.9",  # structured output: grammar masks over the tiktoken vocabulary
+        # the front end <-> engine-core transport (engine_core/protocol.py, client.py, process.py)
+        "pyzmq>=25",
+        "msgspec>=0.18",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "transformers>=4.45", "grpcio-tools>=1.85.1", "openai>=1.40",

@@ -13,11 +13,16 @@ the same token ids:
   * `random_workload`: N requests whose input and output lengths are each uniform in an
     inclusive (low, high) range (drawn per request, input then output, then the ids; a range
     of one value draws nothing, so fixed lengths give exactly `fixed_workload`'s requests).
+  * `multi_tenant_workload`: tenants' system prompts shared by many requests (the case for
+    prefix caching and cache-aware routing across replicas): first the system prompts (each's
+    length uniform in `system_len`, then its ids), then per request its tenant (uniform), its
+    suffix length (uniform in `input_len`), its output length, its suffix ids.
   * `jsonl_workload`: one {"prompt": text, "output_len": n} per line (or "prompt_token_ids"
     instead of "prompt"), tokenized once here.
 
 All requests run with ignore_eos, so each produces exactly its output length; random ids
-share no prefixes, so prefix caching cannot flatter the numbers.
+share no prefixes, so prefix caching cannot flatter the numbers (except multi-tenant's shared
+system prompts, which are there to be cached).
 
 Also here, so that each number has one definition: `poisson_arrivals` (serve mode send
 times), `summarize` (mean, p50, p90, p99), `throughput` (offline) and `serve_metrics`.
@@ -82,6 +87,24 @@ def random_workload(num_requests: int, input_range: tuple, output_range: tuple, 
     return out
 
 
+def multi_tenant_workload(num_requests: int, num_system_prompts: int, system_len: tuple, suffix_len: tuple,
+                          output_len: tuple, seed: int = 0) -> list:
+    """Requests = one of `num_system_prompts` shared system prompts + a suffix of their own
+    (lengths inclusive ranges; see the module docstring for the draw order)."""
+    for name, (low, high) in (("system", system_len), ("suffix", suffix_len), ("output", output_len)):
+        if not 1 <= low <= high:
+            raise ValueError(f"{name} length range must satisfy 1 <= low <= high, got {low}:{high}")
+    rng = random.Random(seed)
+    systems = [_random_ids(rng, rng.randint(*system_len)) for _ in range(num_system_prompts)]
+    out = []
+    for _ in range(num_requests):
+        tenant = rng.randrange(num_system_prompts)
+        suffix = rng.randint(*suffix_len)
+        output = rng.randint(*output_len)
+        out.append(BenchRequest(systems[tenant] + _random_ids(rng, suffix), output))
+    return out
+
+
 def _as_range(length) -> tuple:
     return (length, length) if isinstance(length, int) else tuple(length)
 
@@ -110,11 +133,16 @@ def jsonl_workload(path: str, encode: Callable[[str], list], num_requests: Optio
 
 
 def build_workload(dataset: str, num_prompts: Optional[int], input_len, output_len,
-                   seed: int, encode: Optional[Callable[[str], list]] = None) -> list:
+                   seed: int, encode: Optional[Callable[[str], list]] = None, num_system_prompts: int = 16,
+                   system_len=(1024, 2048)) -> list:
     """`dataset`: "random" (lengths: an int, or an inclusive (low, high) range each), "mixed"
-    (the standard workload) or a .jsonl path."""
+    (the standard workload), "multi-tenant" (`input_len` is each request's own suffix) or a
+    .jsonl path."""
     if dataset == "mixed":
         return mixed_workload(MIXED_NUM_REQUESTS if num_prompts is None else num_prompts, seed)
+    if dataset == "multi-tenant":
+        return multi_tenant_workload(256 if num_prompts is None else num_prompts, num_system_prompts,
+                                     _as_range(system_len), _as_range(input_len), _as_range(output_len), seed)
     if dataset == "random":
         return random_workload(64 if num_prompts is None else num_prompts, _as_range(input_len),
                                _as_range(output_len), seed)

@@ -65,7 +65,7 @@ from benchmarks.datasets import (BenchRequest, build_workload, describe, fixed_w
                                  poisson_arrivals, serve_metrics, throughput)
 from benchmarks.random_weights import random_weights_dir, use_random_weights  # noqa: E402
 from benchmarks.simulated_device import (PLUGINS, STATS_ENV, busy_within,  # noqa: E402  (light: numpy)
-                                         read_stats_file)
+                                         read_stats_file, stats_file_path)
 from qwenserve.arg_types import int_in, parse_bytes  # noqa: E402  (light: no torch, no grpc)
 
 PAD_ID = 151643  # <|endoftext|>: the baseline's left padding (masked out)
@@ -124,10 +124,11 @@ def environment(simulated: Optional[str] = None) -> dict:
 
 def load_workload(args, model_dir: str) -> list:
     encode = None
-    if args.dataset not in ("mixed", "random"):
+    if args.dataset not in ("mixed", "random", "multi-tenant"):
         from qwenserve.model.tokenizer import QwenTokenizer
         encode = QwenTokenizer.from_dir(model_dir).encode
-    return build_workload(args.dataset, args.num_prompts, args.input_len, args.output_len, args.seed, encode)
+    return build_workload(args.dataset, args.num_prompts, args.input_len, args.output_len, args.seed, encode,
+                          num_system_prompts=args.num_system_prompts, system_len=args.system_len)
 
 
 def warmup_requests(requests: list, seed: int, n: int = 4) -> list:
@@ -528,7 +529,12 @@ def print_serve(rate: float, m: dict) -> None:
           f"{m['request_throughput']:.2f} req/s, {m['output_token_throughput']:.1f} output tok/s"
           + (f", goodput {m['goodput']:.2f} req/s" if m["goodput"] is not None else ""))
     if "device_busy_pct" in m:
-        print(f"  device busy: {m['device_busy_pct']:.1f}%")
+        per_core = m.get("device_busy_pct_per_core")
+        print(f"  device busy: {m['device_busy_pct']:.1f}%"
+              + (" (per engine core: " + ", ".join(f"{b:.1f}%" for b in per_core) + ")" if per_core else ""))
+    if m.get("prefix_cache_hit_rate") is not None:
+        print(f"  prefix cache: {100 * m['prefix_cache_hit_rate']:.1f}% of {m['prefix_cache_query_tokens']} prompt "
+              f"tokens hit; requests per engine core: {m['requests_per_engine_core']}")
     for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2el_ms", "E2E")):
         s = m[key]
         if s["mean"] is not None:
@@ -563,12 +569,49 @@ def server_flags(args) -> list:
     if args.model:
         flags += ["--model", args.model]
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_memory",
-                 "gpu_memory_utilization"):
+                 "gpu_memory_utilization", "num_kv_blocks"):
         if getattr(args, name) is not None:
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     if args.no_prefix_caching:
         flags.append("--no-prefix-caching")
     return flags + shlex.split(args.server_args or "")
+
+
+def engine_counters(grpc_address: Optional[str]) -> Optional[dict]:
+    """The server's cumulative prefix-cache token counts and per-core routing (GetStats); None
+    without a gRPC address (a --base-url run)."""
+    if grpc_address is None:
+        return None
+    from qwenserve.server.client import QwenClient
+    with QwenClient(grpc_address) as client:
+        stats = client.stats(timeout=30)
+    return {"query_tokens": stats["prefix_cache_query_tokens"], "hit_tokens": stats["prefix_cache_hit_tokens"],
+            "routed": [r["num_routed_requests"] for r in stats["replicas"]]}
+
+
+def prefix_cache_metrics(before: Optional[dict], after: Optional[dict]) -> dict:
+    """Prefix-cache hit rate over a run (prompt tokens served from the cache / looked up), and the
+    requests each engine core got."""
+    if before is None or after is None:
+        return {}
+    queries = after["query_tokens"] - before["query_tokens"]
+    hits = after["hit_tokens"] - before["hit_tokens"]
+    return {"prefix_cache_hit_rate": hits / queries if queries else None, "prefix_cache_query_tokens": queries,
+            "prefix_cache_hit_tokens": hits,
+            "requests_per_engine_core": [a - b for a, b in zip(after["routed"], before["routed"])]}
+
+
+def device_busy(stats_path: str, num_devices: int, window: tuple) -> dict:
+    """Busy % of the simulated device(s) inside the window: one per engine core, and their mean."""
+    per_device = []
+    for rank in range(num_devices):
+        path = stats_file_path(stats_path, rank if num_devices > 1 else None)
+        starts, ends = read_stats_file(path, covering=window[1])
+        per_device.append(busy_pct(busy_within(starts, ends, *window), window))
+    out = {"device_busy_pct": sum(per_device) / len(per_device)}
+    if num_devices > 1:
+        out["device_busy_pct_per_core"] = per_device
+    return out
 
 
 def cmd_serve(args) -> dict:
@@ -589,7 +632,12 @@ def cmd_serve(args) -> dict:
         flags += ["--executor-plugin", PLUGINS[args.simulate_device]]
     server = None if args.address or args.base_url else ServerProcess(flags, args.server_timeout, extra_env)
     address = args.address or args.base_url or (server.http_url if openai else server.address)
+    grpc_address = args.address or (server.address if server else None)
     try:
+        num_cores = 1
+        if grpc_address:
+            with QwenClient(grpc_address) as client:
+                num_cores = client.model_info(timeout=30).get("data_parallel_size") or 1
         if openai:
             from benchmarks import openai_backend
             info = openai_backend.model_info(address)
@@ -606,12 +654,13 @@ def cmd_serve(args) -> dict:
         asyncio.run(runner(address, warmup_requests(requests, args.seed, 1), math.inf, args.seed))
         runs = []
         for rate in args.request_rate:
+            before = engine_counters(grpc_address)
             results, duration, window = asyncio.run(
                 runner(address, requests, rate, args.seed, args.max_concurrency))
             metrics = serve_metrics(results, duration, args.slo_ttft, args.slo_tpot)
+            metrics.update(prefix_cache_metrics(before, engine_counters(grpc_address)))
             if args.simulate_device:
-                starts, ends = read_stats_file(extra_env[STATS_ENV], covering=window[1])
-                metrics["device_busy_pct"] = busy_pct(busy_within(starts, ends, *window), window)
+                metrics.update(device_busy(extra_env[STATS_ENV], num_cores, window))
             print_serve(rate, metrics)
             runs.append({"request_rate": rate, "metrics": metrics})
     finally:
@@ -646,13 +695,18 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max-model-len", type=int, default=None)
     common.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="CPU KV budget, e.g. 1GiB")
     common.add_argument("--gpu-memory-utilization", type=float, default=None)
-    common.add_argument("--num-kv-blocks", type=int, default=None, help="fixed KV block count (not serve)")
+    common.add_argument("--num-kv-blocks", type=int, default=None, help="fixed KV block count (per engine core)")
     common.add_argument("--no-prefix-caching", action="store_true")
     common.add_argument("--json", default=None, help="write every metric to this file")
     data = argparse.ArgumentParser(add_help=False)
     data.add_argument("--dataset", default="random",
-                      help="random (fixed lengths), mixed (the standard workload) or a .jsonl of "
+                      help="random (fixed lengths), mixed (the standard workload), multi-tenant (shared "
+                           "system prompts, each request its own suffix of --input-len) or a .jsonl of "
                            "{\"prompt\", \"output_len\"} (default: %(default)s)")
+    data.add_argument("--num-system-prompts", type=int_in(1), default=16,
+                      help="multi-tenant: how many system prompts the requests share (default: %(default)s)")
+    data.add_argument("--system-len", type=length_range, default=(1024, 2048),
+                      help="multi-tenant: system prompt tokens, N or LOW:HIGH (default: 1024:2048)")
     data.add_argument("--num-prompts", type=int, default=None, help="default: 512 mixed, 64 random, all of a file")
     data.add_argument("--input-len", type=length_range, default=(128, 128),
                       help="prompt tokens, N or LOW:HIGH (uniform; random dataset)")

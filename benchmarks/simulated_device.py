@@ -22,7 +22,9 @@ Owns four things:
     for that step's modelled work and no more (later steps may be queued behind it);
   * the stats file that carries the busy intervals out of a server process (below).
 
-Stats file (`QWENSERVE_SIM_STATS=PATH` in the simulating process's environment): append-only
+Stats file (`QWENSERVE_SIM_STATS=PATH` in the simulating process's environment; a data-parallel
+replica, whose environment also has `QWENSERVE_DP_RANK=i`, simulates a device of its own and
+writes `PATH.dp<i>`: `stats_file_path`): append-only
 native float64 pairs. A pair (start, end) is one launch's modelled busy interval; a pair
 (-1, t) is a marker: every launch made before t is in the file above it. A daemon thread
 appends the launches made since its last write plus a marker every `STATS_PERIOD_S`, and once
@@ -44,6 +46,7 @@ from typing import Callable, Optional
 import numpy as np
 
 STATS_ENV = "QWENSERVE_SIM_STATS"
+DP_RANK_ENV = "QWENSERVE_DP_RANK"  # set by qwenserve in each data-parallel replica (engine_core/ray_replica.py)
 STATS_PERIOD_S = 0.5
 _MARKER = -1.0
 _SPIN_S = 200e-6
@@ -191,6 +194,12 @@ class StatsFileWriter:
         atexit.unregister(self.close)
 
 
+def stats_file_path(path: str, dp_rank: Optional[int] = None) -> str:
+    """The stats file of the device simulated by data-parallel replica `dp_rank` (None: the
+    only one)."""
+    return path if dp_rank is None else f"{path}.dp{dp_rank}"
+
+
 def read_stats_file(path: str, covering: float, timeout_s: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
     """(starts, ends) of every launch made before a marker at or after `covering`, waiting up
     to `timeout_s` for the writer to get there."""
@@ -304,6 +313,8 @@ class SimulatedExecutor:
         self.worker.runner.events = SimulatedEvents(self.stream)
         self.device, self.dtype = f"simulated {profile.name}", "bfloat16"
         stats_path = os.environ.get(STATS_ENV)
+        if stats_path and os.environ.get(DP_RANK_ENV):  # one simulated device per replica
+            stats_path = stats_file_path(stats_path, int(os.environ[DP_RANK_ENV]))
         self.stats_writer: Optional[StatsFileWriter] = StatsFileWriter(stats_path, self.stream) if stats_path else None
 
     def execute_model(self, scheduler_output):

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 _DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
+_DP_ROUTING = ("cache_aware", "round_robin", "least_loaded")
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes a uint64
 
 
@@ -29,9 +30,14 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     ray_address: Optional[str] = None
-    # A local Ray cluster (no ray_address) and the ranks' sockets listen on the loopback address
-    # only; `qwenserve launch` sets it when --host is a loopback address.
-    ray_loopback_only: bool = False
+    # A local Ray cluster this engine starts listens on 127.0.0.1 only (`qwenserve launch` sets
+    # it when --host is a loopback address); no effect when joining `ray_address`.
+    ray_local_loopback: bool = False
+    # Engine cores (each with its own tensor-parallel group and KV cache) behind one front end;
+    # more than 1 runs them as Ray actors (`qwenserve launch --dp N`; servers only).
+    data_parallel_size: int = 1
+    # How the front end picks a core per request: cache_aware | round_robin | least_loaded.
+    data_parallel_routing: str = "cache_aware"
     use_triton: Optional[bool] = None  # None: Triton kernels on CUDA, torch reference elsewhere
     use_cuda_graphs: bool = True
     max_waiting_requests: int = 4096
@@ -60,7 +66,7 @@ class EngineConfig:
         check(isinstance(self.device, str) and self.device in _DEVICES, "device",
               f"must be one of {', '.join(_DEVICES)}")
         check(isinstance(self.dtype, str) and self.dtype in _DTYPES, "dtype", f"must be one of {', '.join(_DTYPES)}")
-        for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens",
+        for name in ("tensor_parallel_size", "data_parallel_size", "max_num_seqs", "max_num_batched_tokens",
                      "block_size", "max_waiting_requests"):
             value = getattr(self, name)
             check(is_int(value) and value >= 1, name, "must be a positive integer")
@@ -78,7 +84,9 @@ class EngineConfig:
         # the first sampled token, killing the engine.
         check(is_int(self.seed) and 0 <= self.seed < SEED_LIMIT, "seed", "must be an integer in [0, 2**64)")
         check(self.ray_address is None or isinstance(self.ray_address, str), "ray_address", "must be a string or None")
-        check(isinstance(self.ray_loopback_only, bool), "ray_loopback_only", "must be a bool")
+        check(isinstance(self.ray_local_loopback, bool), "ray_local_loopback", "must be a bool")
+        check(isinstance(self.data_parallel_routing, str) and self.data_parallel_routing in _DP_ROUTING,
+              "data_parallel_routing", f"must be one of {', '.join(_DP_ROUTING)}")
         check(self.use_triton is None or isinstance(self.use_triton, bool), "use_triton", "must be a bool or None")
         check(isinstance(self.use_cuda_graphs, bool), "use_cuda_graphs", "must be a bool")
         check(isinstance(self.async_scheduling, bool), "async_scheduling", "must be a bool")
@@ -87,8 +95,8 @@ class EngineConfig:
               "must be a 'module:callable' string or None")
         if self.executor_plugin is not None:
             resolve_executor_plugin(self.executor_plugin)  # a bad path fails here, not at engine start
-        for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "max_waiting_requests", "max_model_len", "kv_cache_memory", "num_kv_blocks", "seed"):
+        for name in ("tensor_parallel_size", "data_parallel_size", "max_num_seqs", "max_num_batched_tokens",
+                     "block_size", "max_waiting_requests", "max_model_len", "kv_cache_memory", "num_kv_blocks", "seed"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, int(value))  # numpy integers -> int

@@ -29,6 +29,9 @@ class LLMEngine:
     def __init__(self, config: Optional[EngineConfig] = None,
                  load_progress: Optional[Callable[[int, int], None]] = None):
         self.config = config = config or EngineConfig()
+        if config.data_parallel_size != 1:
+            raise ValueError(f"data_parallel_size: the offline engine runs one engine core; data "
+                             f"parallelism (--dp) is for `qwenserve launch`, got {config.data_parallel_size}")
         # A directory, or a Hugging Face repo id fetched (or found in the local cache) here.
         self.model_dir = resolve_model_dir(config.model) if config.model else builtin_model_dir()
         self.tokenizer = QwenTokenizer.from_dir(self.model_dir)

@@ -78,6 +78,25 @@ def test_random_workload_length_ranges():
         datasets.random_workload(1, (5, 3), (1, 1))
 
 
+def test_multi_tenant_workload_shares_system_prompts():
+    reqs = datasets.multi_tenant_workload(200, 4, (40, 60), (5, 9), (3, 3), seed=0)
+    systems = {}
+    for r in reqs:
+        head = tuple(r.prompt_token_ids[:40])   # every system prompt is at least 40 tokens
+        systems.setdefault(head, []).append(r)
+    assert len(systems) == 4                    # four tenants, each shared by many requests
+    assert min(len(group) for group in systems.values()) > 20
+    for group in systems.values():              # a tenant's requests share its whole system prompt
+        common = os.path.commonprefix([r.prompt_token_ids for r in group])
+        assert 40 <= len(common) <= 60 and all(5 <= r.prompt_len - len(common) <= 9 for r in group)
+    assert all(45 <= r.prompt_len <= 69 and r.output_len == 3 for r in reqs)
+    assert len({tuple(r.prompt_token_ids) for r in reqs}) == 200   # each its own suffix
+    assert datasets.build_workload("multi-tenant", 200, (5, 9), 3, seed=0, num_system_prompts=4,
+                                   system_len=(40, 60)) == reqs
+    with pytest.raises(ValueError, match="system length range"):
+        datasets.multi_tenant_workload(1, 1, (9, 3), (1, 1), (1, 1))
+
+
 def test_length_range_flag():
     from benchmarks.run import length_range
     assert length_range("128") == (128, 128) and length_range("128:512") == (128, 512)

@@ -24,6 +24,8 @@ NO_SERVER = "127.0.0.1:1"  # connection refused at once
     (["--seed", str(2 ** 70)], "argument --seed: must be an integer in [0, 2**64)"),
     (["--seed", "-1"], "argument --seed: must be an integer in [0, 2**64), got -1"),
     (["--tp", "0"], "argument --tp: must be an integer >= 1, got 0"),
+    (["--dp", "0"], "argument --dp: must be an integer >= 1, got 0"),
+    (["--dp-routing", "random"], "argument --dp-routing: invalid choice: 'random'"),
     (["--max-model-len", "-1"], "argument --max-model-len: must be an integer >= 1"),
     (["--max-num-seqs", "0"], "argument --max-num-seqs: must be an integer >= 1"),
     (["--max-num-batched-tokens", "0"], "argument --max-num-batched-tokens: must be an integer >= 1"),
@@ -116,6 +118,26 @@ def test_launch_passes_the_http_flags_to_the_server(monkeypatch):
     assert cli.main(["launch"]) == 0
     assert (seen["options"].http_port, seen["options"].served_model_name, seen["options"].disable_log_requests) == \
         (8000, None, False)
+
+
+def test_launch_passes_the_data_parallel_flags_to_the_engine(monkeypatch):
+    from qwenserve.server import app
+
+    seen = {}
+    monkeypatch.setattr(app, "run_server", lambda config, options: seen.update(config=config) or 0)
+    assert cli.main(["launch", "--dp", "3", "--tp", "2", "--dp-routing", "round_robin", "--host", "0.0.0.0"]) == 0
+    config = seen["config"]
+    assert (config.data_parallel_size, config.tensor_parallel_size, config.data_parallel_routing) == \
+        (3, 2, "round_robin")
+    assert config.ray_local_loopback is False          # a server for the network: Ray on the network too
+    assert cli.main(["launch"]) == 0
+    config = seen["config"]
+    assert (config.data_parallel_size, config.data_parallel_routing) == (1, "cache_aware")
+    assert config.ray_local_loopback is True           # the default --host 127.0.0.1
+    for host, loopback in (("localhost", True), ("[::1]", True), ("127.0.0.2", True), ("::", False),
+                           ("10.1.2.3", False), ("myhost", False)):
+        assert cli.main(["launch", "--host", host]) == 0
+        assert seen["config"].ray_local_loopback is loopback, host
 
 
 def test_launch_help_shows_the_defaults_that_apply(capsys):

@@ -56,13 +56,13 @@ def test_gpu_child_of_a_cpu_only_parent_compiles_its_kernels():
 
 def test_ray_ranks_get_no_interpreter_from_the_driver(monkeypatch):
     pytest.importorskip("ray")
-    from qwenserve.worker.ray_executor import _actor_env
+    from qwenserve.worker.ray_cluster import actor_env
 
     monkeypatch.setenv(INTERPRET_VAR, "1")  # a CPU-only driver, whether set by hand or by qwenserve
     monkeypatch.setenv(AUTO_MARKER, "1")
     monkeypatch.setenv("QWENSERVE_DIST_TIMEOUT_S", "30")
-    gpu = _actor_env(2, "10.0.0.2", gpu=True)
+    gpu = actor_env(1, gpu=True, node_ip="10.0.0.2")
     assert gpu[INTERPRET_VAR] == "0" and AUTO_MARKER not in gpu
     assert gpu["QWENSERVE_DIST_TIMEOUT_S"] == "30"  # qwenserve's own settings still travel
-    cpu = _actor_env(2, "10.0.0.2", gpu=False)
+    cpu = actor_env(1, gpu=False, node_ip="10.0.0.2")
     assert INTERPRET_VAR not in cpu and AUTO_MARKER not in cpu  # the rank decides (_triton.py)

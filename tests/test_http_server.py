@@ -238,10 +238,14 @@ def test_metrics_count_http_and_grpc_requests(server, client, grpc_client):
     # (per completion), then one per completion and decode step.
     assert moved("qwenserve:iteration_tokens_total_count") == 4 + 3 + 5
     assert moved("qwenserve:iteration_tokens_total_sum") == (3 + 3) + (2 * 2 + 2 * 2) + (4 + 4)
-    assert moved("qwenserve:prefix_cache_queries_total") == 3 + 2 * 2 + 4  # prompt tokens per admission
+    assert moved("qwenserve:prefix_cache_queries_total", replica="0") == 3 + 2 * 2 + 4  # prompt tokens per admission
+    one_core = (("replica", "0"),)
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
-        assert after[(f"qwenserve:{gauge}", ())] == 0.0  # idle again
-    assert ("qwenserve:num_preemptions_total", ()) in after and ("qwenserve:prefix_cache_hits_total", ()) in after
+        assert after[(f"qwenserve:{gauge}", one_core)] == 0.0  # idle again
+    assert after[("qwenserve:num_requests_pending", ())] == 0.0
+    assert after[("qwenserve:engine_core_up", one_core)] == 1.0
+    assert ("qwenserve:num_preemptions_total", one_core) in after
+    assert ("qwenserve:prefix_cache_hits_total", one_core) in after
     stats = grpc_client.stats()  # GetStats keeps working beside /metrics
     assert stats["num_total_blocks"] > 0
 

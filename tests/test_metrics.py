@@ -66,12 +66,15 @@ def test_counters_histograms_and_gauges_after_known_requests(caplog):
     assert value(after, "qwenserve:inter_token_latency_seconds_count") == 2 + 2
     # One step observation per step the scripted engine ran (3 + 2 + 2 of the third before it left).
     assert value(after, "qwenserve:iteration_tokens_total_count") >= 6
-    # Scrape-time values from stats(): waiting includes the front end's pending adds.
-    assert value(after, "qwenserve:num_requests_waiting") == 3
-    assert value(after, "qwenserve:kv_cache_usage_perc") == 0.25
-    assert value(after, "qwenserve:prefix_cache_queries_total") == 40
-    assert value(after, "qwenserve:prefix_cache_hits_total") == 16
-    assert value(after, "qwenserve:num_preemptions_total") == 3
+    # Scrape-time values from the stats, per engine core (one here: replica "0"); the front
+    # end's pending adds apart.
+    assert value(after, "qwenserve:num_requests_waiting", replica="0") == 1
+    assert value(after, "qwenserve:num_requests_pending") == 2
+    assert value(after, "qwenserve:engine_core_up", replica="0") == 1
+    assert value(after, "qwenserve:kv_cache_usage_perc", replica="0") == 0.25
+    assert value(after, "qwenserve:prefix_cache_queries_total", replica="0") == 40
+    assert value(after, "qwenserve:prefix_cache_hits_total", replica="0") == 16
+    assert value(after, "qwenserve:num_preemptions_total", replica="0") == 3
     lines = [r.getMessage() for r in caplog.records if r.name == "qwenserve.requests"]
     assert len(lines) == 3
     assert lines[0].startswith(f"request one (grpc) finished: prompt_tokens={prompt_tokens} completion_tokens=3 ttft=")
@@ -79,6 +82,26 @@ def test_counters_histograms_and_gauges_after_known_requests(caplog):
     assert lines[1].startswith("request two (http)")
     assert "completion_tokens=4" in lines[1] and lines[1].endswith("finish=length,length")
     assert lines[2].endswith("finish=abort")
+
+
+def test_engine_gauges_carry_the_replica_label_per_engine_core():
+    """Several cores: one series each; a failed core reads up 0 and holds no requests or blocks,
+    and keeps its counters."""
+    engine = ScriptedEngineClient()
+    core = {"num_waiting": 2, "num_used_blocks": 10, "num_total_blocks": 40, "prefix_cache_query_tokens": 100,
+            "prefix_cache_hit_tokens": 60, "num_preemptions": 0}
+    engine.replica_stats = lambda: [dict(core, replica=0, alive=True, num_running=3),
+                                    dict(core, replica=1, alive=False, num_running=0, num_waiting=0,
+                                         num_used_blocks=0, num_total_blocks=0)]
+    scrape = samples(ServerMetrics(engine))
+    assert value(scrape, "qwenserve:num_requests_running", replica="0") == 3
+    assert value(scrape, "qwenserve:num_requests_waiting", replica="0") == 2
+    assert value(scrape, "qwenserve:kv_cache_usage_perc", replica="0") == 0.25
+    assert value(scrape, "qwenserve:engine_core_up", replica="0") == 1
+    assert value(scrape, "qwenserve:engine_core_up", replica="1") == 0
+    assert value(scrape, "qwenserve:kv_cache_usage_perc", replica="1") == 0.0
+    assert value(scrape, "qwenserve:prefix_cache_hits_total", replica="1") == 60
+    assert ("qwenserve:num_requests_running", frozenset()) not in scrape  # no unlabelled sum beside them
 
 
 def test_refused_requests_are_not_counted_and_the_log_can_be_switched_off(caplog):

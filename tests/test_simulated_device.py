@@ -113,6 +113,21 @@ def test_stats_file_carries_the_streams_intervals(tmp_path):
         sim.read_stats_file(path, covering=time.monotonic() + 1.0, timeout_s=0.1)
 
 
+def test_a_data_parallel_replica_writes_a_stats_file_of_its_own(tmp_path, monkeypatch, tiny_checkpoint):
+    """Each replica of `--dp N` simulates its own device: QWENSERVE_DP_RANK picks its file."""
+    path = str(tmp_path / "device.stats")
+    monkeypatch.setenv(sim.STATS_ENV, path)
+    monkeypatch.setenv(sim.DP_RANK_ENV, "1")
+    executor = sim.h100_7b_executor(EngineConfig(num_kv_blocks=8), tiny_checkpoint)
+    executor.stream.launch(0.002)
+    executor.stream.synchronize()
+    done = time.monotonic()
+    executor.shutdown()  # writes what is left
+    starts, ends = sim.read_stats_file(sim.stats_file_path(path, 1), covering=done, timeout_s=1.0)
+    assert (ends - starts).sum() == pytest.approx(0.002)
+    assert not os.path.exists(path)
+
+
 # ---------------------------------------------------------------- the engine glue
 def test_engine_on_the_simulated_device_produces_ordinary_seeded_tokens():
     def run(seed):

@@ -153,13 +153,13 @@ def test_valid_tp_sizes_for_real_presets():
 
 @pytest.mark.parametrize("tp", [3, 8])
 def test_invalid_tp_fails_before_ray_starts(tiny_checkpoint, tp, monkeypatch):
-    from qwenserve.worker import ray_executor
+    from qwenserve.worker import ray_cluster
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for an invalid tensor_parallel_size")
 
-    monkeypatch.setattr(ray_executor, "_init_ray", no_ray)
-    monkeypatch.setattr(ray_executor.ray, "init", no_ray)
+    monkeypatch.setattr(ray_cluster, "init_ray", no_ray)
+    monkeypatch.setattr(ray_cluster.ray, "init", no_ray)
     with pytest.raises(ValueError, match=rf"tensor_parallel_size {tp} does not divide the 4 attention "
                                          r"heads; valid values: 1, 2, 4$"):
         LLM(tensor_parallel_size=tp, **ENGINE_KWARGS)
@@ -172,19 +172,19 @@ def test_invalid_tp_fails_before_ray_starts(tiny_checkpoint, tp, monkeypatch):
 ])
 def test_ray_address_choice(ray_address, env, expected, monkeypatch):
     from qwenserve.config import EngineConfig
-    from qwenserve.worker import ray_executor
+    from qwenserve.worker import ray_cluster
 
     calls, checked = [], []
-    monkeypatch.setattr(ray_executor.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray_executor.ray, "init", lambda **kwargs: calls.append(
+    monkeypatch.setattr(ray_cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_cluster.ray, "init", lambda **kwargs: calls.append(
         dict(kwargs, gcs_wait=os.environ.get("RAY_gcs_server_port_wait_time_s"))))
-    monkeypatch.setattr(ray_executor, "_check_reachable", lambda address, setting: checked.append(setting))
+    monkeypatch.setattr(ray_cluster, "check_reachable", lambda address, setting: checked.append(setting))
     monkeypatch.delenv("RAY_gcs_server_port_wait_time_s", raising=False)
     if env is None:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
     else:
         monkeypatch.setenv("RAY_ADDRESS", env)
-    assert ray_executor._init_ray(EngineConfig(ray_address=ray_address), 2) is True
+    assert ray_cluster.init_ray(EngineConfig(ray_address=ray_address), num_cpus=3) is True
     assert calls[0]["address"] == expected
     if expected == "local":
         assert calls[0]["num_cpus"] == 3 and calls[0]["include_dashboard"] is False
@@ -197,14 +197,38 @@ def test_ray_address_choice(ray_address, env, expected, monkeypatch):
     assert "RAY_gcs_server_port_wait_time_s" not in os.environ
 
 
+def test_a_local_ray_for_a_loopback_server_listens_on_loopback_only(monkeypatch):
+    """Ray's single-node mode, for this process (read at import) and the processes it starts
+    (from the environment); joining a cluster leaves both alone."""
+    from ray._private import ray_constants
+
+    from qwenserve.config import EngineConfig
+    from qwenserve.worker import ray_cluster
+
+    calls = []
+    monkeypatch.setattr(ray_cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_cluster.ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray_cluster, "check_reachable", lambda address, setting: None)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    monkeypatch.delenv(ray_cluster.RAY_SINGLE_NODE_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_cluster.init_ray(EngineConfig(ray_local_loopback=True, ray_address="10.0.0.1:6379"), num_cpus=2)
+    assert ray_cluster.RAY_SINGLE_NODE_ENV not in os.environ and ray_constants.ENABLE_RAY_CLUSTER
+    ray_cluster.init_ray(EngineConfig(ray_local_loopback=False), num_cpus=2)
+    assert ray_cluster.RAY_SINGLE_NODE_ENV not in os.environ and ray_constants.ENABLE_RAY_CLUSTER
+    ray_cluster.init_ray(EngineConfig(ray_local_loopback=True), num_cpus=2)
+    assert os.environ[ray_cluster.RAY_SINGLE_NODE_ENV] == "0" and not ray_constants.ENABLE_RAY_CLUSTER
+    assert [c["address"] for c in calls] == ["10.0.0.1:6379", "local", "local"]
+
+
 @pytest.mark.parametrize("address, expected", [
     ("10.0.0.1:6379", ("10.0.0.1", 6379)), ("ray://head:10001", ("head", 10001)),
     ("[::1]:6379", ("::1", 6379)), ("auto", None), ("head", None),
 ])
 def test_ray_address_split(address, expected):
-    from qwenserve.worker import ray_executor
+    from qwenserve.worker import ray_cluster
 
-    assert ray_executor._split_address(address) == expected
+    assert ray_cluster.split_address(address) == expected
 
 
 def _llm_in_subprocess(ray_address: str, timeout: float):
@@ -272,15 +296,15 @@ def test_ray_address_of_something_that_is_not_ray_fails_naming_it():
 ])
 def test_gpu_ranks_choice(device, gpus, expected, monkeypatch):
     from qwenserve.config import EngineConfig
-    from qwenserve.worker import ray_executor
+    from qwenserve.worker import ray_cluster
 
-    monkeypatch.setattr(ray_executor.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(gpus)})
+    monkeypatch.setattr(ray_cluster.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(gpus)})
     config = EngineConfig(device=device, tensor_parallel_size=2)
     if expected is ValueError:
         with pytest.raises(ValueError, match=r"tensor_parallel_size 2 on CUDA needs 2 GPUs"):
-            ray_executor._use_gpus(config, 2)
+            ray_cluster.use_gpus(config, 2, "tensor_parallel_size 2")
     else:
-        assert ray_executor._use_gpus(config, 2) is expected
+        assert ray_cluster.use_gpus(config, 2, "tensor_parallel_size 2") is expected
 
 
 def test_bad_setting_in_a_rank_is_a_value_error(ray_session):
@@ -588,4 +612,4 @@ def test_launch_keeps_a_local_ray_on_loopback_exactly_when_its_host_is_loopback(
     from qwenserve.server.commands import engine_config_from_args
 
     args = build_parser().parse_args(["launch", "--host", host])
-    assert engine_config_from_args(args).ray_loopback_only is loopback
+    assert engine_config_from_args(args).ray_local_loopback is loopback

@@ -5,6 +5,10 @@ CUDA state) with ipc addresses in a private temporary directory, and stops it. `
 (asyncio, zmq.asyncio) sends requests, aborts and utility calls, receives the per-step
 outputs, and reports the process's exit the moment it happens (its pidfd is watched by the
 event loop; elsewhere a thread waits on it), so a dead core is noticed within milliseconds.
+The client drives any *core launcher* with `CoreProcess`'s interface (`output_bind_address`,
+`start(output_address)` setting `input_address` and `pid`, `watch_exit(callback)`,
+`unwatch_exit()`, `exit_reason()`, `join`, `kill`, `cleanup`): a data-parallel replica's core
+is a Ray actor (`ray_replica.RayCoreReplica`), reached over tcp.
 `SyncCoreClient` is the same for the offline `LLMEngine`, with the `EngineCore` interface
 (`add_request`, `abort_requests`, `step`, `stats`, ...), so the engine can hold either.
 """
@@ -47,6 +51,38 @@ class EngineCoreDead(Exception):
     """The engine-core process failed or exited."""
 
 
+class PidWatch:
+    """Calls `on_exit()` on the running event loop when process `pid` (on this machine) exits:
+    its pidfd is watched by the loop; where there is no pidfd, `fallback_wait` (if given) runs
+    in a thread and the loop is told when it returns."""
+
+    def __init__(self, pid: int, on_exit: Callable[[], None], fallback_wait: Optional[Callable[[], Any]] = None):
+        self._loop = asyncio.get_running_loop()
+        self._on_exit: Optional[Callable[[], None]] = on_exit
+        try:
+            self._fd: Optional[int] = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self._fd = None
+        if self._fd is not None:
+            self._loop.add_reader(self._fd, self._fire)
+        elif fallback_wait is not None:
+            asyncio.ensure_future(asyncio.to_thread(fallback_wait)).add_done_callback(lambda _: self._fire())
+
+    def _fire(self) -> None:
+        on_exit = self._on_exit
+        self.close()
+        if on_exit is not None:
+            on_exit()
+
+    def close(self) -> None:
+        """Stops watching: `on_exit` will not be called."""
+        self._on_exit = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            self._loop.remove_reader(fd)
+            os.close(fd)
+
+
 class CoreProcess:
     """One engine-core process (`python -m qwenserve.engine_core.process`) and the ipc
     addresses of its sockets.
@@ -64,8 +100,17 @@ class CoreProcess:
         self.output_address = f"ipc://{self._dir}/output-0"
         self.config, self.model_dir, self.log_level = config, model_dir, log_level
         self.process: Optional[subprocess.Popen] = None
+        self._exit_watch: Optional[PidWatch] = None
 
-    def start(self) -> None:
+    @property
+    def output_bind_address(self) -> str:
+        """Where client 0 binds its output socket (before `start`)."""
+        return self.output_address
+
+    def start(self, output_address: Optional[str] = None) -> None:
+        """Starts the process (returns at once; the core says when its model is loaded)."""
+        if output_address is not None and output_address != self.output_address:
+            raise ValueError(f"output_address: this core sends to {self.output_address}, not {output_address}")
         paths = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
         self.process = subprocess.Popen(
@@ -83,13 +128,19 @@ class CoreProcess:
     def exitcode(self) -> Optional[int]:
         return None if self.process is None else self.process.poll()
 
-    def exit_fd(self) -> Optional[int]:
-        """A file descriptor that becomes readable when the process exits (Linux pidfd), or
-        None where there is none."""
-        try:
-            return os.pidfd_open(self.process.pid)
-        except (AttributeError, OSError):
-            return None
+    def watch_exit(self, on_exit: Callable[[], None]) -> None:
+        """Calls `on_exit()` on the running event loop the moment the process exits."""
+        self._exit_watch = PidWatch(self.process.pid, on_exit,
+                                    fallback_wait=lambda: self.process.wait())
+
+    def unwatch_exit(self) -> None:
+        if self._exit_watch is not None:
+            self._exit_watch.close()
+            self._exit_watch = None
+
+    def exit_reason(self) -> str:
+        self.join(1)
+        return f"the engine core process exited unexpectedly (exit code {self.exitcode})"
 
     def join(self, timeout: float) -> bool:
         """Waits for the process to exit; True when it has."""
@@ -122,25 +173,28 @@ class AsyncCoreClient:
         self.client_index = client_index
         self._own_dir = None
         if core_process is not None:
-            input_address, output_address = core_process.input_address, core_process.output_address
+            output_address = core_process.output_bind_address
         else:
             self._own_dir = tempfile.mkdtemp(prefix="qwenserve-client-")
             output_address = f"ipc://{self._own_dir}/output-{client_index}"
-        self.input_address, self.output_address = input_address, output_address
         self.on_outputs, self.on_dead = on_outputs, on_dead
         self.context = zmq.asyncio.Context()
         self.output_socket = self.context.socket(zmq.PULL)
         self.output_socket.bind(output_address)
+        # The address bound ("tcp://IP:*" becomes a port).
+        self.output_address = self.output_socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.input_socket = self.context.socket(zmq.PUSH)
         self.input_socket.setsockopt(zmq.LINGER, 0)
-        self.input_socket.connect(input_address)
+        self.input_address = input_address  # a started core's is known once it listens
+        if input_address is not None:
+            self.input_socket.connect(input_address)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoders = {tag: msgspec.msgpack.Decoder(kind) for tag, kind in P.OUTPUT_TYPES.items()}
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
         self._receiver: Optional[asyncio.Task] = None
         self._ready: Optional[asyncio.Future] = None
-        self._exit_fd: Optional[int] = None
+        self._exit_watch: Optional[PidWatch] = None  # an attached client's watch of the core
         self.dead_reason: Optional[str] = None
         self._stopping = False
 
@@ -159,8 +213,11 @@ class AsyncCoreClient:
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._receiver = asyncio.ensure_future(self._receive())
-        await asyncio.to_thread(self.core_process.start)
-        self._watch_exit(self.core_process.pid)
+        process = self.core_process
+        await asyncio.to_thread(process.start, self.output_address)
+        self.input_address = process.input_address
+        self.input_socket.connect(self.input_address)
+        process.watch_exit(self._on_exit)
         return await asyncio.wait_for(self._ready, timeout)
 
     async def connect(self, timeout: float = 30.0) -> P.EngineCoreReady:
@@ -170,20 +227,8 @@ class AsyncCoreClient:
         self._receiver = asyncio.ensure_future(self._receive())
         await self._send(P.TAG_HELLO, P.EngineCoreHello(self.client_index, self.output_address))
         ready, pid = await self.call("describe", timeout)
-        self._watch_exit(pid)
+        self._exit_watch = PidWatch(pid, self._on_exit)
         return msgspec.convert(ready, P.EngineCoreReady)
-
-    def _watch_exit(self, pid: int) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            self._exit_fd = os.pidfd_open(pid)
-        except (AttributeError, OSError):
-            self._exit_fd = None
-        if self._exit_fd is not None:
-            loop.add_reader(self._exit_fd, self._on_exit)
-        elif self.core_process is not None:  # no pidfd: a thread waits for the exit, tells the loop
-            asyncio.ensure_future(asyncio.to_thread(self.core_process.join, 1e9)).add_done_callback(
-                lambda _: self._on_exit())
 
     # ------------------------------------------------------------------ sending
     async def add_requests(self, requests: list[P.EngineCoreRequest]) -> None:
@@ -243,13 +288,13 @@ class AsyncCoreClient:
             self._die(f"receiving from the engine core failed: {type(e).__name__}: {e}")
 
     def _on_exit(self) -> None:
-        self._close_exit_fd()
-        code = None
+        self._close_exit_watch()
+        if self._stopping:
+            return
         if self.core_process is not None:
-            self.core_process.join(1)
-            code = self.core_process.exitcode
-        if not self._stopping:
-            self._die(f"the engine core process exited unexpectedly (exit code {code})")
+            self._die(self.core_process.exit_reason())
+        else:
+            self._die("the engine core process exited unexpectedly (exit code None)")
 
     def _die(self, reason: str) -> None:
         if self.dead_reason is not None:
@@ -262,11 +307,12 @@ class AsyncCoreClient:
                 future.set_exception(EngineCoreDead(reason))
         self.on_dead(reason)
 
-    def _close_exit_fd(self) -> None:
-        fd, self._exit_fd = self._exit_fd, None
-        if fd is not None:
-            asyncio.get_event_loop().remove_reader(fd)
-            os.close(fd)
+    def _close_exit_watch(self) -> None:
+        if self.core_process is not None:
+            self.core_process.unwatch_exit()
+        if self._exit_watch is not None:
+            self._exit_watch.close()
+            self._exit_watch = None
 
     # ------------------------------------------------------------------ stopping
     async def shutdown(self, timeout: float = STOP_TIMEOUT_S) -> None:
@@ -281,16 +327,16 @@ class AsyncCoreClient:
                     await self._send(P.TAG_GOODBYE, P.EngineCoreHello(self.client_index, self.output_address))
                 except Exception:  # noqa: BLE001 - leaving anyway
                     pass
-        elif process.process is not None and process.exitcode is None and self.dead_reason is None:
+        elif process.pid is not None and process.exitcode is None and self.dead_reason is None:
             try:
                 await self.call("shutdown", timeout=5.0)
             except Exception:  # noqa: BLE001 - it may be dead or stuck: the kill below handles both
                 pass
-        if process is not None and process.process is not None:
+        if process is not None and process.pid is not None:
             if not await asyncio.to_thread(process.join, timeout):
                 logger.warning("the engine core did not exit within %.0f s: killing it", timeout)
-                process.kill()
-        self._close_exit_fd()
+                await asyncio.to_thread(process.kill)
+        self._close_exit_watch()
         if self._receiver is not None:
             self._receiver.cancel()
         self.output_socket.close(linger=0)

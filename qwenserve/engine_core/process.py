@@ -2,7 +2,7 @@
 there is work and blocks while there is none.
 
     front end(s)                                 engine-core process
-    PUSH ─ input address (ipc) ─► PULL ─ input thread ─► queue ─┐
+    PUSH ─ input address (ipc; tcp for a Ray replica) ─► PULL ─ input thread ─► queue ─┐
                                                                  ▼
                                           main thread: busy loop (EngineCore.step)
                                                                  │
@@ -16,7 +16,9 @@ its step overlaps their work. A front end joins with a hello naming its output a
 Lifetime. The process ignores SIGINT/SIGTERM: a Ctrl-C or a service manager's SIGTERM reaches
 the whole process group, and the front end, which drains its calls first, decides when the
 core stops (a "shutdown" utility call). If the front end dies instead, a watcher thread sees
-the parent process change and stops the core (workers included) within a second.
+the parent process change and stops the core (workers included) within a second. A core that
+runs as a data-parallel replica (`ray_replica.py`) is a Ray actor instead, whose lifetime Ray
+ties to its owner, the front end; it has no parent to watch.
 
 Failure. Any exception from a step, or from the periodic worker health check (every
 `HEALTH_CHECK_S` while idle; a step notices a dead worker by itself), is sent to every client
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
 import signal
 import sys
 import threading
@@ -70,11 +73,21 @@ def run_engine_core(config: EngineConfig, model_dir: str, input_address: str, ou
 
 class EngineCoreProc:
     def __init__(self, config: EngineConfig, model_dir: str, input_address: str, output_address: str,
-                 parent_pid: int, show_load_progress: bool = True):
+                 parent_pid: Optional[int], show_load_progress: bool = True, owner_pid: Optional[int] = None):
+        """`input_address`: where to listen ("ipc://PATH", or "tcp://IP:*" for any free port:
+        `self.input_address` is the address bound). `parent_pid`: stop when this process's
+        parent is no longer that process. `owner_pid` (a Ray replica, whose parent is Ray's):
+        stop when that process, the front end on this machine, exits. Neither: Ray alone ties
+        the core's life to its front end's (an actor on another node)."""
         self.config, self.model_dir = config, model_dir
         self.show_load_progress = show_load_progress
         self.parent_pid = parent_pid
+        self.front_end_gone = threading.Event()
         self.context = zmq.Context()
+        # Bound here, before anything can be sent to it, then handed to the input thread.
+        input_socket = self.context.socket(zmq.PULL)
+        input_socket.bind(input_address)
+        self.input_address = input_socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.inputs: queue.Queue = queue.Queue()
         self.outputs: queue.Queue = queue.Queue()
         self.core = None
@@ -86,11 +99,14 @@ class EngineCoreProc:
         self._last_sent: dict[int, float] = {0: 0.0}
         self._stats_current: dict[int, bool] = {0: False}
         self._step_tokens: dict[int, list[int]] = {0: []}  # per client: steps not yet reported
-        threading.Thread(target=self._input_thread, args=(input_address,), name="core-input", daemon=True).start()
+        threading.Thread(target=self._input_thread, args=(input_socket,), name="core-input", daemon=True).start()
         self._output_thread = threading.Thread(target=self._output_thread_main, name="core-output", daemon=True)
         self._output_thread.start()
         self.outputs.put(("connect", 0, output_address))
-        threading.Thread(target=self._watch_parent, name="core-parent-watch", daemon=True).start()
+        if parent_pid is not None:
+            threading.Thread(target=self._watch_parent, name="core-parent-watch", daemon=True).start()
+        elif owner_pid is not None:
+            threading.Thread(target=self._watch_owner, args=(owner_pid,), name="core-owner-watch", daemon=True).start()
         # Structured-output masks need llguidance's view of the vocabulary (~1 s to build):
         # build it now, beside the model loading, rather than inside the first such step.
         threading.Thread(target=_warm_structured_output, name="core-warm-grammar", daemon=True).start()
@@ -240,9 +256,7 @@ class EngineCoreProc:
             self._stats_current[client] = idle
 
     # ------------------------------------------------------------------ threads
-    def _input_thread(self, address: str) -> None:
-        socket = self.context.socket(zmq.PULL)
-        socket.bind(address)
+    def _input_thread(self, socket: zmq.Socket) -> None:
         decoders = {tag: msgspec.msgpack.Decoder(kind) for tag, kind in P.INPUT_TYPES.items()}
         while True:
             tag, body = socket.recv_multipart(copy=False)
@@ -294,11 +308,37 @@ class EngineCoreProc:
     def _watch_parent(self) -> None:
         while os.getppid() == self.parent_pid:
             time.sleep(PARENT_POLL_S)
-        logger.warning("the front end (pid %d) is gone: stopping the engine core", self.parent_pid)
+        self._stop_without_front_end(self.parent_pid)
+
+    def _watch_owner(self, pid: int) -> None:
+        try:
+            fd = os.pidfd_open(pid)  # readable once the process has exited, whatever reuses its pid
+        except (AttributeError, OSError):
+            fd = None
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while _exists(pid):
+                time.sleep(PARENT_POLL_S)
+        self._stop_without_front_end(pid)
+
+    def _stop_without_front_end(self, pid: int) -> None:
+        logger.warning("the front end (pid %d) is gone: stopping the engine core", pid)
+        self.front_end_gone.set()
         self.inputs.put((_STOP, None))
         # A step stuck on a worker would never read the queue: leave anyway after a grace.
         time.sleep(STOP_GRACE_S)
         os._exit(1)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _warm_structured_output() -> None:

@@ -1,18 +1,26 @@
-"""`AsyncLLM`: the `EngineClient` of the servers, over an engine core in its own process.
+"""`AsyncLLM`: the `EngineClient` of the servers, over engine cores in processes of their own.
 
 Owns the front end's half of serving: input processing off the event loop (validation,
 tokenization, ChatML: `InputProcessor` in a worker thread, so a long prompt never stalls other
 streams), the bounded waiting queue, one asyncio queue of deltas per request fed by the
 output handler (`OutputProcessor`: detokenization, stop strings, which abort in the core at
-once), aborts when a consumer leaves, the latest scheduler stats, and the core's death.
+once), aborts when a consumer leaves, the latest scheduler stats, and the cores' deaths.
 
-    generate() ──► InputProcessor (thread) ──► AsyncCoreClient.add_requests ──► core
-    core ──► AsyncCoreClient (receiver task) ──► _on_outputs: OutputProcessor ──► per-request
-             queues ──► generate() yields list[Delta]; stop strings ──► core abort
+    generate() ──► InputProcessor (thread) ──► router ──► AsyncCoreClient[i].add_requests ──► core i
+    core i ──► AsyncCoreClient[i] (receiver task) ──► _on_outputs: OutputProcessor ──► per-request
+               queues ──► generate() yields list[Delta]; stop strings ──► core i abort
+
+One core (dp = 1): a `CoreProcess` on this machine, over ipc. N cores (`--dp N`): N Ray actors
+(`engine_core/ray_replica.py`), over tcp, behind one `InputProcessor` and `OutputProcessor`;
+the `DataParallelRouter` picks each request's core (its n completions all go there, in one
+message), by prefix affinity (block hashes computed here, in the input thread, as the KV cache
+computes them) and load. A dead core fails only its own requests (EngineUnavailable) and
+leaves routing at once; the engine is dead, and `dead_reason` set, when every core is.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from typing import AsyncIterator, Callable, Optional, Sequence
@@ -20,11 +28,14 @@ from typing import AsyncIterator, Callable, Optional, Sequence
 from qwenserve.config import EngineConfig
 from qwenserve.engine_core import protocol as P
 from qwenserve.engine_core.client import AsyncCoreClient, CoreProcess, EngineCoreDead
+from qwenserve.frontend.dp_router import DataParallelRouter, NoReplicaAlive
 from qwenserve.frontend.engine_client import (Delta, EngineClient, EngineUnavailable, ModelInfo, QueueFull,
                                               StepStats)
-from qwenserve.frontend.input_processor import InputProcessor
+from qwenserve.frontend.input_processor import InputProcessor, ProcessedRequest
 from qwenserve.frontend.output_processor import OutputProcessor
+from qwenserve.kvcache import prefix_block_hashes
 from qwenserve.model.checkpoint import builtin_model_dir
+from qwenserve.model.config import QwenConfig
 from qwenserve.model.hub import resolve_model_dir
 from qwenserve.model.tokenizer import QwenTokenizer
 from qwenserve.sampling_params import SamplingParams
@@ -41,11 +52,29 @@ class _Failed:
         self.reason = reason
 
 
-class AsyncLLM(EngineClient):
-    """`AsyncLLM(config).start()` starts an engine core of its own (client 0);
-    `AsyncLLM.attach(input_address, client_index)` shares a running one (another front end)."""
+# Per-core stats that are occupancy (a dead core's count as 0) rather than counters since start.
+_GAUGES = ("num_used_blocks", "num_free_blocks", "num_total_blocks", "num_cached_blocks", "num_waiting",
+           "num_running")
 
-    def __init__(self, config: Optional[EngineConfig] = None, max_waiting_requests: Optional[int] = None):
+
+def core_stats(s: P.SchedulerStats) -> dict:
+    """One core's scheduler stats under `EngineClient.stats()`'s names."""
+    return {"num_used_blocks": s.num_used_blocks, "num_free_blocks": s.num_free_blocks,
+            "num_total_blocks": s.num_total_blocks, "num_cached_blocks": s.num_cached_blocks,
+            "num_waiting": s.num_waiting, "num_running": s.num_running, "num_preemptions": s.num_preemptions,
+            "prefix_cache_query_tokens": s.prefix_cache_queries, "prefix_cache_hit_tokens": s.prefix_cache_hits,
+            "num_steps": s.num_steps}
+
+
+class AsyncLLM(EngineClient):
+    """`AsyncLLM(config).start()` starts engine cores of its own (client 0 of each:
+    `config.data_parallel_size` of them); `AsyncLLM.attach(input_address, client_index)` shares
+    a running one (another front end). `core_launchers` (default: one `CoreProcess` at
+    dp = 1, Ray replicas at dp > 1) says where the cores run: anything with `CoreProcess`'s
+    interface (tests run several local core processes behind one front end this way)."""
+
+    def __init__(self, config: Optional[EngineConfig] = None, max_waiting_requests: Optional[int] = None,
+                 core_launchers: Optional[list] = None):
         self.config = config or EngineConfig()
         # A directory, or a Hugging Face repo id fetched (or found in the local cache) here.
         self.model_dir = resolve_model_dir(self.config.model) if self.config.model else builtin_model_dir()
@@ -53,7 +82,6 @@ class AsyncLLM(EngineClient):
         self.client_index = 0
         self._queues: dict[str, asyncio.Queue] = {}
         self._failure_callbacks: list[Callable[[str], None]] = []
-        self._stats = P.SchedulerStats()
         self._num_waiting = 0          # completions accepted whose first token has not come
         self._waiting_ids: set[str] = set()
         self._num_pending = 0          # requests being processed, not yet handed to the core
@@ -62,14 +90,41 @@ class AsyncLLM(EngineClient):
         self._num_aborted = 0
         self._accepting = True
         self._dead_reason: Optional[str] = None
-        self.core_client: Optional[AsyncCoreClient] = None
+        self._core_launchers = core_launchers
+        self._replica_set = None                     # the Ray replicas' groups (dp > 1)
+        self.core_clients: list[AsyncCoreClient] = []
+        self._replica_stats: list[P.SchedulerStats] = []
+        self._replica_dead: list[Optional[str]] = []
+        self._replica_of: dict[str, int] = {}        # request id -> the core it was sent to
+        self.router: Optional[DataParallelRouter] = None
+
+    @property
+    def core_client(self) -> Optional[AsyncCoreClient]:
+        """The first core's client (the only one at dp = 1)."""
+        return self.core_clients[0] if self.core_clients else None
 
     async def start(self, log_level: str = "INFO") -> "AsyncLLM":
-        """Starts the engine-core process and waits for its model; raises
-        `EngineCoreStartupError` when it cannot load."""
-        process = CoreProcess(self.config, self.model_dir, log_level)
-        self.core_client = AsyncCoreClient(process, self._on_outputs, self._on_dead)
-        self._set_ready(await self.core_client.start(LOAD_TIMEOUT_S), self.config.model)
+        """Starts the engine cores and waits for their models; raises `EngineCoreStartupError`
+        when one cannot load (call `close()` then: it stops those that did)."""
+        launchers = self._core_launchers
+        if launchers is None and self.config.data_parallel_size == 1:
+            launchers = [CoreProcess(self.config, self.model_dir, log_level)]
+        elif launchers is None:
+            from qwenserve.engine_core.ray_replica import start_ray_replicas  # Ray only when dp > 1
+
+            self._replica_set = await asyncio.to_thread(start_ray_replicas, self.config, self.model_dir, log_level)
+            launchers = self._replica_set.replicas
+        self.core_clients = [AsyncCoreClient(launcher, functools.partial(self._on_outputs, i),
+                                             functools.partial(self._on_replica_dead, i))
+                             for i, launcher in enumerate(launchers)]
+        self._replica_stats = [P.SchedulerStats() for _ in launchers]
+        self._replica_dead = [None for _ in launchers]
+        started = await asyncio.gather(*(c.start(LOAD_TIMEOUT_S) for c in self.core_clients),
+                                       return_exceptions=True)
+        for result in started:
+            if isinstance(result, BaseException):
+                raise result
+        self._set_ready(started, self.config.model)
         return self
 
     @classmethod
@@ -81,24 +136,31 @@ class AsyncLLM(EngineClient):
         self = cls.__new__(cls)
         cls.__init__(self, EngineConfig(), max_waiting_requests)
         self.client_index = client_index
-        self.core_client = AsyncCoreClient.attach(input_address, client_index, self._on_outputs, self._on_dead)
+        self.core_clients = [AsyncCoreClient.attach(input_address, client_index, functools.partial(self._on_outputs, 0),
+                                                    functools.partial(self._on_replica_dead, 0))]
+        self._replica_stats, self._replica_dead = [P.SchedulerStats()], [None]
         ready = await self.core_client.connect()
         self.model_dir = ready.model_dir
-        self._set_ready(ready, ready.model_dir)
+        self._set_ready([ready], ready.model_dir)
         return self
 
-    def _set_ready(self, ready: P.EngineCoreReady, model_name: Optional[str]) -> None:
+    def _set_ready(self, readies: list[P.EngineCoreReady], model_name: Optional[str]) -> None:
+        # The cores run the same model and settings; a request must fit the smallest KV cache.
+        ready = min(readies, key=lambda r: r.num_kv_blocks)
         self.ready = ready
         self.tokenizer = QwenTokenizer.from_dir(self.model_dir)
+        self.model_config = QwenConfig.from_dir(self.model_dir)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.generation_config = ready.generation_config or {}
         self.max_model_len = ready.max_model_len
         self.input_processor = InputProcessor(self.tokenizer, ready)
+        self.router = DataParallelRouter(len(readies), self.config.data_parallel_routing,
+                                         index_capacity=max(ready.num_kv_blocks, 1))
         self.info = ModelInfo(model=model_name or "built-in tiny Qwen (random weights)",
                               max_model_len=ready.max_model_len, vocab_size=ready.vocab_size,
                               tensor_parallel_size=ready.tensor_parallel_size, dtype=ready.dtype,
                               device=ready.device, block_size=ready.block_size,
-                              num_kv_blocks=ready.num_kv_blocks)
+                              num_kv_blocks=ready.num_kv_blocks, data_parallel_size=len(readies))
 
     # ------------------------------------------------------------------ requests
     async def generate(self, request_id: str, *, params: SamplingParams, prompt: Optional[str] = None,
@@ -119,23 +181,29 @@ class AsyncLLM(EngineClient):
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue  # claims the id while the input is processed
         self._num_pending += n
-        state = None
+        state, replica = None, None
         try:
             try:
-                processed = await asyncio.to_thread(
-                    self.input_processor.process, request_id, params=params, prompt=prompt,
+                processed, block_hashes = await asyncio.to_thread(
+                    self._process_input, request_id, params=params, prompt=prompt,
                     prompt_token_ids=prompt_token_ids, messages=messages, system=system,
                     continue_final_message=continue_final_message, client_index=self.client_index,
                     core_request_id=f"{request_id}@{self.client_index}.{next(self._core_ids)}")
             finally:
                 self._num_pending -= n
             self._check_accepting()
+            try:
+                replica = self.router.choose(block_hashes, -(-len(processed.prompt_token_ids) // self.ready.block_size))
+            except NoReplicaAlive:
+                raise EngineUnavailable(f"engine failed: {self._dead_reason}") from None
             state = self.output_processor.add_request(processed)
             core_ids = state.core_ids
             self._num_waiting += len(core_ids)
             self._waiting_ids.update(core_ids)
+            self._replica_of[request_id] = replica
+            self.router.on_routed(replica, len(core_ids), block_hashes)
             try:
-                await self.core_client.add_requests(processed.core_requests)
+                await self.core_clients[replica].add_requests(processed.core_requests)
             except EngineCoreDead as e:
                 raise EngineUnavailable(f"engine failed: {e}") from None
             remaining = len(core_ids)
@@ -149,13 +217,24 @@ class AsyncLLM(EngineClient):
             # Finished: nothing left to do. Left early (a break, an error, the consumer's task
             # cancelled by a client cancel or deadline): abort, so the blocks are freed now.
             del self._queues[request_id]
+            self._replica_of.pop(request_id, None)
             if state is not None:
+                self.router.on_finished(replica, len(state.core_ids))
                 self._forget_waiting(state.core_ids)
                 if self.output_processor.abort_request(request_id) is not None:
                     self._num_aborted += 1
-                    if self._dead_reason is None:
+                    if self._replica_dead[replica] is None:
                         # Not awaited: this may run while the consumer's task is being cancelled.
-                        asyncio.ensure_future(self.core_client.abort(state.core_ids))
+                        asyncio.ensure_future(self.core_clients[replica].abort(state.core_ids))
+
+    def _process_input(self, request_id: str, **inputs) -> tuple[ProcessedRequest, list[bytes]]:
+        """In a worker thread: the core requests, and the prompt's block hashes when the router
+        routes by prefix (the KV cache's own: chained, salted with the prompt's NTK alpha)."""
+        processed = self.input_processor.process(request_id, **inputs)
+        if not (self.router.wants_block_hashes and self.config.enable_prefix_caching):
+            return processed, []
+        ids = processed.prompt_token_ids
+        return processed, prefix_block_hashes(ids, self.ready.block_size, self.model_config.ntk_alpha(len(ids)))
 
     def _check_accepting(self) -> None:
         if self._dead_reason is not None:
@@ -179,17 +258,20 @@ class AsyncLLM(EngineClient):
         queue = self._queues.get(request_id)
         if queue is not None and deltas:
             queue.put_nowait(deltas)
-        if self._dead_reason is None:
-            await self.core_client.abort(state.core_ids)
+        replica = self._replica_of.get(request_id)
+        if replica is not None and self._replica_dead[replica] is None:
+            await self.core_clients[replica].abort(state.core_ids)
 
     async def abort_all(self) -> None:
         for request_id in list(self.output_processor.requests):
             await self.abort(request_id)
 
     # ------------------------------------------------------------------ outputs
-    def _on_outputs(self, message: P.EngineCoreOutputs) -> None:
+    def _on_outputs(self, replica: int, message: P.EngineCoreOutputs) -> None:
         if message.stats is not None:
-            self._stats = message.stats
+            self._replica_stats[replica] = stats = message.stats
+            if self.router is not None:  # None while other cores still load
+                self.router.update_stats(replica, stats.num_waiting, stats.num_running)
         for num_tokens in message.step_num_tokens:
             self._notify_step(StepStats(num_tokens))
         if not message.outputs:
@@ -202,12 +284,30 @@ class AsyncLLM(EngineClient):
                 logger.warning("the engine core rejected %s: %s", output.request_id, output.error)
         processed = self.output_processor.process_outputs(message.outputs)
         if processed.core_ids_to_abort:
-            asyncio.ensure_future(self.core_client.abort(processed.core_ids_to_abort))
+            asyncio.ensure_future(self.core_clients[replica].abort(processed.core_ids_to_abort))
         for request_id, deltas in processed.deltas.items():
             queue = self._queues.get(request_id)
             if queue is not None:
                 queue.put_nowait(deltas)
         self._num_finished += len(processed.finished)
+
+    def _on_replica_dead(self, replica: int, reason: str) -> None:
+        """A core failed or exited: its requests fail, routing forgets it; the engine is dead
+        once every core is."""
+        if self._replica_dead[replica] is not None:
+            return
+        self._replica_dead[replica] = reason
+        if self.router is not None:
+            self.router.remove(replica)
+        if all(dead is not None for dead in self._replica_dead):
+            self._on_dead(reason)
+            return
+        logger.error("engine core replica %d failed, %d of %d still serving: %s", replica,
+                     sum(dead is None for dead in self._replica_dead), len(self._replica_dead), reason)
+        for request_id, routed_to in self._replica_of.items():
+            queue = self._queues.get(request_id)
+            if routed_to == replica and queue is not None:
+                queue.put_nowait(_Failed(reason))
 
     def _on_dead(self, reason: str) -> None:
         if self._dead_reason is not None:
@@ -227,23 +327,28 @@ class AsyncLLM(EngineClient):
     async def encode(self, text: str) -> list[int]:
         return await asyncio.to_thread(self.tokenizer.encode, text)
 
-    def stats(self) -> dict:
-        s = self._stats
-        return {
-            "num_used_blocks": s.num_used_blocks, "num_free_blocks": s.num_free_blocks,
-            "num_total_blocks": s.num_total_blocks, "num_cached_blocks": s.num_cached_blocks,
-            "num_waiting": s.num_waiting, "num_running": s.num_running,
-            "num_preemptions": s.num_preemptions,
-            "prefix_cache_hit_rate": s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0,
-            "prefix_cache_query_tokens": s.prefix_cache_queries, "prefix_cache_hit_tokens": s.prefix_cache_hits,
-            "num_pending": self._num_pending, "num_active_requests": len(self._queues),
-            "num_finished_requests": self._num_finished, "num_aborted_requests": self._num_aborted,
-            "num_steps": s.num_steps,
-        }
+    def replica_stats(self) -> list[dict]:
+        """Per core: `replica` (its index), `alive`, `num_routed_requests`, and its latest
+        scheduler stats (a dead core's occupancy as 0, its counters as last reported)."""
+        out = []
+        for i, (stats, dead) in enumerate(zip(self._replica_stats, self._replica_dead)):
+            entry = core_stats(stats)
+            if dead is not None:
+                entry.update(dict.fromkeys(_GAUGES, 0))
+            entry.update(replica=i, alive=dead is None,
+                         num_routed_requests=self.router.replicas[i].num_routed if self.router else 0)
+            out.append(entry)
+        return out
 
-    @property
-    def scheduler_stats(self) -> P.SchedulerStats:
-        return self._stats
+    def stats(self) -> dict:
+        """Sums over the cores (`replica_stats` has each), plus this front end's counts."""
+        replicas = self.replica_stats()
+        total = {name: sum(r[name] for r in replicas) for name in core_stats(P.SchedulerStats())}
+        queries, hits = total["prefix_cache_query_tokens"], total["prefix_cache_hit_tokens"]
+        total.update(prefix_cache_hit_rate=hits / queries if queries else 0.0,
+                     num_pending=self._num_pending, num_active_requests=len(self._queues),
+                     num_finished_requests=self._num_finished, num_aborted_requests=self._num_aborted)
+        return total
 
     @property
     def dead_reason(self) -> Optional[str]:
@@ -261,5 +366,7 @@ class AsyncLLM(EngineClient):
 
     async def close(self) -> None:
         self._accepting = False
-        if self.core_client is not None:
-            await self.core_client.shutdown()
+        await asyncio.gather(*(client.shutdown() for client in self.core_clients))
+        if self._replica_set is not None:
+            await asyncio.to_thread(self._replica_set.close)
+            self._replica_set = None

@@ -68,7 +68,8 @@ class ModelInfo:
     dtype: str                    # what "auto" became, e.g. "bfloat16"
     device: str                   # e.g. "cuda:0", "cpu"
     block_size: int
-    num_kv_blocks: int
+    num_kv_blocks: int            # per engine core (the smallest, with several)
+    data_parallel_size: int = 1   # engine cores behind this front end
 
 
 class EngineClient(abc.ABC):
@@ -110,6 +111,11 @@ class EngineClient(abc.ABC):
         prefix_cache_hit_rate, prefix_cache_query_tokens, prefix_cache_hit_tokens (cumulative
         prompt tokens looked up in / served from the prefix cache), num_pending,
         num_active_requests, num_finished_requests, num_aborted_requests, num_steps."""
+
+    def replica_stats(self) -> list[dict]:
+        """Per engine core: its `stats()` share (the engine-side keys) plus `replica` (its index)
+        and `alive`. Default: the whole engine as core 0."""
+        return [dict(self.stats(), replica=0, alive=self.dead_reason is None)]
 
     def on_step(self, callback: Callable[[StepStats], None]) -> None:
         """Registers `callback(StepStats)`, called after every engine step (on any thread; it

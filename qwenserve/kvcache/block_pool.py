@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from typing import Hashable, Iterable, Optional
+from typing import Hashable, Iterable, Optional, Sequence
 
 BlockHash = bytes
 
@@ -54,6 +54,24 @@ def hash_block_tokens(parent_hash: Optional[BlockHash], token_ids: tuple,
     """
     payload = pickle.dumps((parent_hash, token_ids, extra), protocol=4)
     return hashlib.sha256(payload).digest()[:16]
+
+
+def prefix_block_hashes(token_ids: Sequence[int], block_size: int, extra: Hashable = None,
+                        max_blocks: Optional[int] = None) -> list[BlockHash]:
+    """The chained hashes of the full blocks at the start of `token_ids` (at most
+    `max_blocks`), exactly as the KV cache computes them for a request whose `cache_salt` is
+    `extra`: what a front end compares against what a replica's cache holds."""
+    num_blocks = len(token_ids) // block_size
+    if max_blocks is not None:
+        num_blocks = min(num_blocks, max_blocks)
+    hashes: list[BlockHash] = []
+    parent = None
+    for i in range(num_blocks):
+        # int(): numpy ints pickle differently from Python ints and would change the hash.
+        block = tuple(int(t) for t in token_ids[i * block_size:(i + 1) * block_size])
+        parent = hash_block_tokens(parent, block, extra)
+        hashes.append(parent)
+    return hashes
 
 
 class KVBlock:

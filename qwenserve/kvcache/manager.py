@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
-from .block_pool import BlockHash, BlockPool, KVBlock, hash_block_tokens
+from .block_pool import BlockHash, BlockPool, KVBlock, hash_block_tokens, prefix_block_hashes
 
 
 @dataclass
@@ -164,12 +164,8 @@ class KVCacheManager:
         if self._last_hits is not None and self._last_hits[0] == request.request_id \
                 and len(self._last_hits[1]) == num_hits:
             return self._last_hits[1]
-        hashes, parent = [], None   # hits not from the last query: hash them again
-        for i in range(num_hits):
-            parent = hash_block_tokens(parent, _block_tokens(request.all_token_ids, i,
-                                                             self.block_size), request.cache_salt)
-            hashes.append(parent)
-        return hashes
+        # Hits not from the last query: hash them again.
+        return prefix_block_hashes(request.all_token_ids, self.block_size, request.cache_salt, num_hits)
 
     def _cache_full_blocks(self, request, state: _RequestBlocks, num_known_tokens: int) -> None:
         bs = self.block_size

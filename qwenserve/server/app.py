@@ -2,7 +2,7 @@
 
 Owns the server's lifecycle:
   1. start the engine: `AsyncLLM` starts the engine-core process, which loads the weights
-     (showing its own progress) and answers once it is ready;
+     (showing its own progress) and answers once it is ready (`--dp N`: N cores as Ray actors);
   2. bind both ports and start gRPC with health NOT_SERVING (`grpc.health.v1.Health`) and
      server reflection, and the OpenAI-compatible HTTP API (uvicorn, in this same event loop;
      /health 503), print the addresses; with --api-key every call but health needs the key,
@@ -15,7 +15,9 @@ Owns the server's lifecycle:
      `shutdown_grace` seconds; then abort the rest (their streams end with finish_reason
      "abort"), close the ports, stop the engine core and its workers, exit 0.
 An engine failure later turns health NOT_SERVING (calls get UNAVAILABLE, HTTP 503) but keeps
-the process up, so that an orchestrator sees the failure through health.
+the process up, so that an orchestrator sees the failure through health. With several engine
+cores that is when the last one fails: until then a failed core's calls get UNAVAILABLE and the
+others keep serving, health SERVING.
 
 Both front ends get the engine through a `MeteredEngineClient` sharing one `ServerMetrics`, so
 /metrics and the request log cover gRPC and HTTP requests alike.
@@ -259,7 +261,11 @@ async def _serve(config: EngineConfig, options: ServerOptions, engine: Optional[
             print(f"qwenserve: error: {e}", file=sys.stderr, flush=True)
             await engine.close()
             return 2 if e.bad_setting else 1
-        except (EngineCoreDead, asyncio.TimeoutError) as e:
+        except (ValueError, ConnectionError) as e:  # --dp > 1: Ray or placement refused a setting
+            print(f"qwenserve: error: {e}", file=sys.stderr, flush=True)
+            await engine.close()
+            return 2
+        except (EngineCoreDead, asyncio.TimeoutError, RuntimeError) as e:
             print(f"qwenserve: error: the engine did not start: {e}", file=sys.stderr, flush=True)
             await engine.close()
             return 1

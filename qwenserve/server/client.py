@@ -298,7 +298,16 @@ class _Assembler:
 
 
 def _to_dict(message) -> dict:
-    return {f.name: getattr(message, f.name) for f in message.DESCRIPTOR.fields}
+    """A message's fields by name; a repeated message field as a list of such dicts."""
+    out = {}
+    for f in message.DESCRIPTOR.fields:
+        value = getattr(message, f.name)
+        # protobuf 7 has only is_repeated, older ones only label.
+        repeated = f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED
+        if f.type == f.TYPE_MESSAGE and repeated:
+            value = [_to_dict(item) for item in value]
+        out[f.name] = value
+    return out
 
 
 class QwenClient:

@@ -39,6 +39,13 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
                    help="checkpoint directory (HF format) or a Hugging Face repo id such as Qwen/Qwen-7B-Chat "
                         "(downloaded, or taken from the local cache offline); default: the built-in tiny model")
     p.add_argument("--tp", type=int_in(1), default=1, dest="tp", help="tensor-parallel size (default: %(default)s)")
+    p.add_argument("--dp", type=int_in(1), default=1, dest="dp",
+                   help="data-parallel size: engine cores, each with its own --tp ranks and KV cache, as Ray "
+                        "actors behind this one server (default: %(default)s: one core, no Ray)")
+    p.add_argument("--dp-routing", choices=("cache_aware", "round_robin", "least_loaded"), default="cache_aware",
+                   help="how each request picks a core with --dp > 1: cache_aware (the core that served the "
+                        "longest prefix of its prompt, unless the loads are too uneven), round_robin or "
+                        "least_loaded (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind, both APIs (default: %(default)s)")
     p.add_argument("--port", type=int_in(0, 65535), default=50051,
                    help="gRPC port (0: any free port; default: %(default)s)")
@@ -61,7 +68,9 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"tokens per KV block, a power of two (default: {d.block_size})")
     p.add_argument("--gpu-memory-utilization", type=float_in(0.0, 1.0, low_open=True), default=None,
                    help=f"fraction of GPU memory to use, in (0, 1] (default: {d.gpu_memory_utilization})")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (tp > 1; default: a local one)")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (tp > 1 or dp > 1; default: a local one, on 127.0.0.1 only "
+                        "when --host is a loopback address)")
     p.add_argument("--max-waiting-requests", type=int_in(1), default=None,
                    help=f"waiting-queue bound; beyond it calls get RESOURCE_EXHAUSTED / HTTP 429 "
                         f"(default: {d.max_waiting_requests})")
@@ -76,6 +85,8 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
                    help="no INFO line per finished request")
     # Benchmarks only (e.g. benchmarks.simulated_device:h100_7b_executor); not a user feature.
     p.add_argument("--executor-plugin", default=None, help=argparse.SUPPRESS)
+    # Benchmarks and tests only: a fixed KV block count per core instead of the memory budget.
+    p.add_argument("--num-kv-blocks", type=int_in(2), default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, default="INFO",
                    help="logging level for stderr (default: %(default)s)")
     security = p.add_argument_group("security")
@@ -136,12 +147,12 @@ def is_loopback_host(host: str) -> bool:
 def engine_config_from_args(args: argparse.Namespace):
     from qwenserve.config import EngineConfig
 
-    kwargs = {"model": args.model, "tensor_parallel_size": args.tp, "device": args.device,
-              "dtype": args.dtype, "ray_address": args.ray_address, "executor_plugin": args.executor_plugin,
-              # A server reachable only from this machine keeps its local Ray there too.
-              "ray_loopback_only": is_loopback_host(args.host)}
+    kwargs = {"model": args.model, "tensor_parallel_size": args.tp, "data_parallel_size": args.dp,
+              "data_parallel_routing": args.dp_routing, "device": args.device, "dtype": args.dtype,
+              "ray_address": args.ray_address, "ray_local_loopback": is_loopback_host(args.host),
+              "executor_plugin": args.executor_plugin}
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                 "gpu_memory_utilization", "max_waiting_requests", "kv_cache_memory", "seed"):
+                 "gpu_memory_utilization", "max_waiting_requests", "kv_cache_memory", "num_kv_blocks", "seed"):
         value = getattr(args, name)
         if value is not None:  # unset: EngineConfig's default
             kwargs[name] = value

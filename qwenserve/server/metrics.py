@@ -5,7 +5,9 @@ Owns the `qwenserve:` metrics (vLLM's names after the prefix) and how they are m
 - per request, by `MeteredEngineClient`, a decorator of the `EngineClient` that each front end
   (gRPC, HTTP) is handed: it watches every `generate` from the call to the last delta;
 - per engine step, through `EngineClient.on_step` (tokens per iteration);
-- at scrape time, from `EngineClient.stats()` (queues, KV usage, prefix cache, preemptions).
+- at scrape time, from `EngineClient.replica_stats()` (queues, KV usage, prefix cache,
+  preemptions: one series per engine core, label `replica`, "0" with one core) and
+  `EngineClient.stats()` (the front end's pending requests).
 
 Definitions. Time to first token: from the call to the first delta that carries a token (for
 n > 1: any completion's). Inter-token latency: between two deltas of one completion that carry
@@ -15,7 +17,10 @@ request_success_total counts completions (n per request) by finish reason, "abor
 (a client that disconnects or cancels aborts its request, queued or running); a request refused
 before it started (bad input, queue full) is neither counted nor logged, and one the engine
 failed under is logged with finish "error" but not counted. prefix_cache_{queries,hits}_total count prompt
-tokens, as vLLM's do.
+tokens, as vLLM's do. num_requests_waiting is a core's queue; num_requests_pending the requests
+the front end holds before any core has them (input processing); engine_core_up is 1 while a
+core serves and 0 once it has failed (a failed core's occupancy gauges read 0, its counters keep
+their last values).
 
 The request log is one INFO line per finished request on the `qwenserve.requests` logger:
 
@@ -71,7 +76,7 @@ class ServerMetrics:
                                             buckets=_REQUEST_BUCKETS, registry=r)
         self.iteration_tokens = Histogram(f"{PREFIX}iteration_tokens_total", "Tokens computed per engine step.",
                                           buckets=_ITERATION_BUCKETS, registry=r)
-        r.register(_EngineStatsCollector(engine.stats))
+        r.register(_EngineStatsCollector(engine))
         engine.on_step(self._on_step)
 
     def _on_step(self, stats: StepStats) -> None:
@@ -83,29 +88,40 @@ class ServerMetrics:
 
 
 class _EngineStatsCollector:
-    """Gauges and counters read from `EngineClient.stats()` when /metrics is scraped."""
+    """Gauges and counters read from the engine's stats when /metrics is scraped: one series per
+    engine core (label `replica`), and the front end's pending requests."""
 
-    def __init__(self, stats: Callable[[], dict]):
-        self.stats = stats
+    def __init__(self, engine: EngineClient):
+        self.engine = engine
 
     def describe(self):
         return []  # nothing to check at registration: the families are built per scrape
 
     def collect(self):
-        s = self.stats()
-        yield GaugeMetricFamily(f"{PREFIX}num_requests_running", "Completions the engine is running.",
-                                value=s.get("num_running", 0))
-        yield GaugeMetricFamily(f"{PREFIX}num_requests_waiting", "Completions waiting to be scheduled.",
-                                value=s.get("num_waiting", 0) + s.get("num_pending", 0))
-        total = s.get("num_total_blocks") or 0
-        yield GaugeMetricFamily(f"{PREFIX}kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = all).",
-                                value=s.get("num_used_blocks", 0) / total if total else 0.0)
-        yield CounterMetricFamily(f"{PREFIX}prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-                                  value=s.get("prefix_cache_query_tokens", 0))
-        yield CounterMetricFamily(f"{PREFIX}prefix_cache_hits", "Prompt tokens served from the prefix cache.",
-                                  value=s.get("prefix_cache_hit_tokens", 0))
-        yield CounterMetricFamily(f"{PREFIX}num_preemptions", "Preemptions of running requests.",
-                                  value=s.get("num_preemptions", 0))
+        replicas = self.engine.replica_stats()
+        per_replica = [
+            (GaugeMetricFamily, "engine_core_up", "1 while the engine core serves, 0 once it failed.",
+             lambda r: 1 if r.get("alive", True) else 0),
+            (GaugeMetricFamily, "num_requests_running", "Completions the engine core is running.",
+             lambda r: r.get("num_running", 0)),
+            (GaugeMetricFamily, "num_requests_waiting", "Completions waiting in the engine core's queue.",
+             lambda r: r.get("num_waiting", 0)),
+            (GaugeMetricFamily, "kv_cache_usage_perc", "Fraction of the core's KV cache blocks in use (1 = all).",
+             lambda r: r.get("num_used_blocks", 0) / r["num_total_blocks"] if r.get("num_total_blocks") else 0.0),
+            (CounterMetricFamily, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             lambda r: r.get("prefix_cache_query_tokens", 0)),
+            (CounterMetricFamily, "prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+             lambda r: r.get("prefix_cache_hit_tokens", 0)),
+            (CounterMetricFamily, "num_preemptions", "Preemptions of running requests.",
+             lambda r: r.get("num_preemptions", 0)),
+        ]
+        for kind, name, documentation, value_of in per_replica:
+            family = kind(f"{PREFIX}{name}", documentation, labels=["replica"])
+            for replica in replicas:
+                family.add_metric([str(replica["replica"])], value_of(replica))
+            yield family
+        yield GaugeMetricFamily(f"{PREFIX}num_requests_pending", "Requests being processed by the front end, "
+                                "not yet handed to an engine core.", value=self.engine.stats().get("num_pending", 0))
 
 
 class _RequestRecord:
@@ -195,6 +211,9 @@ class MeteredEngineClient(EngineClient):
 
     def stats(self) -> dict:
         return self.inner.stats()
+
+    def replica_stats(self) -> list[dict]:
+        return self.inner.replica_stats()
 
     def on_step(self, callback: Callable[[StepStats], None]) -> None:
         self.inner.on_step(callback)

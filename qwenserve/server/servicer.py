@@ -125,7 +125,7 @@ def model_info_message(info: ModelInfo) -> pb.ModelInfo:
     return pb.ModelInfo(model=info.model, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
                         tensor_parallel_size=info.tensor_parallel_size, dtype=info.dtype,
                         device=info.device, block_size=info.block_size, num_kv_blocks=info.num_kv_blocks,
-                        num_gpu_blocks=info.num_kv_blocks)
+                        num_gpu_blocks=info.num_kv_blocks, data_parallel_size=info.data_parallel_size)
 
 
 def response_message(request_id: str, delta: Delta) -> pb.GenerateResponse:
@@ -206,11 +206,22 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return self.info
 
     async def GetStats(self, request, context) -> pb.Stats:
-        stats = self.engine.stats()
-        fields = {f.name: f for f in pb.Stats.DESCRIPTOR.fields}
-        values = {}
-        for name, value in stats.items():
-            if name in fields and value is not None:
-                is_float = fields[name].type == fields[name].TYPE_FLOAT
-                values[name] = float(value) if is_float else int(value)
-        return pb.Stats(**values)
+        replicas = [pb.ReplicaStats(**_scalar_fields(pb.ReplicaStats, r)) for r in self.engine.replica_stats()]
+        return pb.Stats(**_scalar_fields(pb.Stats, self.engine.stats()), replicas=replicas)
+
+
+def _scalar_fields(message_type, values: dict) -> dict:
+    """The entries of `values` that are scalar fields of `message_type`, typed for it."""
+    fields = {f.name: f for f in message_type.DESCRIPTOR.fields if f.type != f.TYPE_MESSAGE}
+    out = {}
+    for name, value in values.items():
+        field = fields.get(name)
+        if field is None or value is None:
+            continue
+        if field.type in (field.TYPE_FLOAT, field.TYPE_DOUBLE):
+            out[name] = float(value)
+        elif field.type == field.TYPE_BOOL:
+            out[name] = bool(value)
+        else:
+            out[name] = int(value)
+    return out

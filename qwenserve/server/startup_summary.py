@@ -18,11 +18,14 @@ from qwenserve.frontend.engine_client import ModelInfo
 
 def startup_summary(info: ModelInfo, served_name: str, grpc_address: str, http_url: Optional[str],
                     api_key_set: bool) -> list[str]:
+    dp = info.data_parallel_size
+    replicas = f", data parallel {dp} (engine cores on Ray)" if dp > 1 else ""
+    per_core = " per engine core" if dp > 1 else ""
     lines = [
         f"model {served_name} ({info.model}) on {info.device}, {info.dtype}, tensor parallel "
-        f"{info.tensor_parallel_size}",
+        f"{info.tensor_parallel_size}{replicas}",
         f"KV cache {info.num_kv_blocks} blocks x {info.block_size} tokens = {info.num_kv_blocks * info.block_size} "
-        f"tokens; max_model_len {info.max_model_len}",
+        f"tokens{per_core}; max_model_len {info.max_model_len}",
         f"gRPC  {grpc_address}  try: qwenserve generate --address {grpc_address} \"Hello\"",
     ]
     if http_url:

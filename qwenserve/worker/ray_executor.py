@@ -22,31 +22,31 @@ are still blocked in a collective (they give up after the process group's timeou
 killed by `shutdown`); an exception inside a rank's step comes back with the rank and its
 traceback. After a failure the executor stays failed: every later call raises the same error.
 
-Ray is imported only here; `make_executor` imports this module only when tp > 1.
+Ray is imported only here and in `ray_cluster.py` (joining or starting the cluster);
+`make_executor` imports this module only when tp > 1. Inside a data-parallel replica (the core
+is a Ray actor in its replica's placement group) the ranks take that group's bundles 1..tp.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import ipaddress
 import logging
 import os
-import socket
 import threading
 import time
 from typing import Callable, Optional, Sequence
 
 import ray
 from ray.exceptions import RayActorError, RayError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-import qwenserve
 from qwenserve.config import EngineConfig
 from qwenserve.kernels._triton import AUTO_MARKER, INTERPRET_VAR
 from qwenserve.model.config import QwenConfig
 from qwenserve.model.loader import checkpoint_files
 from qwenserve.scheduler.output import SchedulerOutput
+from qwenserve.worker import ray_cluster
 from qwenserve.worker.distributed import check_tp_size, destroy_distributed, free_port, init_distributed
 from qwenserve.worker.model_runner import ModelRunnerOutput
 from qwenserve.worker.step_channel import RankError, StepChannel, serve_steps
@@ -56,15 +56,8 @@ POLL_S = 0.5
 CONNECT_TIMEOUT_S = 60.0
 PLACEMENT_TIMEOUT_S = float(os.environ.get("QWENSERVE_RAY_PLACEMENT_TIMEOUT_S", "120"))
 HEALTH_TIMEOUT_S = 10.0
-# Joining a cluster (`ray_address`): the TCP check of the address, per host tried, and the
-# attempts Ray's GCS connect loop makes (Ray reads this variable at ray.init; one attempt
-# waits ~40 s for a GCS that does not answer; its default of 20 attempts is ~15 minutes).
-RAY_CONNECT_TIMEOUT_S = float(os.environ.get("QWENSERVE_RAY_CONNECT_TIMEOUT_S", "5"))
-RAY_GCS_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"
-RAY_GCS_WAIT_ATTEMPTS = "1"
 SHUTDOWN_TIMEOUT_S = 10.0
 logger = logging.getLogger(__name__)
-_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(qwenserve.__file__)))
 
 
 class RankWorker:
@@ -115,150 +108,6 @@ class RankWorker:
 _RankActor = ray.remote(concurrency_groups={"health": 1})(RankWorker)
 
 
-@contextlib.contextmanager
-def _env_default(name: str, value: str):
-    """Sets environment variable `name` to `value` for the block, unless the user set it."""
-    if name in os.environ:
-        yield
-        return
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-
-
-def _split_address(address: str) -> Optional[tuple[str, int]]:
-    """(host, port) of "host:port", "[v6]:port" or "ray://host:port"; None when there is no
-    port to check (e.g. "auto", which Ray resolves itself)."""
-    rest = address.split("://", 1)[1] if "://" in address else address
-    host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit():
-        return None
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def _check_reachable(address: str, setting: str) -> None:
-    """Fails in at most RAY_CONNECT_TIMEOUT_S per host when nothing accepts TCP connections at
-    the cluster address (Ray itself would retry for many minutes). Ray swaps a loopback host for
-    this node's IP, so either answering is enough."""
-    parsed = _split_address(address)
-    if parsed is None:
-        return
-    host, port = parsed
-    hosts = [host]
-    if host == "localhost" or host.startswith("127.") or host == "::1":
-        hosts.append(ray.util.get_node_ip_address())
-    problems = []
-    for h in hosts:
-        try:
-            with socket.create_connection((h, port), timeout=RAY_CONNECT_TIMEOUT_S):
-                return
-        except socket.timeout:
-            problems.append(f"{h}:{port}: no answer within {RAY_CONNECT_TIMEOUT_S:g}s")
-        except OSError as e:
-            problems.append(f"{h}:{port}: {e.strerror or e}")
-    raise ConnectionError(f"{setting}: cannot reach a Ray cluster at {address!r} "
-                          f"({'; '.join(problems)}); is `ray start --head` running there?")
-
-
-def _init_ray(config: EngineConfig, tp: int) -> bool:
-    """Joins `config.ray_address` or $RAY_ADDRESS, else starts a small local Ray.
-    Returns whether this call started Ray (and so whether shutdown should stop it).
-
-    Joining is bounded: an address where nothing listens fails at once (`_check_reachable`),
-    and Ray's own GCS connect loop (20 attempts of ~40 s each by default) gets one attempt, so
-    something that listens but is not a Ray GCS fails in about 40 s, not 15 minutes. Either
-    failure is a ConnectionError naming the setting."""
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    setting = "ray_address" if config.ray_address else "ray_address ($RAY_ADDRESS)"
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        _check_reachable(address, setting)
-        try:
-            with _env_default(RAY_GCS_WAIT_ENV, RAY_GCS_WAIT_ATTEMPTS):
-                ray.init(address=address, log_to_driver=False)
-        except (ConnectionError, RuntimeError, TimeoutError) as e:
-            raise ConnectionError(f"{setting}: could not join the Ray cluster at {address!r}: "
-                                  f"{type(e).__name__}: {e}") from e
-        return True
-    # A driver-side CPU beyond the ranks' bundles; a small object store: steps carry only ids.
-    with _ray_on_loopback() if config.ray_loopback_only else contextlib.nullcontext():
-        ray.init(address="local", num_cpus=tp + 1, object_store_memory=200 * 1024 ** 2,
-                 include_dashboard=False, log_to_driver=False)
-    return True
-
-
-@contextlib.contextmanager
-def _ray_on_loopback():
-    """Starts a local Ray whose node IP is 127.0.0.1, so that its GCS, raylet, object manager,
-    agents and workers listen on loopback only. That is Ray's own single-machine mode (its
-    default on macOS and Windows): RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which Ray reads into
-    ray_constants.ENABLE_RAY_CLUSTER at import, so the constant is set too for ray.init; the
-    processes ray.init starts inherit the variable."""
-    from ray._private import ray_constants
-
-    with _env_default(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0"):
-        saved = ray_constants.ENABLE_RAY_CLUSTER
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        try:
-            yield
-        finally:
-            ray_constants.ENABLE_RAY_CLUSTER = saved
-
-
-def _use_gpus(config: EngineConfig, tp: int) -> bool:
-    """GPU ranks on "cuda", or on "auto" when the cluster has GPUs; too few GPUs is an error,
-    not a silent fall back to CPU ranks."""
-    if config.device == "cpu":
-        return False
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if config.device == "auto" and gpus == 0:
-        return False
-    if gpus < tp:
-        raise ValueError(f"device: tensor_parallel_size {tp} on CUDA needs {tp} GPUs; the Ray "
-                         f"cluster has {gpus:g} (device='cpu' runs the ranks on CPUs)")
-    return True
-
-
-def _actor_env(tp: int, node_ip: str, gpu: bool) -> dict[str, str]:
-    """What an actor needs from the driver's environment: the source tree, the caches, one
-    thread pool per core share (two ranks on two cores must not each spawn two threads); on a
-    loopback-only node, gloo's and NCCL's sockets on the loopback interface too.
-
-    Not the driver's TRITON_INTERPRET: each rank decides its own device environment. A GPU rank
-    compiles its kernels (TRITON_INTERPRET=0, whatever the driver or the raylet it started has:
-    a CPU-only driver switches the interpreter on for itself); a CPU rank leaves it to
-    `kernels/_triton.py` in its own process (the interpreter, as it sees no CUDA)."""
-    path = os.environ.get("PYTHONPATH", "")
-    env = {"PYTHONPATH": _SOURCE_ROOT + (os.pathsep + path if path else ""),
-           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // tp))}
-    env.update({k: v for k, v in os.environ.items()
-                if (k.startswith("QWENSERVE_") and k != AUTO_MARKER) or k == "HF_HOME"})
-    if gpu:
-        env[INTERPRET_VAR] = "0"
-    loopback = _loopback_interface()
-    if _is_loopback_ip(node_ip) and loopback is not None:
-        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-            env[name] = os.environ.get(name, loopback)
-    return env
-
-
-def _is_loopback_ip(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
-
-
-def _loopback_interface() -> Optional[str]:
-    """The loopback interface's name ("lo" on Linux, "lo0" on macOS), if this host has one."""
-    names = {name for _, name in socket.if_nameindex()}
-    return next((name for name in ("lo", "lo0") if name in names), None)
-
-
 class RayExecutor:
     def __init__(self, config: EngineConfig, model_dir: str,
                  progress: Optional[Callable[[int, int], None]] = None):
@@ -285,20 +134,30 @@ class RayExecutor:
 
     def _start(self, config: EngineConfig, model_dir: str) -> None:
         tp = self.tp
-        self._owns_ray = _init_ray(config, tp)
-        gpu = _use_gpus(config, tp)
+        self._owns_ray = ray_cluster.init_ray(config, num_cpus=tp + 1)  # + the driver's CPU
+        gpu = ray_cluster.use_gpus(config, tp, f"tensor_parallel_size {tp}")
         worker_config = dataclasses.replace(config, device="cuda" if gpu else "cpu")
         bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
-        self._pg = placement_group([dict(bundle) for _ in range(tp)], strategy="PACK")
-        ready, _ = ray.wait([self._pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        # A data-parallel replica's core runs in bundle 0 of its replica's placement group,
+        # which holds a bundle per rank after it (engine_core/replica_placement.py).
+        pg, first_bundle = get_current_placement_group(), 1
+        if pg is None:
+            self._pg = pg = placement_group([dict(bundle) for _ in range(tp)], strategy="PACK")
+            first_bundle = 0
+        ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             raise RuntimeError(f"Ray could not place {tp} ranks of {bundle} within "
                                f"{PLACEMENT_TIMEOUT_S:g}s; cluster resources: {ray.cluster_resources()}")
-        env = _actor_env(tp, ray.util.get_node_ip_address(), gpu)
+        if len(pg.bundle_specs) < first_bundle + tp:
+            raise RuntimeError(f"the replica's placement group has {len(pg.bundle_specs)} bundles; "
+                               f"{tp} ranks need {first_bundle + tp}")
+        env = ray_cluster.actor_env(threads=(os.cpu_count() or 1) // tp, gpu=gpu,
+                                    node_ip=ray.util.get_node_ip_address())
         self.actors = [
             _RankActor.options(
                 num_cpus=1, num_gpus=1 if gpu else 0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=first_bundle + r),
                 runtime_env={"env_vars": env},
             ).remote(r, tp)
             for r in range(tp)
