@@ -18,7 +18,7 @@ from qwenserve.structured_output.compiler import CompiledGrammar, GrammarCompile
 from qwenserve.structured_output.logits_mask import allowed_matrix, apply_bitmask_, unpack_bits_torch
 from qwenserve.structured_output.matcher import GrammarMatcher
 from qwenserve.structured_output.spec import MAX_SPEC_BYTES
-from qwenserve.structured_output.termination import checks_stop_strings, stop_token_ids
+from qwenserve.structured_output.termination import checks_stop_strings, stop_token_ids, stops_before_min_tokens
 from qwenserve.structured_output.vocabulary import (
     END_TOKEN_IDS, EOS_TOKEN_ID, MASK_WORDS, allowed_ids, qwen_lltokenizer)
 from qwenserve.worker.sampler import Sampler, SamplingState, make_generator
@@ -313,6 +313,9 @@ def test_a_structured_request_ends_on_the_end_tokens_only():
     assert stop_token_ids(structured, {64}) == END_TOKEN_IDS and not checks_stop_strings(structured)
     plain = SamplingParams(stop=["a"])
     assert stop_token_ids(plain, {EOS_TOKEN_ID, 7}) == {EOS_TOKEN_ID, 7} and checks_stop_strings(plain)
+    # min_tokens is the mask's job for a structure: an end that got through ends it at once.
+    assert stops_before_min_tokens(so_params(regex="a+", min_tokens=5))
+    assert not stops_before_min_tokens(SamplingParams(min_tokens=5))
 
 
 # ---------------------------------------------------------------- the proto mapping

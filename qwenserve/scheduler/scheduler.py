@@ -9,7 +9,8 @@ goes back to the front of the waiting queue to be recomputed later.
 
 `update_from_output(scheduler_output, runner_output)` takes a step's sampled tokens back:
 it appends them, applies the stop rules that need only token ids (stop ids once min_tokens
-are out, max_tokens, max_model_len), frees finished requests' blocks and returns each
+are out, a structured request's end tokens at once: `structured_output.termination`;
+max_tokens, max_model_len), frees finished requests' blocks and returns each
 request's per-step delta (`EngineCoreOutput`). Stop strings are the front end's: it aborts.
 
 Overlapped steps. The engine core schedules step k+1 before step k's samples are back. A
@@ -35,6 +36,7 @@ from qwenserve.engine_core.protocol import EngineCoreOutput, SchedulerStats
 from qwenserve.kvcache import KVCacheManager
 from qwenserve.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
 from qwenserve.scheduler.request import Request, RequestStatus
+from qwenserve.structured_output import termination
 
 
 def logprob_entry(token_id: int, logprob: float, top_logprobs) -> list[tuple[int, float]]:
@@ -240,7 +242,8 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token: int) -> Optional[RequestStatus]:
         num_output = request.num_output_tokens
-        if token in request.stop_token_ids and num_output >= request.params.min_tokens:
+        if token in request.stop_token_ids and (num_output >= request.params.min_tokens
+                                                or termination.stops_before_min_tokens(request.params)):
             return RequestStatus.FINISHED_STOPPED
         if num_output >= request.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH

@@ -26,6 +26,7 @@ _LAZY = {
     "fill_bitmask": "batch", "grammar_matcher": "batch",
     "apply_bitmask_": "logits_mask",
     "stop_token_ids": "termination", "checks_stop_strings": "termination",
+    "stops_before_min_tokens": "termination",
 }
 
 
