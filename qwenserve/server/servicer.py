@@ -11,6 +11,7 @@ A call that ends early (client cancel, deadline) aborts its request in `finally`
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any, Optional
