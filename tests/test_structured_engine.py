@@ -234,3 +234,62 @@ def test_min_tokens_lengthens_an_open_structure_and_never_a_complete_one(llm, gr
         longer = completions(llm, PROMPT, [schema_params(SCHEMA[name], "greedy", 0, min_tokens=min_tokens)])[0]
         check_valid(longer, SCHEMA[name])
         assert len(longer.token_ids) >= min_tokens
+
+
+# ---------------------------------------------------------------- failures inside a step
+
+def test_a_matcher_failure_mid_generation_aborts_that_request_only(llm, greedy_suite, caplog):
+    """A token the matcher rejects (here: llguidance's answer for the third token turned into a
+    rejection) fails the row in the step's mask; the request ends with "abort", the failure
+    logged, its other tokens kept, and its neighbours' outputs unchanged."""
+    engine = llm.engine
+    runner = engine.executor.worker.runner
+    by_name = dict(zip([s["name"] for s in SCHEMAS], greedy_suite))
+    names = ["person", "order", "matrix"]
+    ids = [engine.add_request(prompt=PROMPT, params=schema_params(SCHEMA[n], "greedy", 0)) for n in names]
+    victim = ids[0]
+    done = {}
+    while engine.has_unfinished_requests():
+        state = runner.requests.get(victim)
+        matcher = state.sampling.grammar_matcher if state is not None else None
+        if matcher is not None and not hasattr(matcher, "sabotaged"):
+            advanced = matcher.advanced
+
+            def reject_the_third(token, accepted, advanced=advanced, matcher=matcher):
+                advanced(token, accepted and matcher.num_consumed != 2)
+
+            matcher.advanced, matcher.sabotaged = reject_the_third, True
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    failed = done[victim]
+    assert failed.finish_reason == "abort"
+    assert failed.token_ids == by_name["person"].token_ids[:3]  # the rejected token was already out
+    assert "is not allowed by the grammar" in caplog.text
+    for rid, name in zip(ids[1:], names[1:]):
+        assert done[rid].token_ids == by_name[name].token_ids and done[rid].finish_reason == "stop"
+    _assert_no_leak(llm)
+
+
+def test_a_grammar_that_cannot_be_built_in_the_step_aborts_before_any_token(llm, monkeypatch, caplog):
+    """The grammar compiled when the request was made, but the step's compile fails (a time
+    limit under load, an evicted cache entry that no longer builds): the request is aborted
+    with no token, the reason logged; the step and the other rows go on."""
+    import qwenserve.structured_output.batch as batch
+
+    spec = StructuredOutput(regex=r"[0-9]{3}-[0-9]{4}")
+    params = [SamplingParams(max_tokens=16, temperature=0.0, structured_output=spec),
+              schema_params(SCHEMA["int"], "greedy", 0)]
+    compile_ = batch.compile_structured_output
+
+    def fail_the_regex(s):
+        if s == spec:
+            raise ValueError("structured_output.regex: injected failure")
+        return compile_(s)
+
+    monkeypatch.setattr(batch, "compile_structured_output", fail_the_regex)
+    failed, fine = completions(llm, PROMPT, params)
+    assert (failed.finish_reason, failed.token_ids, failed.text) == ("abort", [], "")
+    assert "injected failure" in caplog.text
+    check_valid(fine, SCHEMA["int"])
+    _assert_no_leak(llm)

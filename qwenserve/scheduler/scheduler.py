@@ -12,6 +12,9 @@ it appends them, applies the stop rules that need only token ids (stop ids once 
 are out, a structured request's end tokens at once: `structured_output.termination`;
 max_tokens, max_model_len), frees finished requests' blocks and returns each
 request's per-step delta (`EngineCoreOutput`). Stop strings are the front end's: it aborts.
+A structured request whose grammar matcher failed in the workers (`structure_errors`) is
+aborted with the reason as its error, its last token (an end token forced by the failure)
+dropped: finish "stop" on a structured request always means a complete structure.
 
 Overlapped steps. The engine core schedules step k+1 before step k's samples are back. A
 request whose step k samples a token holds a *placeholder* for it (`num_output_placeholders`)
@@ -225,6 +228,11 @@ class Scheduler:
             if request is None:  # finished or aborted while its step ran: the sample is moot
                 continue
             request.num_output_placeholders -= 1
+            error = runner_output.structure_errors.get(rid)
+            if error is not None:  # the token came from an end-only mask: not output
+                self.finish_request(rid, RequestStatus.FINISHED_ABORTED)
+                outputs.append(EngineCoreOutput(rid, [], finish_reason="abort", error=error))
+                continue
             request.append_token(token)
             finish = self._check_stop(request, token)
             output = EngineCoreOutput(rid, [token])

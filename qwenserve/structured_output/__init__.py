@@ -22,6 +22,7 @@ _LAZY = {
     "END_TOKEN_IDS": "vocabulary", "MASK_WORDS": "vocabulary", "qwen_lltokenizer": "vocabulary",
     "CompiledGrammar": "compiler", "GrammarCompiler": "compiler",
     "compile_structured_output": "compiler", "default_compiler": "compiler",
+    "start_compile": "compiler",
     "GrammarMatcher": "matcher",
     "fill_bitmask": "batch", "grammar_matcher": "batch",
     "apply_bitmask_": "logits_mask",

@@ -34,6 +34,7 @@ from qwenserve.model.qwen import NUM_REAL_TOKENS, QWenLMHeadModel
 from qwenserve.sampling_params import SamplingParams
 from qwenserve.scheduler.output import SchedulerOutput
 from qwenserve.model.parallel import get_tp_group
+from qwenserve.structured_output.compiler import start_compile
 from qwenserve.worker.sampler import Sampler, SamplerOutput, SamplingState, make_generator
 
 
@@ -68,6 +69,10 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int] = field(default_factory=list)
     logprobs: list[Optional[list[tuple[int, float]]]] = field(default_factory=list)
     sampled_logprobs: list[float] = field(default_factory=list)
+    # Structured requests whose grammar matcher failed (a token it rejected, a grammar that
+    # could not be built here, a per-step limit): request id -> why. Their token this step is
+    # an end token drawn from an end-only mask; the scheduler drops it and aborts them.
+    structure_errors: dict[str, str] = field(default_factory=dict)
 
 
 _UNKNOWN = -1  # a token id the host does not know yet: sampled by a step still on the device
@@ -100,12 +105,22 @@ class _PendingStep:
             self.done.synchronize()
         sampled = self.sampled
         token_ids = list(sampled.token_ids)
-        for state, position, token in zip(self.states, self.positions, token_ids):
+        errors = {}
+        for rid, state, position, token in zip(self.request_ids, self.states, self.positions, token_ids):
             if state.token_ids[position] == _UNKNOWN:
                 state.token_ids[position] = token
             state.sampling.output_token_ids.append(token)
+            matcher = state.sampling.grammar_matcher
+            if matcher is not None and matcher.error is not None:  # set by this step's mask
+                errors[rid] = structure_error(matcher.error)
         return ModelRunnerOutput(request_ids=self.request_ids, sampled_token_ids=token_ids,
-                                 logprobs=sampled.logprobs, sampled_logprobs=sampled.sampled_logprobs)
+                                 logprobs=sampled.logprobs, sampled_logprobs=sampled.sampled_logprobs,
+                                 structure_errors=errors)
+
+
+def structure_error(reason: str) -> str:
+    """A matcher's failure as the request's error, naming the field."""
+    return reason if reason.startswith("structured_output") else f"structured_output: {reason}"
 
 
 class DeviceEvents:
@@ -151,6 +166,10 @@ class ModelRunner:
         for rid in out.preempted_request_ids:
             self.requests.pop(rid, None)
         for new in out.new_requests:
+            if self.is_driver and new.params.structured_output is not None:
+                # Usually a cache hit (the request was compiled when it was decoded); where it
+                # is not (a rank-0 actor under tp > 1) the compile runs during this forward.
+                start_compile(new.params.structured_output)
             tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
             self.requests[new.request_id] = RequestState(
                 token_ids=tokens, num_prompt_tokens=len(new.prompt_token_ids), block_ids=list(new.block_ids),
