@@ -7,8 +7,8 @@ bandwidth floor, and online serving latency over gRPC.
         [--batch-size 1] [--input-len 128] [--output-len 256]
     python benchmarks/run.py prefill [--model DIR | --random-weights --preset 7b --layers 32]
         [--batch-size 8] [--input-len 2048]
-    python benchmarks/run.py serve   [--address HOST:PORT | --model DIR] [--request-rate 1 4 inf]
-        [--max-concurrency N] [--slo-ttft MS] [--slo-tpot MS] [--plot latency.png]
+    python benchmarks/run.py serve   [--address HOST:PORT | --base-url URL | --model DIR] [--request-rate 1 4 inf]
+        [--backend grpc|openai] [--max-concurrency N] [--slo-ttft MS] [--slo-tpot MS] [--plot latency.png]
 
 offline, decode and serve take `--simulate-device h100-7b`: the engine (the server's, for serve)
 runs with its model's arithmetic replaced by benchmarks/simulated_device.py, so the host path is
@@ -25,16 +25,21 @@ through Hugging Face `generate` on the same weights (`load_qwen2_model`) in stat
 only each request's own output length counts as output ("useful output tok/s", TARGETS.md).
 Each system is warmed up once, on other token ids, before it is timed.
 decode: per-step time of a batch after its prefill, against weight bytes / copy bandwidth.
-serve: Poisson arrivals per `--request-rate`, streamed through `AsyncQwenClient`; with
+serve: Poisson arrivals per `--request-rate`, streamed through `AsyncQwenClient` (gRPC), or with
+`--backend openai` through the OpenAI-compatible HTTP API (`benchmarks/openai_backend.py`); with
 `--max-concurrency N` at most N requests are in flight (with rate inf: a closed loop of N
 streams, each sending its next request when its previous one ends).
+The transformers baseline, `--backend openai` and `--plot` need packages qwenserve itself does
+not: `pip install -e '.[bench]'`; without them the run says so and goes on without that part.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import datetime
+import functools
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -182,6 +187,10 @@ def run_transformers(model, requests: list, batch_size: int, device) -> tuple:
     return time.perf_counter() - start, useful, generated
 
 
+NO_TRANSFORMERS = ("note: no transformers baseline: the transformers package is not installed "
+                   "(pip install -e '.[bench]'; --no-baseline silences this)")
+
+
 def cmd_offline(args) -> dict:
     import torch
 
@@ -190,6 +199,10 @@ def cmd_offline(args) -> dict:
     model_dir = resolve_model(args)
     requests = load_workload(args, model_dir)
     workload = dict(describe(requests), dataset=args.dataset, seed=args.seed)
+    if not (args.no_baseline or getattr(args, "random_weights", False)) \
+            and importlib.util.find_spec("transformers") is None:
+        print(NO_TRANSFORMERS)  # said before the run, not after it: the baseline is an extra
+        args.no_baseline = True
     print(f"workload: {args.dataset}, {workload['num_requests']} requests, "
           f"{workload['total_input_tokens']} input + {workload['total_output_tokens']} output tokens")
     result = {"mode": "offline", "environment": environment(args.simulate_device), "workload": workload,
@@ -222,21 +235,33 @@ def cmd_offline(args) -> dict:
         elif not args.no_baseline:
             print("note: no transformers baseline with --random-weights (it needs a checkpoint)")
     else:
-        from qwenserve.model.hf_reference import load_qwen2_model
-        try:
-            model = load_qwen2_model(model_dir, dtype=dtype, device=str(device))
-            run_transformers(model, warmup_requests(requests, args.seed), args.baseline_batch_size, device)
-            elapsed, useful, generated = run_transformers(model, requests, args.baseline_batch_size, device)
-            base = result["baseline"] = throughput(requests, elapsed, useful)
-            base.update(batch_size=args.baseline_batch_size, generated_tokens_incl_padding_steps=generated,
-                        name=f"transformers generate, static batches of {args.baseline_batch_size}")
-            result["speedup"] = base["elapsed_s"] / ours["elapsed_s"]
-            del model
-            free_device_memory()
-        except torch.OutOfMemoryError as e:  # e.g. too large a batch: keep qwenserve's numbers
-            result["baseline"] = {"error": f"out of memory: {e}".splitlines()[0]}
+        result["baseline"], result["speedup"] = run_baseline(args, model_dir, requests, dtype, device, ours)
     print_offline(result)
     return result
+
+
+def run_baseline(args, model_dir: str, requests: list, dtype, device, ours: dict) -> tuple:
+    """(the transformers baseline's metrics, qwenserve's speedup over it); (None, None) when
+    transformers cannot be imported, ({"error": ...}, None) when it runs out of memory."""
+    import torch
+    try:
+        from qwenserve.model.hf_reference import load_qwen2_model
+        model = load_qwen2_model(model_dir, dtype=dtype, device=str(device))
+    except ImportError as e:  # installed but broken: a note, not a traceback after the whole run
+        print(f"{NO_TRANSFORMERS} ({e})")
+        return None, None
+    try:
+        run_transformers(model, warmup_requests(requests, args.seed), args.baseline_batch_size, device)
+        elapsed, useful, generated = run_transformers(model, requests, args.baseline_batch_size, device)
+    except torch.OutOfMemoryError as e:  # e.g. too large a batch: keep qwenserve's numbers
+        return {"error": f"out of memory: {e}".splitlines()[0]}, None
+    finally:
+        del model
+        free_device_memory()
+    base = throughput(requests, elapsed, useful)
+    base.update(batch_size=args.baseline_batch_size, generated_tokens_incl_padding_steps=generated,
+                name=f"transformers generate, static batches of {args.baseline_batch_size}")
+    return base, base["elapsed_s"] / ours["elapsed_s"]
 
 
 def print_offline(result: dict) -> None:
@@ -402,12 +427,14 @@ def _device_sync(device):
 
 # ---------------------------------------------------------------- serve
 class ServerProcess:
-    """`qwenserve launch --port 0` as a subprocess; `address` comes from its "ready ... on" line."""
+    """`qwenserve launch --port 0 --http-port 0` as a subprocess; `address` (gRPC) and `http_url`
+    come from its "ready on HOST:PORT (gRPC) and http://HOST:PORT (HTTP)" line."""
 
     def __init__(self, flags: list, timeout: float, extra_env: Optional[dict] = None):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p),
                    **(extra_env or {}))
-        cmd = [sys.executable, "-u", "-m", "qwenserve.cli", "launch", "--host", "127.0.0.1", "--port", "0", *flags]
+        cmd = [sys.executable, "-u", "-m", "qwenserve.cli", "launch", "--host", "127.0.0.1", "--port", "0",
+               "--http-port", "0", *flags]
         print("starting:", " ".join(shlex.quote(c) for c in cmd))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      cwd=_REPO, env=env)
@@ -423,6 +450,7 @@ class ServerProcess:
             self.lines.append(line.rstrip("\n"))
             if "ready" in line and " on " in line and self.address is None:
                 self.address = line.split(" on ", 1)[1].split()[0]
+                self.http_url = next((w for w in line.split() if w.startswith(("http://", "https://"))), None)
                 self._ready.set()
         self._ready.set()  # exited before ready
 
@@ -527,34 +555,42 @@ def server_flags(args) -> list:
 
 
 def cmd_serve(args) -> dict:
-    import importlib.util
-
     from qwenserve.server.client import QwenClient
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # said before the run, not after it
         print("--plot needs matplotlib, which qwenserve does not depend on (pip install matplotlib); "
               "running without the plot")
         args.plot = None
+    openai = args.backend == "openai"
+    if (args.base_url and not openai) or (args.address and openai):
+        raise SystemExit("serve: --address is a gRPC address (--backend grpc), --base-url an HTTP URL (--backend openai)")
     flags, extra_env, stats_dir = server_flags(args), {}, None
     if args.simulate_device:
-        if args.address:
-            raise SystemExit("--simulate-device starts its own server: drop --address")
+        if args.address or args.base_url:
+            raise SystemExit("--simulate-device starts its own server: drop --address/--base-url")
         stats_dir = tempfile.TemporaryDirectory(prefix="qwenserve-sim-")
         extra_env[STATS_ENV] = os.path.join(stats_dir.name, "device.stats")
         flags += ["--executor-plugin", PLUGINS[args.simulate_device]]
-    server = None if args.address else ServerProcess(flags, args.server_timeout, extra_env)
-    address = args.address or server.address
+    server = None if args.address or args.base_url else ServerProcess(flags, args.server_timeout, extra_env)
+    address = args.address or args.base_url or (server.http_url if openai else server.address)
     try:
-        with QwenClient(address) as client:
-            info = client.model_info(timeout=30)
+        if openai:
+            from benchmarks import openai_backend
+            info = openai_backend.model_info(address)
+            runner = functools.partial(openai_backend.run_rate, model=info["id"])
+        else:
+            with QwenClient(address) as client:
+                info = client.model_info(timeout=30)
+            runner = run_rate
         # Without --model a JSONL is tokenized with the vendored qwen.tiktoken (all Qwen-1 models share it).
         requests = load_workload(args, args.model)
         workload = dict(describe(requests), dataset=args.dataset, seed=args.seed)
-        print(f"server {address} ({info.get('model')}); workload: {args.dataset}, {len(requests)} requests")
-        asyncio.run(run_rate(address, warmup_requests(requests, args.seed, 1), math.inf, args.seed))
+        print(f"server {address} ({info.get('model') or info.get('id')}, {args.backend}); "
+              f"workload: {args.dataset}, {len(requests)} requests")
+        asyncio.run(runner(address, warmup_requests(requests, args.seed, 1), math.inf, args.seed))
         runs = []
         for rate in args.request_rate:
             results, duration, window = asyncio.run(
-                run_rate(address, requests, rate, args.seed, args.max_concurrency))
+                runner(address, requests, rate, args.seed, args.max_concurrency))
             metrics = serve_metrics(results, duration, args.slo_ttft, args.slo_tpot)
             if args.simulate_device:
                 starts, ends = read_stats_file(extra_env[STATS_ENV], covering=window[1])
@@ -572,8 +608,8 @@ def cmd_serve(args) -> dict:
         else:
             print("--plot draws latency against request rate: give several --request-rate values")
     return {"mode": "serve", "environment": environment(args.simulate_device), "address": address,
-            "model_info": info, "workload": workload, "max_concurrency": args.max_concurrency,
-            "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
+            "backend": args.backend, "model_info": info, "workload": workload,
+            "max_concurrency": args.max_concurrency, "slo_ttft_ms": args.slo_ttft, "slo_tpot_ms": args.slo_tpot,
             "runs": [dict(r, request_rate=str(r["request_rate"]) if math.isinf(r["request_rate"])
                           else r["request_rate"]) for r in runs]}
 
@@ -632,8 +668,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=2048)
     p.set_defaults(func=cmd_prefill)
 
-    p = sub.add_parser("serve", parents=[common, data, sim], help="online latency over gRPC")
-    p.add_argument("--address", default=None, help="a running server; default: start one with --model")
+    p = sub.add_parser("serve", parents=[common, data, sim], help="online latency over gRPC or HTTP")
+    p.add_argument("--backend", choices=("grpc", "openai"), default="grpc",
+                   help="grpc: qwenserve.v1.Generation; openai: the OpenAI-compatible /v1/completions "
+                        "(needs httpx: pip install -e '.[bench]') (default: %(default)s)")
+    p.add_argument("--address", default=None, help="a running server's gRPC HOST:PORT; default: start one")
+    p.add_argument("--base-url", default=None, help="a running server's HTTP URL (--backend openai), "
+                                                    "e.g. http://127.0.0.1:8000")
     p.add_argument("--request-rate", type=float, nargs="+", default=[math.inf],
                    help="requests/s, Poisson arrivals; several allowed; inf = all at once")
     p.add_argument("--max-concurrency", type=int_in(1), default=None,

@@ -1,4 +1,6 @@
 """qwenserve: a serving engine for the Qwen (v1) model family."""
+__version__ = "0.1.0"
+
 from qwenserve.config import EngineConfig
 from qwenserve.outputs import CompletionOutput, RequestOutput
 from qwenserve.sampling_params import SamplingParams

@@ -13,10 +13,12 @@ from typing import Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qwenserve import __version__
     from qwenserve.model import checkpoint
     from qwenserve.server import commands
 
     parser = argparse.ArgumentParser(prog="qwenserve", description="Serve Qwen (v1) models.")
+    parser.add_argument("--version", action="version", version=f"qwenserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     commands.add_launch_parser(sub)
     commands.add_generate_parser(sub)

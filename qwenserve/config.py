@@ -34,6 +34,8 @@ class EngineConfig:
     max_waiting_requests: int = 4096
     # Schedule step k+1 while the device runs step k (samples come back one step later).
     async_scheduling: bool = True
+    # Offline `LLM`/`LLMEngine`: run the engine core in a process of its own (servers always do).
+    engine_core_process: bool = False
     # "module:callable" that builds the executor instead of the built-in ones (benchmarks'
     # simulated device); a string, so the config can cross into another process.
     executor_plugin: Optional[str] = None
@@ -76,6 +78,7 @@ class EngineConfig:
         check(self.use_triton is None or isinstance(self.use_triton, bool), "use_triton", "must be a bool or None")
         check(isinstance(self.use_cuda_graphs, bool), "use_cuda_graphs", "must be a bool")
         check(isinstance(self.async_scheduling, bool), "async_scheduling", "must be a bool")
+        check(isinstance(self.engine_core_process, bool), "engine_core_process", "must be a bool")
         check(self.executor_plugin is None or isinstance(self.executor_plugin, str), "executor_plugin",
               "must be a 'module:callable' string or None")
         if self.executor_plugin is not None:

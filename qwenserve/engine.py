@@ -1,11 +1,12 @@
 """`LLMEngine`: the offline engine: front-end processing around an `EngineCore`.
 
-    add_request ─► InputProcessor (validate, tokenize, n fan-out) ─► core.add_request
+    add_request ─► InputProcessor (validate, tokenize, n fan-out) ─► core.add_requests
     step        ─► core.step() (one overlapped step) ─► OutputProcessor (text, stop strings)
                    ─► RequestOutputs of the requests that changed; stop strings abort in the core
 
-The core runs in this process and thread: the engine is not thread-safe (servers use
-`frontend.async_llm.AsyncLLM`, which runs the core in its own process).
+The core runs in this thread (`EngineCore`), or with `engine_core_process` in a process of its
+own behind the same interface (`SyncCoreClient`). The engine is not thread-safe (servers use
+`frontend.async_llm.AsyncLLM`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from qwenserve.engine_core.core import EngineCore
 from qwenserve.frontend.input_processor import InputProcessor
 from qwenserve.frontend.output_processor import OutputProcessor, RequestState
 from qwenserve.model.checkpoint import builtin_model_dir
+from qwenserve.model.config import QwenConfig
+from qwenserve.model.hub import resolve_model_dir
 from qwenserve.model.tokenizer import QwenTokenizer
 from qwenserve.outputs import RequestOutput
 from qwenserve.sampling_params import SamplingParams
@@ -26,29 +29,44 @@ class LLMEngine:
     def __init__(self, config: Optional[EngineConfig] = None,
                  load_progress: Optional[Callable[[int, int], None]] = None):
         self.config = config = config or EngineConfig()
-        self.model_dir = config.model or builtin_model_dir()
+        # A directory, or a Hugging Face repo id fetched (or found in the local cache) here.
+        self.model_dir = resolve_model_dir(config.model) if config.model else builtin_model_dir()
         self.tokenizer = QwenTokenizer.from_dir(self.model_dir)
-        self.core = EngineCore(config, self.model_dir, load_progress)
-        self.model_config = self.core.model_config
+        if config.engine_core_process:
+            from qwenserve.engine_core.client import SyncCoreClient
+
+            self.core = SyncCoreClient(config, self.model_dir)
+        else:
+            self.core = EngineCore(config, self.model_dir, load_progress)
+        self.model_config = QwenConfig.from_dir(self.model_dir)
         self.max_model_len = self.core.max_model_len
         ready = self.core.ready_message()
         self.generation_config = ready.generation_config
         self.input_processor = InputProcessor(self.tokenizer, ready)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        # Tokens the last step launched (prefill chunks and decodes; 0 when it only collected
+        # samples, or with the core in another process): the iteration-size metric.
+        self.num_tokens_last_step = 0
 
-    # The core's parts, for tests and benchmarks that look inside.
+    # The core's parts, for tests and benchmarks that look inside (in-process core only).
     @property
     def scheduler(self):
-        return self.core.scheduler
+        return self._in_process_core().scheduler
 
     @property
     def kv_cache(self):
-        return self.core.scheduler.kv_cache
+        return self._in_process_core().scheduler.kv_cache
 
     @property
     def executor(self):
-        return self.core.executor
+        return self._in_process_core().executor
+
+    def _in_process_core(self) -> EngineCore:
+        if not isinstance(self.core, EngineCore):
+            raise AttributeError("the engine core runs in its own process (engine_core_process=True): "
+                                 "its scheduler, KV cache and executor are not reachable from here")
+        return self.core
 
     # ------------------------------------------------------------------ requests
     def default_params(self, **overrides) -> SamplingParams:
@@ -57,22 +75,22 @@ class LLMEngine:
 
     def add_request(self, request_id: Optional[str] = None, prompt: Optional[str] = None,
                     prompt_token_ids: Optional[Sequence[int]] = None, messages: Optional[list] = None,
-                    system: Optional[str] = None, params: Optional[SamplingParams] = None) -> str:
-        """Validates and queues a request; returns its id. Bad input raises ValueError."""
+                    system: Optional[str] = None, params: Optional[SamplingParams] = None,
+                    continue_final_message: bool = False) -> str:
+        """Validates and queues a request; returns its id. Bad input raises ValueError.
+
+        `continue_final_message` (chat only): the last message is an assistant's that the model
+        continues instead of starting a new turn (see `chat_template.encode_chat`)."""
         if request_id in (None, ""):
             request_id = next(rid for rid in map(str, self._ids) if rid not in self.output_processor.requests)
         params = params if params is not None else self.default_params()
         processed = self.input_processor.process(request_id, params=params, prompt=prompt,
                                                  prompt_token_ids=prompt_token_ids, messages=messages,
-                                                 system=system)
+                                                 system=system, continue_final_message=continue_final_message)
         self.output_processor.add_request(processed)
-        added = []
         try:
-            for core_request in processed.core_requests:  # completions are alike: if one fits, all do
-                self.core.add_request(core_request)
-                added.append(core_request.request_id)
+            self.core.add_requests(processed.core_requests)
         except BaseException:
-            self.core.abort_requests(added)
             self.output_processor.abort_request(request_id)
             raise
         return request_id
@@ -95,6 +113,7 @@ class LLMEngine:
         `finished_only`, of those that finished: no output is built for the others, which
         saves host time per running request when nobody streams)."""
         processed = self.output_processor.process_outputs(self.core.step())
+        self.num_tokens_last_step = getattr(self.core, "last_step_num_tokens", 0)
         if processed.core_ids_to_abort:
             self.core.abort_requests(processed.core_ids_to_abort)
         finished = {state.request_id: state for state in processed.finished}
@@ -117,6 +136,9 @@ class LLMEngine:
             "num_preemptions": stats.num_preemptions,
             "prefix_cache_hit_rate": (stats.prefix_cache_hits / stats.prefix_cache_queries
                                       if stats.prefix_cache_queries else 0.0),
+            # Prompt tokens looked up in the prefix cache at admissions and found, cumulative.
+            "prefix_cache_query_tokens": stats.prefix_cache_queries,
+            "prefix_cache_hit_tokens": stats.prefix_cache_hits,
         }
 
     def shutdown(self) -> None:

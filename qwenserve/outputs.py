@@ -29,3 +29,4 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    queue_time: Optional[float] = None  # seconds from add_request to the first admission (None before)

@@ -155,6 +155,25 @@ def test_offline_jsonl_without_baseline(tmp_path):
     assert "transformers" not in stdout
 
 
+def test_offline_without_transformers_says_how_to_get_it(tmp_path):
+    """After the README's first install (no transformers), `offline` runs qwenserve's side and
+    says how to get the baseline instead of ending in a traceback."""
+    out = tmp_path / "result.json"
+    argv = ["benchmarks/run.py", "offline", "--num-prompts", "2", "--input-len", "8", "--output-len", "4", *ENGINE,
+            "--json", str(out)]
+    script = ("import runpy, sys; sys.modules['transformers'] = None; "  # as if it were not installed
+              f"sys.argv = {argv!r}; runpy.run_path('benchmarks/run.py', run_name='__main__')")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "no transformers baseline: the transformers package is not installed (pip install -e '.[bench]'" \
+        in proc.stdout.splitlines()[0]  # before the run, not after it
+    result = json.loads(out.read_text())
+    assert result["baseline"] is None and result["qwenserve"]["output_tokens"] == 8
+
+
 def test_decode_against_floor(tmp_path):
     result, _ = run_bench(tmp_path, "decode", "--random-weights", "--preset", "tiny", "--input-len", "8",
                           "--output-len", "6", "--copy-bytes", "16MiB")
@@ -184,6 +203,20 @@ def test_serve_starts_a_server(tmp_path):
             check_summary(m[key])
         assert m["ttft_ms"]["p50"] <= m["e2el_ms"]["p50"]
     assert "TTFT" in stdout
+
+
+def test_serve_over_the_openai_http_api(tmp_path):
+    """`serve --backend openai`: the same workload through /v1/completions (streamed); every
+    request completes with its output length, counted by the server."""
+    result, stdout = run_bench(tmp_path, "serve", "--backend", "openai", "--num-prompts", "4", "--input-len", "16",
+                               "--output-len", "6", "--request-rate", "inf", "--max-model-len", "256")
+    assert result["backend"] == "openai" and result["model_info"]["id"] == "qwen-tiny"
+    m = result["runs"][0]["metrics"]
+    assert (m["completed"], m["failed"]) == (4, 0), m["errors"]
+    assert m["output_token_throughput"] * m["duration_s"] == pytest.approx(4 * 6)
+    for key in ("ttft_ms", "e2el_ms"):
+        check_summary(m[key])
+    assert m["ttft_ms"]["p50"] <= m["e2el_ms"]["p50"] and "TTFT" in stdout
 
 
 def test_prefill_tokens_per_second(tmp_path):

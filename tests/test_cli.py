@@ -98,6 +98,63 @@ def test_the_console_script_prints_no_traceback(argv, message):
     assert "Traceback" not in out.stderr
 
 
+def test_version(capsys):
+    from qwenserve import __version__
+
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out == f"qwenserve {__version__}\n"
+
+
+def test_launch_passes_the_http_flags_to_the_server(monkeypatch):
+    from qwenserve.server import app
+
+    seen = {}
+    monkeypatch.setattr(app, "run_server", lambda config, options: seen.update(options=options) or 0)
+    assert cli.main(["launch", "--http-port", "0", "--served-model-name", "my-qwen", "--disable-log-requests"]) == 0
+    options = seen["options"]
+    assert (options.http_port, options.served_model_name, options.disable_log_requests) == (0, "my-qwen", True)
+    assert cli.main(["launch"]) == 0
+    assert (seen["options"].http_port, seen["options"].served_model_name, seen["options"].disable_log_requests) == \
+        (8000, None, False)
+
+
+def test_launch_help_shows_the_defaults_that_apply(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["launch", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines where it likes
+    for text in ("--http-port", "default: 8000", "default: 256", "default: 8192", "default: 16", "default: 0.9",
+                 "default: 512MiB", "default: 4096", "Qwen/Qwen-7B-Chat", "generation_config.json", "max_new_tokens"):
+        assert text in out, text
+
+
+@pytest.mark.parametrize("finish,code", [("length", 0), ("stop", 0), ("abort", 1)])
+def test_generate_exits_non_zero_when_its_request_is_aborted(capsys, finish, code):
+    """Against a stand-in server whose stream ends with `finish`: an aborted request (e.g. the
+    server shut down under it) is a failure of the command, after the text it got."""
+    from concurrent import futures
+
+    import grpc
+
+    from qwenserve.server import qwenserve_pb2 as pb
+    from qwenserve.server import qwenserve_pb2_grpc as pb_grpc
+
+    class Ending(pb_grpc.GenerationServicer):
+        def Generate(self, request, context):
+            yield pb.GenerateResponse(text="Hel", token_ids=[1])
+            yield pb.GenerateResponse(text="lo", token_ids=[2], finish_reason=finish)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_GenerationServicer_to_server(Ending(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        got, out, err = run_cli(capsys, "generate", "--address", f"127.0.0.1:{port}", "--timeout", "30", "Hi")
+    finally:
+        server.stop(None)
+    assert (got, out) == (code, "Hello\n"), err
+    assert ("finish_reason 'abort'" in err) == (code == 1) and "Traceback" not in err
+
+
 # --- the client: checked before anything is sent ------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -131,17 +131,35 @@ SETTINGS = {
 }
 
 
+@pytest.mark.parametrize("core", ["in_process", "core_process"])
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_greedy_matches_reference(tiny_checkpoint, setting):
-    llm = LLM(model=tiny_checkpoint, device="cpu", **SETTINGS[setting])
-    steps = _record_steps(llm)
-    prompts = _prompts(LENGTHS)
-    assert _greedy(llm, prompts) == _expected(tiny_checkpoint, prompts)
-    if "max_num_batched_tokens" in SETTINGS[setting]:  # every such budget is below max(LENGTHS)
-        _assert_chunked(llm, steps)
-    if "preempt" in setting:
-        assert llm.get_stats()["num_preemptions"] > 0, "the cache was meant to be too small to avoid preemption"
-    _assert_no_leak(llm)
+def test_greedy_matches_reference(tiny_checkpoint, setting, core):
+    """In every scheduling regime, with the engine core in this process and in its own (where
+    its scheduler cannot be watched: chunking is checked in process)."""
+    llm = LLM(model=tiny_checkpoint, device="cpu", engine_core_process=core == "core_process",
+              **SETTINGS[setting])
+    try:
+        steps = _record_steps(llm) if core == "in_process" else None
+        prompts = _prompts(LENGTHS)
+        assert _greedy(llm, prompts) == _expected(tiny_checkpoint, prompts)
+        if steps is not None and "max_num_batched_tokens" in SETTINGS[setting]:  # budgets below max(LENGTHS)
+            _assert_chunked(llm, steps)
+        if "preempt" in setting:
+            assert llm.get_stats()["num_preemptions"] > 0, "the cache was meant to be too small to avoid preemption"
+        _assert_no_leak(llm)
+    finally:
+        llm.shutdown()
+
+
+def test_synchronous_steps_match_the_reference_too(tiny_checkpoint):
+    """async_scheduling=False (each step's samples back before the next is scheduled) in the
+    regimes where overlap changes most: preemption and chunked prefill."""
+    for setting in ("preemption", "tiny_blocks_chunked_and_preempted"):
+        llm = LLM(model=tiny_checkpoint, device="cpu", async_scheduling=False, **SETTINGS[setting])
+        prompts = _prompts(LENGTHS)
+        assert _greedy(llm, prompts) == _expected(tiny_checkpoint, prompts)
+        assert llm.get_stats()["num_preemptions"] > 0
+        _assert_no_leak(llm)
 
 
 def test_prefix_caching_hits_and_matches(tiny_checkpoint):
@@ -666,3 +684,46 @@ def test_skip_special_tokens_in_the_engine(tiny_checkpoint):
             name = tok.decode([t])
             assert name.startswith("<|") and name in kept and name not in skipped
     _assert_no_leak(llm)
+
+
+def test_step_token_counts_queue_time_and_prefix_token_stats(tiny_checkpoint):
+    """What the server's metrics read from the engine: `num_tokens_last_step` is the step's
+    scheduled tokens (a prompt's prefill, then one per running request), every output carries
+    the request's queue time once admitted, and get_stats' prefix-cache token counters add the
+    admissions' prompt tokens and the hit blocks' tokens."""
+    llm = LLM(model=tiny_checkpoint, device="cpu", max_num_seqs=1, block_size=16)
+    engine = llm.engine
+    prompt = _prompts([40], seed=91)[0]
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    before = engine.get_stats()
+    engine.add_request("a", prompt_token_ids=prompt, params=params)
+    engine.add_request("b", prompt_token_ids=prompt + [7], params=params)  # waits: max_num_seqs=1
+    steps, queue_times = [], {}
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        steps.append(engine.num_tokens_last_step)
+        for o in outs:
+            assert o.queue_time is not None and o.queue_time >= 0
+            assert queue_times.setdefault(o.request_id, o.queue_time) == o.queue_time  # fixed once admitted
+    # Steps that computed anything (with overlapped steps, some only collect the last samples).
+    assert [n for n in steps if n] == [40, 1, 9, 1]  # "b" hits 32 cached tokens: 9 to compute
+    assert queue_times["b"] >= queue_times["a"]  # "b" waited for "a" to finish
+    after = engine.get_stats()
+    assert after["prefix_cache_query_tokens"] - before["prefix_cache_query_tokens"] == 40 + 41
+    assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] == 32
+
+
+def test_continue_final_message_continues_the_assistant_turn(tiny_checkpoint):
+    from qwenserve.model.chat_template import encode_chat
+
+    engine = _shared_llm(tiny_checkpoint).engine
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Thought:"}]
+    engine.add_request("cont", messages=msgs, continue_final_message=True,
+                       params=SamplingParams(max_tokens=1, temperature=0.0))
+    outs = []
+    while not outs:  # with overlapped steps the first output comes a step later
+        outs = [o for o in engine.step() if o.request_id == "cont"]
+    assert outs[0].prompt_token_ids == encode_chat(engine.tokenizer, msgs, continue_final_message=True)
+    engine.abort_request("cont")
+    with pytest.raises(ValueError, match="continue_final_message: only applies to chat"):
+        engine.add_request(prompt="hi", continue_final_message=True)

@@ -147,12 +147,13 @@ def test_int4_logits_equal_the_dequantized_fp_model(int4_dir, fp_dir):
         torch.testing.assert_close(got, want, **LOGIT_TOL)
 
 
-def test_int4_greedy_generation_equals_the_dequantized_fp_model(int4_dir, fp_dir):
+@pytest.mark.parametrize("core_process", [False, True], ids=["in_process", "core_process"])
+def test_int4_greedy_generation_equals_the_dequantized_fp_model(int4_dir, fp_dir, core_process):
     prompts = ["Hello, my name is", "蒙古国的首都是乌兰巴托（Ulaanbaatar）\n冰岛的首都是", "a"]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     outputs = []
     for path in (int4_dir, fp_dir):
-        llm = LLM(model=path, **ENGINE_KWARGS)
+        llm = LLM(model=path, engine_core_process=core_process, **ENGINE_KWARGS)
         try:
             outputs.append([o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)])
         finally:

@@ -8,7 +8,7 @@ import pytest
 
 from qwenserve.sampling_params import MAX_N, SamplingParams
 
-# A copy of the real Qwen-7B-Chat generation_config.json (shared/reference/configs/).
+# A copy of the real Qwen-7B-Chat generation_config.json.
 REFERENCE_GEN_CFG = Path(__file__).parent / "data" / "configs" / "generation_config-chat.json"
 
 # (field, bad value); each must raise ValueError whose message starts with the field name.

@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,8 +25,9 @@ from qwenserve.server import gen_protos
 from qwenserve.server.client import AsyncQwenClient, QwenClient
 
 REPO = Path(__file__).resolve().parents[1]
+# --http-port 0: any free port, so that test servers never collide on HTTP's default 8000.
 ENGINE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
-                "--kv-cache-memory", "32MiB", "--seed", "0"]
+                "--kv-cache-memory", "32MiB", "--seed", "0", "--http-port", "0"]
 STARTUP_TIMEOUT = 300  # first run builds the tiny checkpoint; 2 slow cores load torch
 # Greedy and the same everywhere: the server's defaults come from generation_config.json,
 # so the comparison with the offline engine pins every parameter that changes logits.
@@ -39,9 +41,10 @@ def _env():
 
 
 class Server:
-    """A `qwenserve launch --port 0` subprocess; `address` is parsed from its output."""
+    """A `qwenserve launch --port 0` subprocess; `address` (gRPC) and `http_url` are parsed from
+    its output; `env` is added to the environment."""
 
-    def __init__(self, log_dir: Path, *flags: str):
+    def __init__(self, log_dir: Path, *flags: str, env=None):
         self.stderr_path = log_dir / f"server-{time.monotonic_ns()}.log"
         self.stdout_lines = []
         self._ready = threading.Event()
@@ -49,13 +52,14 @@ class Server:
             self.proc = subprocess.Popen(
                 [sys.executable, "-u", "-m", "qwenserve.cli", "launch", "--port", "0",
                  *ENGINE_FLAGS, *flags],
-                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO, env=_env())
+                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO, env=dict(_env(), **(env or {})))
         threading.Thread(target=self._read_stdout, daemon=True).start()
         if not self._ready.wait(STARTUP_TIMEOUT) or self.proc.poll() is not None:
             self.stop(signal.SIGKILL)
             pytest.fail(f"server did not become ready:\n{self.log()}")
         ready = [line for line in self.stdout_lines if "ready" in line]
         self.address = ready[0].split(" on ")[1].split()[0]
+        self.http_url = re.search(r"https?://\S+", ready[0]).group(0)  # "... and http://HOST:PORT (HTTP)"
 
     def _read_stdout(self):
         for line in self.proc.stdout:
@@ -190,7 +194,8 @@ def test_client_generate_chat_n_and_tokenize(client, offline_greedy):
 
     assert client.tokenize("Hello, 世界") == QwenTokenizer.from_dir(None).encode("Hello, 世界")
     info = client.model_info()
-    assert info["max_model_len"] == 256 and info["block_size"] == 16 and info["num_gpu_blocks"] > 0
+    assert info["max_model_len"] == 256 and info["block_size"] == 16 and info["num_kv_blocks"] > 0
+    assert info["num_gpu_blocks"] == info["num_kv_blocks"]  # the old name, kept for old clients
     assert info["vocab_size"] >= 151851 and info["tensor_parallel_size"] == 1
     assert (info["dtype"], info["device"]) == ("float32", "cpu")
 
@@ -331,7 +336,7 @@ def test_launch_on_a_busy_port_fails(server):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--model", "/nonexistent/qwen"], "no config.json in '/nonexistent/qwen'"),
+    (["--model", "/nonexistent/qwen"], "model: '/nonexistent/qwen' does not exist"),
     (["--tp", "3"], "tensor_parallel_size 3 does not divide the 4 attention heads; valid values: 1, 2, 4"),
 ])
 def test_launch_with_a_bad_model_or_setting_fails_cleanly(flags, message):

@@ -11,7 +11,7 @@ import torch
 from qwenserve.model.tokenizer import NUM_RANKS, VOCAB_SIZE, QwenTokenizer
 from qwenserve.sampling_params import SamplingParams
 from qwenserve.server import qwenserve_pb2 as pb
-from qwenserve.server.servicer import make_sampling_params
+from qwenserve.server.servicer import sampling_kwargs
 from qwenserve.structured_output import StructuredOutput
 from qwenserve.structured_output.batch import fill_bitmask
 from qwenserve.structured_output.compiler import CompiledGrammar, GrammarCompiler
@@ -322,7 +322,7 @@ def test_a_structured_request_ends_on_the_end_tokens_only():
 
 def test_proto_oneof_maps_to_structured_output():
     def params(**kw):
-        return make_sampling_params(pb.SamplingParams(**kw), None).structured_output
+        return SamplingParams(**sampling_kwargs(pb.SamplingParams(**kw))).structured_output
 
     assert params() is None
     assert params(json_schema='{"type":"object"}') == StructuredOutput(json_schema={"type": "object"})

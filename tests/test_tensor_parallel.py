@@ -97,6 +97,16 @@ def test_tp2_structured_output_validates_and_equals_tp1(ray_session, tiny_checkp
     assert [c.token_ids for c in outputs[2]] == [c.token_ids for c in outputs[1]]
 
 
+def test_tp2_through_the_engine_core_process_matches_tp1(tp1_tokens):
+    """The engine core in its own process drives its own Ray ranks (a Ray of its own: the core
+    process did not inherit this one's), with overlapped steps."""
+    llm = LLM(tensor_parallel_size=2, engine_core_process=True, **ENGINE_KWARGS)
+    try:
+        assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == tp1_tokens
+    finally:
+        llm.shutdown()
+
+
 # ---------------------------------------------------------------------- sharded loading
 def _full_tensors(path: str) -> dict[str, torch.Tensor]:
     tensors = {}

@@ -1,7 +1,7 @@
 """Tests of the tokenizer, the ChatML template and the incremental detokenizer.
 
-Golden data in tests/data/ comes from Alibaba's reference tokenizer (see
-../shared/reference/README.md); it is copied here so the tests stand alone.
+Golden data in tests/data/ comes from Alibaba's reference tokenizer; it is copied here so the
+tests stand alone.
 """
 
 import json
@@ -152,6 +152,22 @@ def test_chat_structure(tok):
     no_gen = encode_chat(tok, msgs, add_generation_prompt=False)
     assert tok.decode(no_gen) == render_chat(msgs, add_generation_prompt=False)
     assert no_gen[-2:] == [tok.im_end_id] + tok.encode("\n")
+
+
+def test_chat_continue_final_message_leaves_the_assistant_turn_open(tok):
+    """The last (assistant) turn ends where its content ends: no <|im_end|>, no new turn, so the
+    model continues it (how a ReAct turn resumes after an Observation)."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Thought: I should"}]
+    s = render_chat(msgs, continue_final_message=True)
+    assert s == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                 "<|im_start|>assistant\nThought: I should")
+    ids = encode_chat(tok, msgs, continue_final_message=True)
+    assert tok.decode(ids) == s
+    # The same ids as the closed conversation up to the end of the assistant's content.
+    closed = encode_chat(tok, msgs, add_generation_prompt=False)
+    assert closed[:len(ids)] == ids and closed[len(ids):] == [tok.im_end_id] + tok.encode("\n")
+    with pytest.raises(ValueError, match="continue_final_message needs an assistant message last"):
+        encode_chat(tok, msgs[:1], continue_final_message=True)
 
 
 def test_chat_user_special_text_stays_plain(tok):

@@ -1,20 +1,25 @@
 """The front end's side of the engine-core process: starting it, talking to it, watching it.
 
-`CoreProcess` spawns `process.run_engine_core` (a fresh interpreter: no forked threads or CUDA
-state) with ipc addresses in a private temporary directory, and stops it. `AsyncCoreClient`
+`CoreProcess` starts `process.run_engine_core` in a fresh interpreter (no forked threads or
+CUDA state) with ipc addresses in a private temporary directory, and stops it. `AsyncCoreClient`
 (asyncio, zmq.asyncio) sends requests, aborts and utility calls, receives the per-step
-outputs, and reports the process's exit the moment it happens (the process sentinel is
-watched by the event loop), so a dead core is noticed within milliseconds, idle or busy.
+outputs, and reports the process's exit the moment it happens (its pidfd is watched by the
+event loop; elsewhere a thread waits on it), so a dead core is noticed within milliseconds.
+`SyncCoreClient` is the same for the offline `LLMEngine`, with the `EngineCore` interface
+(`add_request`, `abort_requests`, `step`, `stats`, ...), so the engine can hold either.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
-import multiprocessing
 import os
+import pickle
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from typing import Any, Callable, Optional
 
 import msgspec
@@ -43,40 +48,63 @@ class EngineCoreDead(Exception):
 
 
 class CoreProcess:
-    """One engine-core process and the ipc addresses of its sockets."""
+    """One engine-core process (`python -m qwenserve.engine_core.process`) and the ipc
+    addresses of its sockets.
 
-    def __init__(self, config: EngineConfig, model_dir: str, log_level: str = "INFO"):
+    A fresh interpreter rather than multiprocessing's spawn: spawn re-imports the parent's
+    `__main__`, which breaks for `python -` and `-c`, and re-runs a user's script that lacks a
+    main guard. The child gets this process's sys.path, as spawn would give it (executor
+    plug-ins and the source tree stay importable), and its arguments pickled on its stdin."""
+
+    def __init__(self, config: EngineConfig, model_dir: str, log_level: str = "INFO",
+                 show_load_progress: bool = True):
+        self.show_load_progress = show_load_progress
         self._dir = tempfile.mkdtemp(prefix="qwenserve-core-")
         self.input_address = f"ipc://{self._dir}/input"
         self.output_address = f"ipc://{self._dir}/output-0"
         self.config, self.model_dir, self.log_level = config, model_dir, log_level
-        self.process: Optional[multiprocessing.process.BaseProcess] = None
+        self.process: Optional[subprocess.Popen] = None
 
     def start(self) -> None:
-        from qwenserve.engine_core.process import run_engine_core
+        paths = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "qwenserve.engine_core.process"], stdin=subprocess.PIPE, env=env)
+        arguments = (self.config, self.model_dir, self.input_address, self.output_address, os.getpid(),
+                     self.log_level, self.show_load_progress)
+        self.process.stdin.write(pickle.dumps(arguments))
+        self.process.stdin.close()
 
-        context = multiprocessing.get_context("spawn")
-        self.process = context.Process(
-            target=run_engine_core, name="qwenserve-engine-core",
-            args=(self.config, self.model_dir, self.input_address, self.output_address, os.getpid(),
-                  self.log_level))
-        self.process.start()
+    @property
+    def pid(self) -> Optional[int]:
+        return None if self.process is None else self.process.pid
 
     @property
     def exitcode(self) -> Optional[int]:
-        return None if self.process is None else self.process.exitcode
+        return None if self.process is None else self.process.poll()
+
+    def exit_fd(self) -> Optional[int]:
+        """A file descriptor that becomes readable when the process exits (Linux pidfd), or
+        None where there is none."""
+        try:
+            return os.pidfd_open(self.process.pid)
+        except (AttributeError, OSError):
+            return None
 
     def join(self, timeout: float) -> bool:
         """Waits for the process to exit; True when it has."""
         if self.process is None:
             return True
-        self.process.join(timeout)
-        return self.process.exitcode is not None
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def kill(self) -> None:
-        if self.process is not None and self.process.exitcode is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.kill()
-            self.process.join(5)
+            self.process.wait(5)
 
     def cleanup(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
@@ -101,6 +129,7 @@ class AsyncCoreClient:
         self._call_ids = itertools.count()
         self._receiver: Optional[asyncio.Task] = None
         self._ready: Optional[asyncio.Future] = None
+        self._exit_fd: Optional[int] = None
         self.dead_reason: Optional[str] = None
         self._stopping = False
 
@@ -111,13 +140,18 @@ class AsyncCoreClient:
         self._ready = loop.create_future()
         self._receiver = asyncio.ensure_future(self._receive())
         await asyncio.to_thread(self.core_process.start)
-        loop.add_reader(self.core_process.process.sentinel, self._on_exit)
+        self._exit_fd = self.core_process.exit_fd()
+        if self._exit_fd is not None:
+            loop.add_reader(self._exit_fd, self._on_exit)
+        else:  # no pidfd: a thread waits for the exit and tells the loop
+            asyncio.ensure_future(asyncio.to_thread(self.core_process.join, 1e9)).add_done_callback(
+                lambda _: self._on_exit())
         return await asyncio.wait_for(self._ready, timeout)
 
     # ------------------------------------------------------------------ sending
     async def add_requests(self, requests: list[P.EngineCoreRequest]) -> None:
-        for request in requests:
-            await self._send(P.TAG_REQUEST, request)
+        """One message: a request's n completions reach the core's loop together."""
+        await self._send(P.TAG_REQUEST, requests)
 
     async def abort(self, request_ids: list[str]) -> None:
         if request_ids and self.dead_reason is None:
@@ -172,9 +206,8 @@ class AsyncCoreClient:
             self._die(f"receiving from the engine core failed: {type(e).__name__}: {e}")
 
     def _on_exit(self) -> None:
-        loop = asyncio.get_event_loop()
-        loop.remove_reader(self.core_process.process.sentinel)
-        self.core_process.process.join(1)
+        self._close_exit_fd()
+        self.core_process.join(1)
         code = self.core_process.exitcode
         if not self._stopping:
             self._die(f"the engine core process exited unexpectedly (exit code {code})")
@@ -189,6 +222,12 @@ class AsyncCoreClient:
             if not future.done():
                 future.set_exception(EngineCoreDead(reason))
         self.on_dead(reason)
+
+    def _close_exit_fd(self) -> None:
+        fd, self._exit_fd = self._exit_fd, None
+        if fd is not None:
+            asyncio.get_event_loop().remove_reader(fd)
+            os.close(fd)
 
     # ------------------------------------------------------------------ stopping
     async def shutdown(self, timeout: float = STOP_TIMEOUT_S) -> None:
@@ -205,12 +244,135 @@ class AsyncCoreClient:
             if not await asyncio.to_thread(process.join, timeout):
                 logger.warning("the engine core did not exit within %.0f s: killing it", timeout)
                 process.kill()
-            try:
-                asyncio.get_running_loop().remove_reader(process.process.sentinel)
-            except (ValueError, OSError):
-                pass
+        self._close_exit_fd()
         if self._receiver is not None:
             self._receiver.cancel()
+        self.output_socket.close(linger=0)
+        self.input_socket.close(linger=0)
+        self.context.term()
+        process.cleanup()
+
+
+class SyncCoreClient:
+    """An engine core in its own process behind `EngineCore`'s interface (blocking calls)."""
+
+    POLL_MS = 200
+
+    def __init__(self, config: EngineConfig, model_dir: str, log_level: str = "WARNING",
+                 timeout: float = 3600.0):
+        self.core_process = CoreProcess(config, model_dir, log_level, show_load_progress=False)
+        self.context = zmq.Context()
+        self.output_socket = self.context.socket(zmq.PULL)
+        self.output_socket.bind(self.core_process.output_address)
+        self.input_socket = self.context.socket(zmq.PUSH)
+        self.input_socket.setsockopt(zmq.LINGER, 0)
+        self.input_socket.connect(self.core_process.input_address)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoders = {tag: msgspec.msgpack.Decoder(kind) for tag, kind in P.OUTPUT_TYPES.items()}
+        self._call_ids = itertools.count()
+        self._results: dict[int, P.EngineCoreUtilityResult] = {}
+        self._outputs: list[P.EngineCoreOutputs] = []
+        self.latest_stats = P.SchedulerStats()
+        self.dead_reason: Optional[str] = None
+        self.core_process.start()
+        try:
+            self.ready = self._wait_ready(timeout)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.max_model_len = self.ready.max_model_len
+        self.model_dir = model_dir
+
+    def _wait_ready(self, timeout: float) -> P.EngineCoreReady:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self._receive(self.POLL_MS)
+            if isinstance(message, P.EngineCoreReady):
+                return message
+            if isinstance(message, P.EngineCoreStartupFailed):
+                raise EngineCoreStartupError(message.error_type, message.message, message.bad_setting)
+        raise EngineCoreDead(f"the engine core did not load within {timeout:g} s")
+
+    def _receive(self, timeout_ms: int):
+        """One message (None when none came within the timeout); raises once the core is dead."""
+        if self.dead_reason is not None:
+            raise EngineCoreDead(self.dead_reason)
+        if not self.output_socket.poll(timeout_ms):
+            code = self.core_process.exitcode
+            if code is not None:
+                self.dead_reason = f"the engine core process exited unexpectedly (exit code {code})"
+                raise EngineCoreDead(self.dead_reason)
+            return None
+        tag, body = self.output_socket.recv_multipart(copy=False)
+        tag = tag.bytes
+        message = self._decoders[tag].decode(body.buffer)
+        if tag == P.TAG_OUTPUTS:
+            if message.engine_dead is not None:
+                self.dead_reason = message.engine_dead
+                raise EngineCoreDead(message.engine_dead)
+            if message.stats is not None:
+                self.latest_stats = message.stats
+            self._outputs.append(message)
+        elif tag == P.TAG_UTILITY_RESULT:
+            self._results[message.call_id] = message
+        return message
+
+    def _send(self, tag: bytes, message) -> None:
+        if self.dead_reason is not None:
+            raise EngineCoreDead(self.dead_reason)
+        self.input_socket.send_multipart((tag, self._encoder.encode(message)), copy=False)
+
+    # ------------------------------------------------------------------ EngineCore's interface
+    def add_requests(self, requests: list[P.EngineCoreRequest]) -> None:
+        """One message: a request's n completions reach the core's loop together."""
+        self._send(P.TAG_REQUEST, requests)
+
+    def abort_requests(self, request_ids) -> None:
+        request_ids = list(request_ids)
+        if request_ids and self.dead_reason is None:
+            self._send(P.TAG_ABORT, P.EngineCoreAbort(request_ids))
+
+    def step(self) -> list[P.EngineCoreOutput]:
+        """The outputs of the next step that has any (waits for it)."""
+        while True:
+            while self._outputs:
+                message = self._outputs.pop(0)
+                if message.outputs:
+                    return message.outputs
+            self._receive(self.POLL_MS)
+
+    def call(self, method: str, timeout: float = 30.0):
+        call_id = next(self._call_ids)
+        self._send(P.TAG_UTILITY, P.EngineCoreUtility(call_id, method))
+        deadline = time.monotonic() + timeout
+        while call_id not in self._results:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the engine core did not answer {method!r} within {timeout:g} s")
+            self._receive(self.POLL_MS)
+        result = self._results.pop(call_id)
+        if result.error is not None:
+            raise RuntimeError(result.error)
+        return result.result
+
+    def stats(self) -> P.SchedulerStats:
+        return msgspec.convert(self.call("stats"), P.SchedulerStats)
+
+    def ready_message(self) -> P.EngineCoreReady:
+        return self.ready
+
+    def check_health(self) -> None:
+        self.call("check_health")
+
+    def shutdown(self) -> None:
+        process = self.core_process
+        if process.process is not None and process.exitcode is None and self.dead_reason is None:
+            try:
+                self.call("shutdown", timeout=10.0)
+            except Exception:  # noqa: BLE001 - dead or stuck: the kill below handles both
+                pass
+        if process.process is not None and not process.join(STOP_TIMEOUT_S):
+            logger.warning("the engine core did not exit within %.0f s: killing it", STOP_TIMEOUT_S)
+            process.kill()
         self.output_socket.close(linger=0)
         self.input_socket.close(linger=0)
         self.context.term()

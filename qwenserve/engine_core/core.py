@@ -52,6 +52,7 @@ class EngineCore:
                                    self.max_model_len)
         # Steps handed to the executor whose samples have not come back, oldest first.
         self._in_flight: deque[SchedulerOutput] = deque()
+        self.last_step_num_tokens = 0  # tokens the last step launched (0: it launched nothing)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: EngineCoreRequest) -> None:
@@ -68,6 +69,17 @@ class EngineCore:
         req.client_index = request.client_index
         self.scheduler.add_request(req)
 
+    def add_requests(self, requests: list[EngineCoreRequest]) -> None:
+        """Queues a request's completions: all of them, or none (ValueError)."""
+        added = []
+        try:
+            for request in requests:
+                self.add_request(request)
+                added.append(request.request_id)
+        except BaseException:
+            self.abort_requests(added)
+            raise
+
     def abort_requests(self, request_ids) -> None:
         for request_id in request_ids:
             self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
@@ -79,6 +91,7 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         """Launches the next step and returns the deltas of the step whose samples came back."""
         scheduler_output = self.scheduler.schedule()
+        self.last_step_num_tokens = scheduler_output.total_num_scheduled_tokens
         worker_news = scheduler_output.finished_request_ids or scheduler_output.preempted_request_ids
         if scheduler_output.is_empty and not self._in_flight and not worker_news:
             return []

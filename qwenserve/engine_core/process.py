@@ -56,13 +56,13 @@ class _Shutdown(Exception):
 
 
 def run_engine_core(config: EngineConfig, model_dir: str, input_address: str, output_address: str,
-                    parent_pid: int, log_level: str = "INFO") -> None:
-    """The process's entry point (multiprocessing target). Exits the process when done."""
+                    parent_pid: int, log_level: str = "INFO", show_load_progress: bool = True) -> None:
+    """The process's entry point (see `__main__` below). Exits the process when done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s [engine core]: %(message)s")
-    proc = EngineCoreProc(config, model_dir, input_address, output_address, parent_pid)
+    proc = EngineCoreProc(config, model_dir, input_address, output_address, parent_pid, show_load_progress)
     code = proc.run()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -71,8 +71,9 @@ def run_engine_core(config: EngineConfig, model_dir: str, input_address: str, ou
 
 class EngineCoreProc:
     def __init__(self, config: EngineConfig, model_dir: str, input_address: str, output_address: str,
-                 parent_pid: int):
+                 parent_pid: int, show_load_progress: bool = True):
         self.config, self.model_dir = config, model_dir
+        self.show_load_progress = show_load_progress
         self.parent_pid = parent_pid
         self.context = zmq.Context()
         self.inputs: queue.Queue = queue.Queue()
@@ -85,6 +86,7 @@ class EngineCoreProc:
         # as they are now (False once an input or a step may have changed them).
         self._last_sent: dict[int, float] = {0: 0.0}
         self._stats_current: dict[int, bool] = {0: False}
+        self._step_tokens: dict[int, list[int]] = {0: []}  # per client: steps not yet reported
         threading.Thread(target=self._input_thread, args=(input_address,), name="core-input", daemon=True).start()
         self._output_thread = threading.Thread(target=self._output_thread_main, name="core-output", daemon=True)
         self._output_thread.start()
@@ -99,7 +101,8 @@ class EngineCoreProc:
         from qwenserve.engine_core.core import EngineCore
 
         try:
-            self.core = EngineCore(self.config, self.model_dir, load_progress=LoadProgress())
+            progress = LoadProgress() if self.show_load_progress else None
+            self.core = EngineCore(self.config, self.model_dir, load_progress=progress)
         except BaseException as e:  # noqa: BLE001 - told to the front end, which reports it
             if not isinstance(e, (ValueError, OSError)):  # a bad setting needs no traceback
                 logger.exception("engine core failed to start")
@@ -143,7 +146,14 @@ class EngineCoreProc:
                     self._handle(self.inputs.get_nowait())
                 except queue.Empty:
                     break
-            self._publish(core.step() if core.has_work() else [])
+            if core.has_work():
+                outputs = core.step()
+                if core.last_step_num_tokens:
+                    for steps in self._step_tokens.values():
+                        steps.append(core.last_step_num_tokens)
+                self._publish(outputs)
+            else:
+                self._publish([])
 
     def _handle(self, item) -> None:
         tag, message = item
@@ -152,12 +162,14 @@ class EngineCoreProc:
             self._stats_current[client] = False
         if tag == P.TAG_REQUEST:
             try:
-                core.add_request(message)
+                core.add_requests(message)
             except ValueError as e:  # the front end checks first; this is the last line
-                self._client_of.pop(message.request_id, None)
-                rejected = P.EngineCoreOutput(message.request_id, [], finish_reason="abort", error=str(e))
-                self._send(message.client_index, P.TAG_OUTPUTS,
-                           P.EngineCoreOutputs(outputs=[rejected], timestamp=time.monotonic()))
+                rejected = []
+                for request in message:
+                    self._client_of.pop(request.request_id, None)
+                    rejected.append(P.EngineCoreOutput(request.request_id, [], finish_reason="abort", error=str(e)))
+                self._send(message[0].client_index, P.TAG_OUTPUTS,
+                           P.EngineCoreOutputs(outputs=rejected, timestamp=time.monotonic()))
         elif tag == P.TAG_ABORT:
             core.abort_requests(message.request_ids)
             for request_id in message.request_ids:
@@ -165,6 +177,7 @@ class EngineCoreProc:
         elif tag == P.TAG_HELLO:
             self._last_sent[message.client_index] = 0.0
             self._stats_current[message.client_index] = False
+            self._step_tokens[message.client_index] = []
             self.outputs.put(("connect", message.client_index, message.output_address))
         elif tag == P.TAG_UTILITY:
             self._utility(message)
@@ -208,7 +221,9 @@ class EngineCoreProc:
             if mine is None and (self._stats_current[client] if idle else now - last_sent < STATS_PERIOD_S):
                 continue
             stats = stats or self.core.stats()
-            self._send(client, P.TAG_OUTPUTS, P.EngineCoreOutputs(outputs=mine or [], stats=stats, timestamp=now))
+            steps, self._step_tokens[client] = self._step_tokens[client], []
+            self._send(client, P.TAG_OUTPUTS, P.EngineCoreOutputs(
+                outputs=mine or [], stats=stats, timestamp=now, step_num_tokens=steps))
             self._stats_current[client] = idle
 
     # ------------------------------------------------------------------ threads
@@ -228,28 +243,29 @@ class EngineCoreProc:
                 self._reject_undecodable(tag, body.buffer, e)
                 continue
             if tag == P.TAG_REQUEST:
-                self._client_of[message.request_id] = message.client_index
+                for request in message:
+                    self._client_of[request.request_id] = request.client_index
             self.inputs.put((tag, message))
 
     def _reject_undecodable(self, tag: bytes, body, error: Exception) -> None:
         """A message that does not decode (a request whose params fail validation here, e.g. a
-        grammar over its compile time limit on a loaded core): a request is answered with an
-        abort carrying the error; anything else is logged. The input thread goes on."""
+        grammar over its compile time limit on a loaded core): each request in it is answered
+        with an abort carrying the error; anything else is logged. The input thread goes on."""
         reason = str(error).split(" - at `$", 1)[0]  # msgspec's location suffix: noise here
         if tag != P.TAG_REQUEST:
             logger.error("dropped an undecodable %r message: %s", tag, reason)
             return
-        try:
-            fields = msgspec.msgpack.decode(body)
-            request_id = fields[P.EngineCoreRequest.__struct_fields__.index("request_id")]
-            index = P.EngineCoreRequest.__struct_fields__.index("client_index")
-            client = fields[index] if len(fields) > index else 0
-        except Exception:  # noqa: BLE001 - not even the id: nobody to answer
-            logger.error("dropped an undecodable request: %s", reason)
+        fields = P.EngineCoreRequest.__struct_fields__
+        id_at, client_at = fields.index("request_id"), fields.index("client_index")
+        try:  # the message as plain lists: one array per request (array_like structs)
+            ids = [(r[id_at], r[client_at] if len(r) > client_at else 0) for r in msgspec.msgpack.decode(body)]
+        except Exception:  # noqa: BLE001 - not even the ids: nobody to answer
+            logger.error("dropped an undecodable request message: %s", reason)
             return
-        logger.warning("rejected request %s: %s", request_id, reason)
-        rejected = P.EngineCoreOutput(request_id, [], finish_reason="abort", error=reason)
-        self._send(client, P.TAG_OUTPUTS, P.EngineCoreOutputs(outputs=[rejected], timestamp=time.monotonic()))
+        logger.warning("rejected %s: %s", ", ".join(request_id for request_id, _ in ids), reason)
+        for request_id, client in ids:
+            rejected = P.EngineCoreOutput(request_id, [], finish_reason="abort", error=reason)
+            self._send(client, P.TAG_OUTPUTS, P.EngineCoreOutputs(outputs=[rejected], timestamp=time.monotonic()))
 
     def _output_thread_main(self) -> None:
         encoder = msgspec.msgpack.Encoder()
@@ -292,3 +308,9 @@ class EngineCoreProc:
 
 _STOP = b"stop"  # the parent watcher's message to the loop
 STOP_GRACE_S = 10.0
+
+
+if __name__ == "__main__":  # started by engine_core.client.CoreProcess; arguments pickled on stdin
+    import pickle
+
+    run_engine_core(*pickle.loads(sys.stdin.buffer.read()))

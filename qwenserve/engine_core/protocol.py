@@ -1,6 +1,7 @@
 """The messages between front ends and the engine core, as msgspec structs (msgpack on the wire).
 
-    front end ──► core   EngineCoreRequest        one per completion (n > 1 is n of them)
+    front end ──► core   [EngineCoreRequest]      one per completion (n > 1 is n of them, sent
+                                                  together so they are admitted together)
                          EngineCoreAbort          request ids to abort
                          EngineCoreUtility        a call answered by EngineCoreUtilityResult
                                                   (stats, health, shutdown)
@@ -94,6 +95,8 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     outputs: list[EngineCoreOutput] = []
     stats: Optional[SchedulerStats] = None
     timestamp: float = 0.0
+    # Tokens computed by each step since the previous message to this client (iteration sizes).
+    step_num_tokens: list[int] = []
     # Set when the core failed: every request of every client is dead, and so is the core.
     engine_dead: Optional[str] = None
 
@@ -121,7 +124,7 @@ class EngineCoreStartupFailed(msgspec.Struct, array_like=True):
 # Every message kind on one socket direction, told apart by a one-byte tag before the payload.
 TAG_REQUEST, TAG_ABORT, TAG_UTILITY, TAG_HELLO = b"R", b"A", b"U", b"H"
 TAG_OUTPUTS, TAG_READY, TAG_STARTUP_FAILED, TAG_UTILITY_RESULT = b"O", b"Y", b"F", b"T"
-INPUT_TYPES = {TAG_REQUEST: EngineCoreRequest, TAG_ABORT: EngineCoreAbort,
+INPUT_TYPES = {TAG_REQUEST: list[EngineCoreRequest], TAG_ABORT: EngineCoreAbort,
                TAG_UTILITY: EngineCoreUtility, TAG_HELLO: EngineCoreHello}
 OUTPUT_TYPES = {TAG_OUTPUTS: EngineCoreOutputs, TAG_UTILITY_RESULT: EngineCoreUtilityResult,
                 TAG_READY: EngineCoreReady, TAG_STARTUP_FAILED: EngineCoreStartupFailed}

@@ -16,16 +16,19 @@ ValueError, whose message names the field, as the front end's own checks do.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from typing import AsyncIterator, Callable, Optional, Sequence
 
 from qwenserve.config import EngineConfig
 from qwenserve.engine_core import protocol as P
 from qwenserve.engine_core.client import AsyncCoreClient, CoreProcess, EngineCoreDead
-from qwenserve.frontend.engine_client import Delta, EngineClient, EngineUnavailable, ModelInfo, QueueFull
+from qwenserve.frontend.engine_client import (Delta, EngineClient, EngineUnavailable, ModelInfo, QueueFull,
+                                              StepStats)
 from qwenserve.frontend.input_processor import InputProcessor
 from qwenserve.frontend.output_processor import OutputProcessor
 from qwenserve.model.checkpoint import builtin_model_dir
+from qwenserve.model.hub import resolve_model_dir
 from qwenserve.model.tokenizer import QwenTokenizer
 from qwenserve.sampling_params import SamplingParams
 
@@ -52,7 +55,8 @@ class _Rejected:
 class AsyncLLM(EngineClient):
     def __init__(self, config: EngineConfig, max_waiting_requests: Optional[int] = None):
         self.config = config
-        self.model_dir = config.model or builtin_model_dir()
+        # A directory, or a Hugging Face repo id fetched (or found in the local cache) here.
+        self.model_dir = resolve_model_dir(config.model) if config.model else builtin_model_dir()
         self.tokenizer = QwenTokenizer.from_dir(self.model_dir)
         self.max_waiting_requests = max_waiting_requests or config.max_waiting_requests
         self.output_processor = OutputProcessor(self.tokenizer)
@@ -62,6 +66,7 @@ class AsyncLLM(EngineClient):
         self._num_waiting = 0          # completions accepted whose first token has not come
         self._waiting_ids: set[str] = set()
         self._num_pending = 0          # requests being processed, not yet handed to the core
+        self._core_ids = itertools.count()  # makes each request's core id unique
         self._num_finished = 0
         self._num_aborted = 0
         self._accepting = True
@@ -88,7 +93,8 @@ class AsyncLLM(EngineClient):
     # ------------------------------------------------------------------ requests
     async def generate(self, request_id: str, *, params: SamplingParams, prompt: Optional[str] = None,
                        prompt_token_ids: Optional[Sequence[int]] = None, messages: Optional[list] = None,
-                       system: Optional[str] = None) -> AsyncIterator[list[Delta]]:
+                       system: Optional[str] = None,
+                       continue_final_message: bool = False) -> AsyncIterator[list[Delta]]:
         self._check_accepting()
         if request_id in self.output_processor.requests or request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -108,7 +114,9 @@ class AsyncLLM(EngineClient):
             try:
                 processed = await asyncio.to_thread(
                     self.input_processor.process, request_id, params=params, prompt=prompt,
-                    prompt_token_ids=prompt_token_ids, messages=messages, system=system)
+                    prompt_token_ids=prompt_token_ids, messages=messages, system=system,
+                    continue_final_message=continue_final_message,
+                    core_request_id=f"{request_id}@{next(self._core_ids)}")
             finally:
                 self._num_pending -= n
             self._check_accepting()
@@ -174,6 +182,8 @@ class AsyncLLM(EngineClient):
     def _on_outputs(self, message: P.EngineCoreOutputs) -> None:
         if message.stats is not None:
             self._stats = message.stats
+        for num_tokens in message.step_num_tokens:
+            self._notify_step(StepStats(num_tokens))
         if not message.outputs:
             return
         rejected: dict[str, str] = {}
@@ -221,6 +231,7 @@ class AsyncLLM(EngineClient):
             "num_waiting": s.num_waiting, "num_running": s.num_running,
             "num_preemptions": s.num_preemptions,
             "prefix_cache_hit_rate": s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0,
+            "prefix_cache_query_tokens": s.prefix_cache_queries, "prefix_cache_hit_tokens": s.prefix_cache_hits,
             "num_pending": self._num_pending, "num_active_requests": len(self._queues),
             "num_finished_requests": self._num_finished, "num_aborted_requests": self._num_aborted,
             "num_steps": s.num_steps,

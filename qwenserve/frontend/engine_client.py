@@ -47,6 +47,15 @@ class Delta:
     # One entry per new token when logprobs were asked for: the top-N (id, logprob) pairs,
     # best first, then the sampled token's pair when it is not among them.
     logprobs: Optional[list] = None
+    # Seconds the request waited in the engine before it was first scheduled (None until
+    # then); the request-queue-time metric reads it from the first delta.
+    queue_time: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One engine step, as `EngineClient.on_step` callbacks see it."""
+    num_tokens: int               # tokens the step computed (prefill chunks + decodes)
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,7 @@ class ModelInfo:
 
 class EngineClient(abc.ABC):
     """The engine as front ends see it. Subclasses set `tokenizer`, `generation_config`,
-    `max_model_len` and `info`."""
+    `max_model_len` and `info`, and call `_notify_step` once per engine step."""
 
     tokenizer: object             # qwenserve.model.tokenizer.QwenTokenizer
     generation_config: dict       # the checkpoint's generation_config.json ({} when absent)
@@ -79,9 +88,12 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     def generate(self, request_id: str, *, params: SamplingParams, prompt: Optional[str] = None,
                  prompt_token_ids: Optional[Sequence[int]] = None, messages: Optional[list] = None,
-                 system: Optional[str] = None) -> AsyncIterator[list[Delta]]:
-        """Runs one request (exactly one of prompt, prompt_token_ids, messages; `system` only
-        with messages) and yields each step's deltas; see the module docstring."""
+                 system: Optional[str] = None,
+                 continue_final_message: bool = False) -> AsyncIterator[list[Delta]]:
+        """Runs one request (exactly one of prompt, prompt_token_ids, messages; `system` and
+        `continue_final_message` only with messages) and yields each step's deltas; see the
+        module docstring. `continue_final_message`: the last message is an assistant's that
+        the model continues (no new turn), as `chat_template.encode_chat` renders it."""
 
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:
@@ -95,8 +107,18 @@ class EngineClient(abc.ABC):
     def stats(self) -> dict:
         """A snapshot of occupancy and counters: num_used_blocks, num_free_blocks,
         num_total_blocks, num_cached_blocks, num_waiting, num_running, num_preemptions,
-        prefix_cache_hit_rate, num_pending, num_active_requests, num_finished_requests,
-        num_aborted_requests, num_steps."""
+        prefix_cache_hit_rate, prefix_cache_query_tokens, prefix_cache_hit_tokens (cumulative
+        prompt tokens looked up in / served from the prefix cache), num_pending,
+        num_active_requests, num_finished_requests, num_aborted_requests, num_steps."""
+
+    def on_step(self, callback: Callable[[StepStats], None]) -> None:
+        """Registers `callback(StepStats)`, called after every engine step (on any thread; it
+        must be quick and must not raise)."""
+        self.__dict__.setdefault("_step_callbacks", []).append(callback)
+
+    def _notify_step(self, stats: StepStats) -> None:
+        for callback in self.__dict__.get("_step_callbacks", ()):
+            callback(stats)
 
     @property
     @abc.abstractmethod

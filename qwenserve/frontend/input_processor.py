@@ -58,14 +58,23 @@ class InputProcessor:
 
     def process(self, request_id: str, *, params: SamplingParams, prompt: Optional[str] = None,
                 prompt_token_ids: Optional[Sequence[int]] = None, messages: Optional[list] = None,
-                system: Optional[str] = None, arrival_time: Optional[float] = None,
-                client_index: int = 0) -> ProcessedRequest:
+                system: Optional[str] = None, continue_final_message: bool = False,
+                arrival_time: Optional[float] = None, client_index: int = 0,
+                core_request_id: Optional[str] = None) -> ProcessedRequest:
+        """`continue_final_message` (chat only): the last message is an assistant's that the
+        model continues instead of starting a new turn (see `chat_template.encode_chat`).
+        `core_request_id`: the id the core knows the request by (default: `request_id`); a
+        server makes it unique, so that a client reusing an id at once never meets the old
+        request's outputs still on their way."""
         if sum(x is not None for x in (prompt, prompt_token_ids, messages)) != 1:
             raise ValueError("input: give exactly one of prompt, prompt_token_ids, messages")
+        if continue_final_message and messages is None:
+            raise ValueError("continue_final_message: only applies to chat messages")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params: expected a SamplingParams, got {type(params).__name__}")
         if messages is not None:
-            ids = encode_chat(self.tokenizer, messages, system=system)
+            ids = encode_chat(self.tokenizer, messages, system=system,
+                              continue_final_message=continue_final_message)
             stop_ids = self.eos_token_ids | self.chat_stop_token_ids
         elif prompt is not None:
             if not isinstance(prompt, str) or not prompt:
@@ -99,7 +108,7 @@ class InputProcessor:
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         sorted_stop_ids = sorted(stop_ids)
         core_requests = []
-        for index, core_id in enumerate(completion_ids(request_id, params.n)):
+        for index, core_id in enumerate(completion_ids(core_request_id or request_id, params.n)):
             child_params = params
             if params.n > 1 and params.seed is not None:
                 child_params = dataclasses.replace(params, seed=(params.seed + index) % 2 ** 64)

@@ -19,7 +19,7 @@ from typing import Optional
 
 from qwenserve.engine_core.protocol import EngineCoreOutput
 from qwenserve.frontend.engine_client import Delta
-from qwenserve.frontend.input_processor import ProcessedRequest, completion_ids
+from qwenserve.frontend.input_processor import ProcessedRequest
 from qwenserve.model.detokenizer import IncrementalDetokenizer
 from qwenserve.model.tokenizer import QwenTokenizer
 from qwenserve.outputs import CompletionOutput, RequestOutput
@@ -74,7 +74,7 @@ class CompletionState:
         if self.logprobs is not None:
             logprobs = self.logprobs[first_new:]
         return Delta(self.index, text, tuple(new_ids), finish, len(self.request.prompt_token_ids),
-                     len(self.token_ids), logprobs)
+                     len(self.token_ids), logprobs, self.request.queue_time)
 
     def abort(self) -> Delta:
         self.text += self.detokenizer.flush()
@@ -136,7 +136,7 @@ class RequestState:
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
                              [c.output() for c in self.completions], self.finished,
-                             num_cached_tokens=self.num_cached_tokens or 0)
+                             num_cached_tokens=self.num_cached_tokens or 0, queue_time=self.queue_time)
 
 
 @dataclass

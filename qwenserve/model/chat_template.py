@@ -45,12 +45,26 @@ def _normalize(messages: Sequence[Any], system: str | None) -> tuple[str, list[t
     return (DEFAULT_SYSTEM_PROMPT if system is None else system), turns
 
 
-def render_chat(messages: Sequence[dict], system: str | None = None, add_generation_prompt: bool = True) -> str:
-    """The ChatML prompt as a string (special tokens written out by name)."""
+def _check_continuation(turns: list[tuple[str, str]], continue_final_message: bool) -> None:
+    if continue_final_message and (not turns or turns[-1][0] != "assistant"):
+        raise ValueError("messages: continue_final_message needs an assistant message last")
+
+
+def render_chat(messages: Sequence[dict], system: str | None = None, add_generation_prompt: bool = True,
+                continue_final_message: bool = False) -> str:
+    """The ChatML prompt as a string (special tokens written out by name).
+
+    `continue_final_message`: the last message (an assistant's) is left open, without its
+    `<|im_end|>`, so that the model continues it (Qwen's function calling resumes its ReAct
+    text after an Observation this way); no generation prompt is added then.
+    """
     system_prompt, turns = _normalize(messages, system)
+    _check_continuation(turns, continue_final_message)
     parts = [f"{IM_START}system\n{system_prompt}{IM_END}\n"]
     parts += [f"{IM_START}{role}\n{content}{IM_END}\n" for role, content in turns]
-    if add_generation_prompt:
+    if continue_final_message:
+        parts[-1] = parts[-1][:-len(f"{IM_END}\n")]
+    elif add_generation_prompt:
         parts.append(f"{IM_START}assistant\n")
     return "".join(parts)
 
@@ -60,18 +74,23 @@ def encode_chat(
     messages: Sequence[dict],
     system: str | None = None,
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
 ) -> list[int]:
     """ChatML prompt ids, tokenised piecewise exactly like Alibaba's make_context.
 
     Each turn is im_start + enc(role) + enc("\\n") + enc(content) + im_end + enc("\\n"); role and
     content are encoded separately (not as one string), which is what the model was trained on.
+    `continue_final_message` leaves the last (assistant) turn open, as in `render_chat`.
     """
     system_prompt, turns = _normalize(messages, system)
+    _check_continuation(turns, continue_final_message)
     nl = tokenizer.encode("\n")
     ids: list[int] = []
     for role, content in [("system", system_prompt)] + turns:
         ids += [tokenizer.im_start_id] + tokenizer.encode(role) + nl + tokenizer.encode(content)
         ids += [tokenizer.im_end_id] + nl
-    if add_generation_prompt:
+    if continue_final_message:
+        del ids[-1 - len(nl):]  # the last turn's im_end and newline
+    elif add_generation_prompt:
         ids += [tokenizer.im_start_id] + tokenizer.encode("assistant") + nl
     return ids

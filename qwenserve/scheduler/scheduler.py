@@ -67,6 +67,9 @@ class Scheduler:
         self._num_sent_tokens: dict[str, int] = {}
         self._num_sent_blocks: dict[str, int] = {}
         self._finished_ids: list[str] = []
+        # Samples still in flight for requests that have ended, by id: dropped on their way
+        # back, even when a new request has taken the id since (a client may retry at once).
+        self._moot_samples: dict[str, int] = {}
         self.num_preemptions = 0
         self.num_steps = 0  # steps that computed something
         self._last_step_tokens = 0
@@ -95,7 +98,8 @@ class Scheduler:
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Optional[Request]:
         """Ends a request (stop, length or abort) and frees its blocks; unknown ids are ignored.
-        A step in flight may still compute it: its samples are dropped on their way back."""
+        A step in flight may still compute it: its samples are dropped on their way back, also
+        when a new request has taken its id by then."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
@@ -104,6 +108,10 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         request.status = status
+        if request.num_output_placeholders:
+            self._moot_samples[request_id] = (self._moot_samples.get(request_id, 0)
+                                              + request.num_output_placeholders)
+            request.num_output_placeholders = 0
         self.kv_cache.free(request)
         self._num_sent_blocks.pop(request_id, None)
         if self._num_sent_tokens.pop(request_id, None) is not None:
@@ -224,9 +232,14 @@ class Scheduler:
             return outputs
         for rid, token, logprob, top in zip(runner_output.request_ids, runner_output.sampled_token_ids,
                                            runner_output.sampled_logprobs, runner_output.logprobs):
-            request = self.requests.get(rid)
-            if request is None:  # finished or aborted while its step ran: the sample is moot
+            moot = self._moot_samples.get(rid)
+            if moot:  # its request ended while the step ran; a request now under its id is new
+                if moot == 1:
+                    del self._moot_samples[rid]
+                else:
+                    self._moot_samples[rid] = moot - 1
                 continue
+            request = self.requests[rid]
             request.num_output_placeholders -= 1
             error = runner_output.structure_errors.get(rid)
             if error is not None:  # the token came from an end-only mask: not output

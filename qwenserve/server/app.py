@@ -1,17 +1,22 @@
 """Builds and runs the serving process: `run_server(config, options)`.
 
 Owns the server's lifecycle:
-  1. build the engine (weights load here; the engine shows its own progress);
-  2. bind the port and start gRPC with health NOT_SERVING (`grpc.health.v1.Health`) and
-     server reflection, print the address;
-  3. run one warm-up generation through the engine thread; only if it succeeds does health
-     turn SERVING and the one "ready" line get printed (health must never say OK while
-     nothing can be generated);
-  4. on SIGINT/SIGTERM: health NOT_SERVING, refuse new calls, let running calls finish for
-     up to `shutdown_grace` seconds, abort the rest (their streams end with finish_reason
-     "abort"), stop the engine thread and the engine's workers, exit 0.
-An engine failure later turns health NOT_SERVING (calls get UNAVAILABLE) but keeps
+  1. start the engine: `AsyncLLM` starts the engine-core process, which loads the weights
+     (showing its own progress) and answers once it is ready;
+  2. bind both ports and start gRPC with health NOT_SERVING (`grpc.health.v1.Health`) and
+     server reflection, and the OpenAI-compatible HTTP API (uvicorn, in this same event loop;
+     /health 503), print the addresses;
+  3. run one warm-up generation through the engine; only if it succeeds does health
+     turn SERVING (HTTP /health 200), the startup summary and the one "ready" line get
+     printed (health must never say OK while nothing can be generated);
+  4. on SIGINT/SIGTERM: health NOT_SERVING on both, refuse new calls, let running calls finish
+     for up to `shutdown_grace` seconds, abort the rest (their streams end with finish_reason
+     "abort"), stop HTTP, then the engine core and its workers, exit 0.
+An engine failure later turns health NOT_SERVING (calls get UNAVAILABLE, HTTP 503) but keeps
 the process up, so that an orchestrator sees the failure through health.
+
+Both front ends get the engine through a `MeteredEngineClient` sharing one `ServerMetrics`, so
+/metrics and the request log cover gRPC and HTTP requests alike.
 """
 from __future__ import annotations
 
@@ -38,8 +43,14 @@ from qwenserve.engine_core.client import EngineCoreDead, EngineCoreStartupError
 from qwenserve.frontend.async_llm import AsyncLLM
 from qwenserve.frontend.engine_client import EngineClient, EngineUnavailable
 
+from qwenserve.model.hub import served_model_name
+
+from .http import HttpServer, build_http_app
+from .metrics import MeteredEngineClient, ServerMetrics
 from .options import ServerOptions
+from .readiness import Readiness
 from .servicer import GenerationServicer
+from .startup_summary import startup_summary
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +84,7 @@ class _Server:
         self.shutdown_grace = options.shutdown_grace
         self.health = health.aio.HealthServicer()
         self.stop_requested: Optional[asyncio.Event] = None
+        self.readiness: Optional[Readiness] = None
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
@@ -88,7 +100,23 @@ class _Server:
         await self._set_health(_NOT_SERVING)
         client = self.engine
         client.on_failure(lambda reason: self._on_engine_failure(loop, reason))
-        servicer = GenerationServicer(client)
+        metrics = ServerMetrics(client)
+        log_requests = not self.options.disable_log_requests
+        servicer = GenerationServicer(MeteredEngineClient(client, metrics, "grpc", log_requests))
+        self.readiness = Readiness(client)
+        served_name = self.options.served_model_name or served_model_name(self.config.model)
+        http = None
+        if self.options.http_port is not None:
+            http_client = MeteredEngineClient(client, metrics, "http", log_requests)
+            http = HttpServer(build_http_app(http_client, self.readiness, served_name, metrics, self.options.api_key),
+                              self.host, self.options.http_port, self.options.ssl_certfile, self.options.ssl_keyfile)
+            try:
+                http.bind()
+            except OSError as e:
+                print(f"qwenserve: error: cannot listen on {self.host}:{self.options.http_port} (HTTP): "
+                      f"{e.strerror or e}", file=sys.stderr, flush=True)
+                await client.close()
+                return 1
         # so_reuseport off: a second server on a busy port must fail, not share it.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GenerationServicer_to_server(servicer, server)
@@ -108,7 +136,15 @@ class _Server:
             return 1
         address = f"{self.host}:{bound}"
         await server.start()
-        print(f"qwenserve: listening on {address} (warming up)", flush=True)
+        if http is not None:
+            try:
+                await http.start()
+            except Exception as e:  # noqa: BLE001 - e.g. an unreadable TLS certificate
+                print(f"qwenserve: error: cannot start HTTP on {http.url}: {e}", file=sys.stderr, flush=True)
+                await self._shutdown(server, client, None, grace=0.0)
+                return 1
+        both = f"{address} (gRPC)" + (f" and {http.url} (HTTP)" if http else "")
+        print(f"qwenserve: listening on {both} (warming up)", flush=True)
 
         self.stop_requested = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -124,17 +160,20 @@ class _Server:
             else:
                 stop.cancel()
                 warm.result()
-                servicer.ready = True
+                servicer.ready = self.readiness.warm = True
                 await self._set_health(_SERVING)
-                print(f"qwenserve: ready on {address} (model: {servicer.info.model}, "
-                      f"warm-up {time.monotonic() - started:.1f}s)", flush=True)
+                for line in startup_summary(client.info, served_name, address, http.url if http else None,
+                                            self.options.api_key is not None):
+                    print(line, flush=True)
+                print(f"qwenserve: ready on {both} (model: {served_name}, warm-up "
+                      f"{time.monotonic() - started:.1f}s)", flush=True)
                 await self.stop_requested.wait()
         except Exception as e:  # warm-up failed: never report SERVING
             logger.exception("warm-up failed")
             print(f"qwenserve: error: warm-up failed: {e}", file=sys.stderr, flush=True)
-            await self._shutdown(server, client, grace=0.0)
+            await self._shutdown(server, client, http, grace=0.0)
             return 1
-        await self._shutdown(server, client, grace=self.shutdown_grace)
+        await self._shutdown(server, client, http, grace=self.shutdown_grace)
         return 0
 
     def _on_signal(self) -> None:
@@ -143,10 +182,12 @@ class _Server:
             self.shutdown_grace = 0.0
         self.stop_requested.set()
 
-    async def _shutdown(self, server: grpc.aio.Server, client: EngineClient, grace: float) -> None:
+    async def _shutdown(self, server: grpc.aio.Server, client: EngineClient, http: Optional[HttpServer],
+                        grace: float) -> None:
         loop = asyncio.get_running_loop()
         print(f"qwenserve: shutting down ({client.num_active} running, grace {grace:g}s)",
               file=sys.stderr, flush=True)
+        self.readiness.draining = True  # HTTP /health 503 and new HTTP requests 503 from now on
         await self.health.enter_graceful_shutdown()
         client.stop_accepting()
         # server.stop refuses new calls at once and cancels what is left after its grace;
@@ -157,6 +198,8 @@ class _Server:
             await asyncio.sleep(0.05)
         await client.abort_all()
         await stopped
+        if http is not None:  # its open streams got their "abort" above and end now
+            await http.stop(_FLUSH_SECONDS)
         await client.close()
 
     def _forced(self, grace: float) -> bool:
@@ -178,10 +221,11 @@ def run_server(config: EngineConfig, options: Optional[ServerOptions] = None,
                engine: Optional[EngineClient] = None) -> int:
     """Serves until SIGINT/SIGTERM; returns the process exit code."""
     options = options or ServerOptions()
-    host, port = options.host, options.port
-    if port and not _port_is_free(host, port):  # fail before minutes of weight loading
-        print(f"qwenserve: error: cannot listen on {host}:{port}: address in use", file=sys.stderr)
-        return 1
+    host = options.host
+    for port in (options.port, options.http_port):
+        if port and not _port_is_free(host, port):  # fail before minutes of weight loading
+            print(f"qwenserve: error: cannot listen on {host}:{port}: address in use", file=sys.stderr)
+            return 1
     return asyncio.run(_serve(config, options, engine))
 
 
@@ -189,7 +233,11 @@ async def _serve(config: EngineConfig, options: ServerOptions, engine: Optional[
     if engine is None:
         print(f"qwenserve: loading {config.model or 'the built-in tiny model'} ...",
               file=sys.stderr, flush=True)
-        engine = AsyncLLM(config)
+        try:
+            engine = AsyncLLM(config)  # resolves the model (a directory or a Hub repo id)
+        except (ValueError, OSError) as e:
+            print(f"qwenserve: error: {e}", file=sys.stderr, flush=True)
+            return 2
         try:
             await engine.start(log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()))
         except EngineCoreStartupError as e:  # a bad model directory or setting: say so, no traceback

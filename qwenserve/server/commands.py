@@ -23,32 +23,57 @@ _GENERATE_FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature",
 
 
 def add_launch_parser(subparsers) -> argparse.ArgumentParser:
+    from qwenserve.config import EngineConfig  # light: no torch
+
+    d = EngineConfig()  # the defaults that apply when a flag is not given
     p = subparsers.add_parser(
-        "launch", help="serve a model over gRPC",
-        description="Serve a Qwen model over gRPC (qwenserve.v1.Generation, health, reflection). "
-                    "Without --model: the built-in tiny model (random weights).")
-    p.add_argument("--model", default=None, help="checkpoint directory (HF format)")
-    p.add_argument("--tp", type=int_in(1), default=1, dest="tp", help="tensor-parallel size")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+        "launch", help="serve a model over gRPC and an OpenAI-compatible HTTP API",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a Qwen model over gRPC (qwenserve.v1.Generation, health, reflection) and an\n"
+                    "OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics, ...).\n"
+                    "Without --model: the built-in tiny model (random weights).",
+        epilog="Sampling defaults (max_tokens, temperature, top_p, top_k, repetition_penalty) come from the "
+               "checkpoint's generation_config.json\n(max_tokens: its max_new_tokens, 512 for the Qwen chat "
+               "models); a request's own values override them.")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory (HF format) or a Hugging Face repo id such as Qwen/Qwen-7B-Chat "
+                        "(downloaded, or taken from the local cache offline); default: the built-in tiny model")
+    p.add_argument("--tp", type=int_in(1), default=1, dest="tp", help="tensor-parallel size (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind, both APIs (default: %(default)s)")
     p.add_argument("--port", type=int_in(0, 65535), default=50051,
-                   help="port (0: any free port; default: %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
-    p.add_argument("--max-model-len", type=int_in(1), default=None)
-    p.add_argument("--max-num-seqs", type=int_in(1), default=None)
-    p.add_argument("--max-num-batched-tokens", type=int_in(1), default=None)
-    p.add_argument("--block-size", type=power_of_two, default=None, help="tokens per KV block (a power of two)")
+                   help="gRPC port (0: any free port; default: %(default)s)")
+    p.add_argument("--http-port", type=int_in(0, 65535), default=8000,
+                   help="OpenAI-compatible HTTP port (0: any free port; default: %(default)s)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name HTTP clients send (default: the repo id, the checkpoint directory's "
+                        "name, or qwen-tiny for the built-in model)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="default: %(default)s (CUDA when there is a GPU)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="default: %(default)s (the checkpoint's on a GPU, float32 on the CPU)")
+    p.add_argument("--max-model-len", type=int_in(1), default=None,
+                   help="longest prompt + output (default: the model's max_position_embeddings)")
+    p.add_argument("--max-num-seqs", type=int_in(1), default=None,
+                   help=f"most sequences in one step (default: {d.max_num_seqs})")
+    p.add_argument("--max-num-batched-tokens", type=int_in(1), default=None,
+                   help=f"token budget of one step (default: {d.max_num_batched_tokens})")
+    p.add_argument("--block-size", type=power_of_two, default=None,
+                   help=f"tokens per KV block, a power of two (default: {d.block_size})")
     p.add_argument("--gpu-memory-utilization", type=float_in(0.0, 1.0, low_open=True), default=None,
-                   help="fraction of GPU memory to use, in (0, 1]")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (tp > 1)")
+                   help=f"fraction of GPU memory to use, in (0, 1] (default: {d.gpu_memory_utilization})")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (tp > 1; default: a local one)")
     p.add_argument("--max-waiting-requests", type=int_in(1), default=None,
-                   help="waiting-queue bound; beyond it calls get RESOURCE_EXHAUSTED")
+                   help=f"waiting-queue bound; beyond it calls get RESOURCE_EXHAUSTED / HTTP 429 "
+                        f"(default: {d.max_waiting_requests})")
     p.add_argument("--shutdown-grace", type=float_in(0.0), default=10.0,
                    help="seconds running calls get to finish on SIGINT/SIGTERM (default: %(default)s)")
     p.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
-                   help="KV cache budget on the CPU, e.g. 512MiB")
-    p.add_argument("--seed", type=int_in(0, 2 ** 64 - 1), default=None, help="engine seed, in [0, 2**64)")
-    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+                   help=f"KV cache budget on the CPU, e.g. 512MiB (default: {d.kv_cache_memory // 2 ** 20}MiB)")
+    p.add_argument("--seed", type=int_in(0, 2 ** 64 - 1), default=None,
+                   help=f"engine seed, in [0, 2**64) (default: {d.seed})")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching (on by default)")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="no INFO line per finished request")
     # Benchmarks only (e.g. benchmarks.simulated_device:h100_7b_executor); not a user feature.
     p.add_argument("--executor-plugin", default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, default="INFO",
@@ -84,7 +109,10 @@ def launch(args: argparse.Namespace) -> int:
 
     from .options import ServerOptions
 
-    return run_server(config, ServerOptions(host=args.host, port=args.port, shutdown_grace=args.shutdown_grace))
+    return run_server(config, ServerOptions(host=args.host, port=args.port, http_port=args.http_port,
+                                            served_model_name=args.served_model_name,
+                                            shutdown_grace=args.shutdown_grace,
+                                            disable_log_requests=args.disable_log_requests))
 
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
@@ -94,11 +122,13 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("prompt", metavar="PROMPT", help="prompt text ('-': read standard input)")
     p.add_argument("--address", default="127.0.0.1:50051", help="server HOST:PORT (default: %(default)s)")
     # Numbers are range-checked by the client (`InvalidRequest`), which Python callers share.
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None, help="0 or -1: off")
-    p.add_argument("--seed", type=int, default=None)
+    server_default = "default: the server's, from the checkpoint's generation_config.json"
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help=f"most tokens to generate ({server_default}: max_new_tokens)")
+    p.add_argument("--temperature", type=float, default=None, help=f"0: greedy ({server_default})")
+    p.add_argument("--top-p", type=float, default=None, help=f"({server_default})")
+    p.add_argument("--top-k", type=int, default=None, help=f"0 or -1: off ({server_default})")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: none, not reproducible)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message")
     p.add_argument("--system", default=None, help="system prompt (only with --chat)")
@@ -162,8 +192,10 @@ def generate(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return 1
-    if finish not in (None, "stop", "length"):
-        print(f"(finished: {finish})", file=sys.stderr)
+    if finish not in ("stop", "length"):  # aborted (e.g. the server shut down) or cut off
+        print(f"qwenserve generate: error: the request ended with finish_reason {finish or 'none'!r}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -18,12 +18,11 @@ from typing import Any, Optional
 
 import grpc
 
-from qwenserve.sampling_params import SamplingParams
+from qwenserve.frontend.engine_client import Delta, EngineClient, EngineUnavailable, ModelInfo, QueueFull
 from qwenserve.structured_output import StructuredOutput
 
 from . import qwenserve_pb2 as pb
 from . import qwenserve_pb2_grpc as pb_grpc
-from qwenserve.frontend.engine_client import Delta, EngineClient, EngineUnavailable, ModelInfo, QueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +71,6 @@ def structured_output(params: pb.SamplingParams) -> Optional[StructuredOutput]:
     return StructuredOutput(**kwargs)
 
 
-def make_sampling_params(params: pb.SamplingParams, generation_config: Optional[dict]) -> SamplingParams:
-    """Proto -> SamplingParams; ValueError (naming the field) for invalid values."""
-    kwargs = sampling_kwargs(params)
-    if generation_config:
-        return SamplingParams.from_generation_config(generation_config, **kwargs)
-    return SamplingParams(**kwargs)
-
-
 def engine_input(request: pb.GenerateRequest) -> dict:
     """The input keywords of `engine.add_request`; ValueError naming the field if absent."""
     which = request.WhichOneof("input")
@@ -111,7 +102,8 @@ def _logprobs_message(entry: Any) -> pb.TokenLogprobs:
 def model_info_message(info: ModelInfo) -> pb.ModelInfo:
     return pb.ModelInfo(model=info.model, max_model_len=info.max_model_len, vocab_size=info.vocab_size,
                         tensor_parallel_size=info.tensor_parallel_size, dtype=info.dtype,
-                        device=info.device, block_size=info.block_size, num_gpu_blocks=info.num_kv_blocks)
+                        device=info.device, block_size=info.block_size, num_kv_blocks=info.num_kv_blocks,
+                        num_gpu_blocks=info.num_kv_blocks)
 
 
 def response_message(request_id: str, delta: Delta) -> pb.GenerateResponse:
@@ -125,7 +117,6 @@ def response_message(request_id: str, delta: Delta) -> pb.GenerateResponse:
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, engine: EngineClient):
         self.engine = engine
-        self.generation_config = engine.generation_config
         self.info = model_info_message(engine.info)
         # Set by the app once the warm-up generation succeeded; until then, UNAVAILABLE.
         self.ready = False
@@ -135,11 +126,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is not ready yet")
         try:
             add_kwargs = engine_input(request)
+            # The same path as the HTTP front end's: the checkpoint's defaults, then the request's
+            # values, validated by SamplingParams (compiling a new grammar may take up to its time
+            # limit: not on the event loop).
+            kwargs = sampling_kwargs(request.params)
             if request.params.WhichOneof("structured_output") is None:
-                params = make_sampling_params(request.params, self.generation_config)
-            else:  # compiling a new grammar may take up to its time limit: not on the event loop
-                params = await asyncio.to_thread(make_sampling_params, request.params,
-                                                 self.generation_config)
+                params = self.engine.default_params(**kwargs)
+            else:
+                params = await asyncio.to_thread(self.engine.default_params, **kwargs)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         request_id = request.request_id or uuid.uuid4().hex

@@ -1,0 +1,70 @@
+"""Call qwenserve's OpenAI-compatible HTTP API with the `openai` package: a chat reply, a streamed
+completion, and a tool call whose result goes back to the model.
+
+    pip install openai          # not a qwenserve dependency
+    qwenserve launch            # in another shell (with the venv activated)
+    python examples/http_client.py [--base-url http://127.0.0.1:8000] [--max-tokens 32]
+
+Set QWENSERVE_API_KEY when the server was started with an API key. With the built-in tiny
+model (random weights) the text is gibberish; serve a real checkpoint (e.g.
+`qwenserve launch --model Qwen/Qwen-7B-Chat`) for real answers.
+"""
+import argparse
+import json
+import os
+
+from openai import OpenAI
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def get_weather(city: str = "Reykjavik") -> dict:
+    return {"city": city, "temperature_c": 4, "sky": "overcast"}  # a stand-in for a real service
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args()
+    client = OpenAI(base_url=args.base_url + "/v1", api_key=os.environ.get("QWENSERVE_API_KEY", "none"))
+    model = client.models.list().data[0].id
+    print(f"model: {model}")
+
+    print("\n--- chat")
+    reply = client.chat.completions.create(
+        model=model, max_tokens=args.max_tokens,
+        messages=[{"role": "system", "content": "You are a helpful assistant."},
+                  {"role": "user", "content": "冰岛的首都是哪里？"}])
+    print(reply.choices[0].message.content, f"[{reply.choices[0].finish_reason}, {reply.usage.total_tokens} tokens]")
+
+    print("\n--- streamed completion")
+    for chunk in client.completions.create(model=model, prompt="The capital of Iceland is", stream=True,
+                                           max_tokens=args.max_tokens, temperature=0):
+        print(chunk.choices[0].text, end="", flush=True)
+    print()
+
+    print("\n--- a tool call and its result")
+    messages = [{"role": "user", "content": "What is the weather in Reykjavik?"}]
+    # tool_choice names the tool, so that even a model that would answer directly calls it.
+    reply = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL], max_tokens=args.max_tokens,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = reply.choices[0].message.tool_calls[0]
+    print(f"the model calls {call.function.name}({call.function.arguments})")
+    try:
+        arguments = json.loads(call.function.arguments)
+    except json.JSONDecodeError:  # a random-weight model writes no JSON
+        arguments = {}
+    city = arguments.get("city") if isinstance(arguments, dict) else None
+    result = get_weather(city) if isinstance(city, str) else get_weather()
+    messages += [reply.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)}]
+    final = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL],
+                                           max_tokens=args.max_tokens)
+    print("the model answers:", final.choices[0].message.content)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""What every HTTP route needs from the server: the engine client and the names it answers to."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from qwenserve.frontend.engine_client import EngineClient
+
+from .logprobs import LogprobsFormatter
+
+
+@dataclass
+class RouteContext:
+    client: EngineClient          # the metered client of the HTTP front end
+    served_model_name: str
+    formatter: LogprobsFormatter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.formatter = LogprobsFormatter(self.client.tokenizer)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
