@@ -79,8 +79,15 @@ def fill_bitmask(states: list[SamplingState], pin_memory: bool = False) -> torch
     matchers = [grammar_matcher(states[i]) for i in rows]
     catch_up(matchers, [states[i] for i in rows])
 
-    bitmask = torch.full((len(states), MASK_WORDS), -1, dtype=torch.int32, pin_memory=pin_memory)
+    # Not torch.full: its fill runs on torch's intra-op threads, which on a loaded host cost
+    # milliseconds per step (OpenMP barriers against llguidance's pool). llguidance writes every
+    # word of a live row; plain rows are set here, failed rows below.
+    bitmask = torch.empty((len(states), MASK_WORDS), dtype=torch.int32, pin_memory=pin_memory)
     out = bitmask.numpy()
+    if len(rows) < len(states):
+        plain = np.ones(len(states), dtype=bool)
+        plain[rows] = False
+        out[plain] = -1
     live = [(m.matcher, i) for m, i in zip(matchers, rows) if m.error is None]
     if live:
         _executor().unsafe_compute_mask_ptr(live, out.ctypes.data, MASK_WORDS * 4, len(states))
