@@ -9,10 +9,10 @@ does. Per structured row, from the step's real bitmask:
   * with probability STRUCTURAL_P, a random allowed *structural* token (made only of
     `"`, `,`, `:`, `]`, `}`: they close strings, end values and move on to the next key);
   * else a uniformly random allowed token (a few random ids checked against the mask bits);
-  * where neither finds one (a forced key, a number's next digit), a random set bit of a
-    random non-zero mask word.
+  * where neither finds one (a forced key, a number's next digit), a random allowed token of
+    the row's first non-zero mask word.
 
-All rows at once with numpy; only the last case loops, over its rows. `AllowedTokenPicker.
+All rows at once with numpy, no loop over rows. `AllowedTokenPicker.
 seconds` is the time spent here: simulation overhead, host time a real sampler does not
 spend (it draws on the device), reported beside the results so it can be subtracted.
 
@@ -78,13 +78,17 @@ class AllowedTokenPicker:
         has_structural, has_candidate = structural_ok.any(axis=1), candidate_ok.any(axis=1)
         prefer_structural = self.rng.random(n) < STRUCTURAL_P
         out = np.where(has_structural & (prefer_structural | ~has_candidate), structural_pick, candidate_pick)
-        for j in np.flatnonzero(~has_structural & ~has_candidate):
-            out[j] = self._any_allowed(words[rows[j]])
+        rest = np.flatnonzero(~has_structural & ~has_candidate)
+        if rest.size:
+            out[rest] = self._in_first_allowed_word(words[row_index[rest, 0]])
         self.seconds += time.perf_counter() - start
         return out.tolist()
 
-    def _any_allowed(self, row: np.ndarray) -> int:
-        nonzero = np.flatnonzero(row)
-        word = int(nonzero[self.rng.integers(nonzero.size)])
-        bits = np.flatnonzero(np.unpackbits(row[word:word + 1].view(np.uint8), bitorder="little"))
-        return 32 * word + int(bits[self.rng.integers(bits.size)])
+    def _in_first_allowed_word(self, words: np.ndarray) -> np.ndarray:
+        """Per row of `words` [n, W] (each allows something): a random allowed token of its first
+        non-zero word (where the random draws found nothing, few tokens are allowed: often one)."""
+        word = np.argmax(words != 0, axis=1)
+        bits = np.unpackbits(words[np.arange(len(word)), word].view(np.uint8).reshape(-1, 4), axis=1,
+                             bitorder="little").astype(bool)
+        bit = np.argmax(self.rng.random(bits.shape) * bits, axis=1)
+        return 32 * word + bit
