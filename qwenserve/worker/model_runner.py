@@ -19,6 +19,10 @@ value the host does not know yet: its input id is taken from k-1's sampled ids o
 request's host-side token list holds -1 there until the value arrives, from rank 0's own
 read-back or from the scheduler's diff. Without `async_scheduling` `execute(k)` returns k's
 own output and every input is known on the host.
+
+Structured rows: the sampler masks them to their grammars (qwenserve/structured_output); a
+row whose grammar matcher failed is masked to the end tokens and reported with the step's
+output (`ModelRunnerOutput.structure_errors`), for the scheduler to abort that request.
 """
 from __future__ import annotations
 
