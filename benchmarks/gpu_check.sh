@@ -2,14 +2,19 @@
 # gpu_check.sh: the one command to run on a machine with a GPU. It checks and measures, in stages:
 #
 #   env      GPU, driver, torch / triton / transformers versions
-#   ckpt     a 7B-shaped random checkpoint with 2 layers (qwenserve make-checkpoint --preset 7b --layers 2)
-#   tests    the GPU tests: kernels at real sizes, engine Triton vs reference at 7B shapes, GPTQ
+#   ckpt     7B-shaped random checkpoints with 2 layers, bf16 and GPTQ Int4
+#            (qwenserve make-checkpoint --preset 7b --layers 2 [--int4])
+#   tests    the GPU tests: kernels at real sizes, engine Triton vs reference at 7B shapes, CUDA-graph
+#            decode vs eager, Int4 engine (Triton kernels) vs the reference, GPTQ kernels
 #   kernels  benchmarks/kernels.py (bandwidth of each kernel against the copy roofline)
 #   offline  benchmarks/run.py offline on that checkpoint: a prefix of the standard mixed workload,
 #            qwenserve against transformers static batches of 32, in the same run
 #   prefill  benchmarks/run.py prefill: 8 x 2048 prompt tokens/s, the decode stage's random 7B
 #   decode   benchmarks/run.py decode, batch 1, full-depth (32-layer) 7B with random weights made
 #            on the GPU (no 15 GB checkpoint on disk), against weight bytes / measured copy bandwidth
+#   steptime benchmarks/step_time.py: the real step time of that 7B (decode through CUDA graphs and
+#            eager, prefill) next to the simulated device's formula (benchmarks/simulated_device.py)
+#   int4     the same on a 32-layer 7B in the GPTQ Int4 layout (random packed weights)
 #
 # and prints a short table last. Every stage runs under `timeout`, so one slow stage cannot eat
 # the whole budget; the defaults add up to under 10 minutes. Runs from the source tree, offline.
@@ -25,15 +30,19 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python}"
 OUT="${1:-/tmp/qwenserve-gpu-check}"
 CKPT="${CKPT:-$OUT/qwen-${PRESET:-7b}-2layers}"
-STAGES="${STAGES:-env ckpt tests kernels offline decode prefill}"
+CKPT_INT4="${CKPT_INT4:-$OUT/qwen-${PRESET:-7b}-2layers-int4}"
+STAGES="${STAGES:-env ckpt tests kernels offline decode prefill steptime int4}"
 NUM_PROMPTS="${NUM_PROMPTS:-128}"
 DECODE_LAYERS="${DECODE_LAYERS:-32}"
 # Only for trying the script itself without a GPU: DEVICE=cpu PRESET=tiny DECODE_LAYERS=2.
 DEVICE="${DEVICE:-cuda}" PRESET="${PRESET:-7b}"
 DTYPE=bfloat16; [ "$DEVICE" = cpu ] && DTYPE=float32
+STEP_QUICK=""; [ "$DEVICE" = cpu ] && STEP_QUICK=--quick  # three tiny step shapes on a CPU
 # Seconds per stage (sum: 595 s).
-T_ENV="${T_ENV:-30}" T_CKPT="${T_CKPT:-90}" T_TESTS="${T_TESTS:-170}" T_KERNELS="${T_KERNELS:-60}"
-T_OFFLINE="${T_OFFLINE:-120}" T_DECODE="${T_DECODE:-80}" T_PREFILL="${T_PREFILL:-45}"
+T_ENV="${T_ENV:-20}" T_CKPT="${T_CKPT:-100}" T_TESTS="${T_TESTS:-140}" T_KERNELS="${T_KERNELS:-45}"
+T_OFFLINE="${T_OFFLINE:-75}" T_DECODE="${T_DECODE:-60}" T_PREFILL="${T_PREFILL:-35}"
+T_STEPTIME="${T_STEPTIME:-75}" T_INT4="${T_INT4:-45}"
+STEP_LAYERS="${STEP_LAYERS:-$DECODE_LAYERS}"
 mkdir -p "$OUT"
 : > "$OUT/stages.tsv"
 
@@ -66,15 +75,18 @@ print(\"grpcio\", __import__(\"grpc\").__version__ if u.find_spec(\"grpc\") else
 __import__(\"google.protobuf\").protobuf.__version__ if u.find_spec(\"google.protobuf\") else None)'; \
         git log -1 --format='commit %h %s'" ;;
     ckpt)
-      if [ -f "$CKPT/model.safetensors.index.json" ]; then
-        echo "=== ckpt: reusing $CKPT"; printf 'ckpt\tok\t0\n' >> "$OUT/stages.tsv"
+      if [ -f "$CKPT/model.safetensors.index.json" ] && [ -f "$CKPT_INT4/model.safetensors.index.json" ]; then
+        echo "=== ckpt: reusing $CKPT and $CKPT_INT4"; printf 'ckpt\tok\t0\n' >> "$OUT/stages.tsv"
       else
-        run_stage ckpt "$T_CKPT" "$PY" -m qwenserve.cli make-checkpoint --preset "$PRESET" --layers 2 "$CKPT"
+        run_stage ckpt "$T_CKPT" bash -c "set -e
+          [ -f '$CKPT/model.safetensors.index.json' ] || '$PY' -m qwenserve.cli make-checkpoint --preset '$PRESET' --layers 2 '$CKPT'
+          [ -f '$CKPT_INT4/model.safetensors.index.json' ] || '$PY' -m qwenserve.cli make-checkpoint --preset '$PRESET' --layers 2 --int4 '$CKPT_INT4'"
       fi ;;
     tests)
       # The GPU-relevant tests: kernels at real sizes, the engine on Triton vs the reference at
       # 7B shapes (on the checkpoint above), GPTQ; the CPU-only rest is CI's job.
-      run_stage tests "$T_TESTS" env QWENSERVE_GPU_CHECKPOINT="$CKPT" "$PY" -m pytest -q -m "not slow" \
+      run_stage tests "$T_TESTS" env QWENSERVE_GPU_CHECKPOINT="$CKPT" QWENSERVE_GPU_CHECKPOINT_INT4="$CKPT_INT4" \
+        "$PY" -m pytest -q -m "not slow" \
         -p no:cacheprovider tests/test_gpu.py tests/test_kernels_attention.py tests/test_kernels_norm.py \
         tests/test_kernels_rotary.py tests/test_kernels_store_kv.py tests/test_kernels_gptq.py ;;
     kernels)
@@ -94,7 +106,14 @@ __import__(\"google.protobuf\").protobuf.__version__ if u.find_spec(\"google.pro
       run_stage prefill "$T_PREFILL" "$PY" benchmarks/run.py prefill --random-weights --preset "$PRESET" \
         --layers "$DECODE_LAYERS" --device "$DEVICE" --dtype "$DTYPE" --batch-size 8 --input-len 2048 \
         --json "$OUT/prefill.json" ;;
-    *) echo "unknown stage: $stage (stages: env ckpt tests kernels offline decode prefill)"; exit 2 ;;
+    steptime)
+      # Fails (exit 2, after measuring) while benchmarks/simulated_device.py is not merged.
+      run_stage steptime "$T_STEPTIME" "$PY" benchmarks/step_time.py --preset "$PRESET" --layers "$STEP_LAYERS" \
+        --device "$DEVICE" --dtype "$DTYPE" --reps 5 $STEP_QUICK --json "$OUT/steptime.json" ;;
+    int4)
+      run_stage int4 "$T_INT4" "$PY" benchmarks/step_time.py --preset "$PRESET" --layers "$STEP_LAYERS" \
+        --device "$DEVICE" --int4 --reps 5 $STEP_QUICK --json "$OUT/int4.json" ;;
+    *) echo "unknown stage: $stage (stages: env ckpt tests kernels offline decode prefill steptime int4)"; exit 2 ;;
   esac
 done
 
@@ -154,6 +173,24 @@ def summary(stage):
         return (f"batch 1: {r['tokens_per_s_per_seq']:.1f} tok/s ({r['ms_per_step']:.2f} ms/step) = "
                 f"{100 * r['fraction_of_floor']:.0f}% of floor {r['floor_tokens_per_s_per_seq']:.0f} tok/s "
                 f"({r['weight_bytes_per_step'] / 1e9:.1f} GB / {r['copy_bandwidth_GBps']:.0f} GB/s)")
+    if stage in ("steptime", "int4"):
+        r = load(stage + ".json")
+        if not r:
+            return ""
+        named = ("decode B=1 ctx 128", "decode B=128 ctx 512", "prefill 4 x 2048")
+        picked = [x for x in r["results"] if x["shape"] in named] or r["results"][:3]
+        parts = []
+        for x in picked:
+            ms = x["graph_ms"] if x["graph_ms"] is not None else x["eager_ms"]
+            text = f"{x['shape']} {ms:.2f} ms"
+            if x["graph_ms"] is not None:
+                text += f" (eager {x['eager_ms']:.2f})"
+            if x["formula_ms"] is not None:
+                text += f" = {x['measured_over_formula']:.2f}x formula {x['formula_ms']:.2f}"
+            parts.append(text)
+        if r.get("simulator") is None:
+            parts.append("no simulated_device.py to compare with")
+        return "; ".join(parts)
     if stage == "prefill":
         r = load("prefill.json")
         if not r:

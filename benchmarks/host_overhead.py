@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from qwenserve.config import EngineConfig  # noqa: E402
 from qwenserve.engine import LLMEngine  # noqa: E402
 from qwenserve.sampling_params import SamplingParams  # noqa: E402
-from qwenserve.worker.sampler import SamplerOutput  # noqa: E402
+from qwenserve.worker.sampler import DeviceSamples  # noqa: E402
 
 
 def stub_model(engine: LLMEngine, real_sampler: bool) -> None:
@@ -52,8 +52,8 @@ def stub_model(engine: LLMEngine, real_sampler: bool) -> None:
     model.compute_logits = compute_logits
     if not real_sampler:
         model.compute_logits = lambda h: torch.zeros(h.shape[0], 1)
-        runner.sampler.sample = lambda _, states: SamplerOutput(
-            [1000] * len(states), [None] * len(states), [None] * len(states))
+        runner.sampler.sample_on_device = lambda _, states: DeviceSamples(
+            torch.full((len(states),), 1000), [], [], None, None, None)
 
 
 def measure(batch_size: int, args) -> dict:

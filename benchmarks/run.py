@@ -84,6 +84,8 @@ def engine_kwargs(args) -> dict:
         kw["enable_prefix_caching"] = False
     if getattr(args, "simulate_device", None):
         kw["executor_plugin"] = PLUGINS[args.simulate_device]
+    if getattr(args, "engine_core_process", False):
+        kw["engine_core_process"] = True
     return kw
 
 
@@ -243,10 +245,18 @@ def cmd_offline(args) -> dict:
     result = {"mode": "offline", "environment": environment(args.simulate_device), "workload": workload,
               "model": model_dir, "engine": engine_kwargs(args)}
 
+    stats_dir = None
+    if args.simulate_device and args.engine_core_process:  # the core process writes its busy time here
+        stats_dir = tempfile.TemporaryDirectory(prefix="qwenserve-sim-")
+        os.environ[STATS_ENV] = os.path.join(stats_dir.name, "device.stats")
     llm = LLM(model=model_dir, **engine_kwargs(args))
-    executor = llm.engine.executor
-    device = getattr(executor, "device", None) or resolve_device(llm.engine.config)
-    dtype = getattr(executor, "dtype", None) or resolve_dtype(llm.engine.config, llm.engine.model_config, device)
+    if args.engine_core_process:
+        ready = llm.engine.core.ready_message()
+        executor, device, dtype = None, ready.device, ready.dtype
+    else:
+        executor = llm.engine.executor
+        device = getattr(executor, "device", None) or resolve_device(llm.engine.config)
+        dtype = getattr(executor, "dtype", None) or resolve_dtype(llm.engine.config, llm.engine.model_config, device)
     result["device"], result["dtype"] = str(device), str(dtype).replace("torch.", "")
     schema = structure_schema(args)
     run_qwenserve(llm, warmup_requests(requests, args.seed), schema)
@@ -256,7 +266,11 @@ def cmd_offline(args) -> dict:
     window = (window_start, time.monotonic())
     ours = result["qwenserve"] = throughput(requests, elapsed, out_tokens)
     if args.simulate_device:
-        ours["device_busy_pct"] = busy_pct(executor.stream.busy_between(*window), window)
+        if executor is None:
+            busy_s = busy_within(*read_stats_file(os.environ[STATS_ENV], covering=window[1]), *window)
+        else:
+            busy_s = executor.stream.busy_between(*window)
+        ours["device_busy_pct"] = busy_pct(busy_s, window)
         ours.update(simulated_sampler_stats(executor, sampler_before))
     ours["num_preemptions"] = llm.get_stats().get("num_preemptions")
     if out_tokens != workload["total_output_tokens"]:
@@ -264,6 +278,9 @@ def cmd_offline(args) -> dict:
               f"{workload['total_output_tokens']}")
     llm.shutdown()
     del llm, executor
+    if stats_dir is not None:
+        os.environ.pop(STATS_ENV, None)
+        stats_dir.cleanup()
     free_device_memory()
 
     result["baseline"] = result["speedup"] = None
@@ -706,6 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("offline", parents=[common, data, weights, sim], help="throughput vs transformers")
     p.add_argument("--baseline-batch-size", type=int, default=32)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--engine-core-process", action="store_true",
+                   help="run LLM's engine core in a process of its own (default: in this one)")
     p.set_defaults(func=cmd_offline)
 
     p = sub.add_parser("decode", parents=[common, weights, sim], help="decode tok/s vs the bandwidth floor")

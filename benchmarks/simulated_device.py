@@ -297,22 +297,27 @@ class SimulatedSampler:
         self.mask_seconds = 0.0  # host time in fill_bitmask
         self.num_structured_rows = 0
 
-    def sample(self, logits, states):
-        from qwenserve.worker.sampler import SamplerOutput
-        tokens = self._rng.integers(0, NUM_ORDINARY_TOKENS, size=len(states)).tolist()
+    def sample_on_device(self, logits, states):
+        import torch
+
+        from qwenserve.worker.sampler import DeviceSamples
+        tokens = self._rng.integers(0, NUM_ORDINARY_TOKENS, size=len(states))
         structured = [i for i, s in enumerate(states) if s.params.structured_output is not None]
         if structured:
             self._draw_allowed(states, structured, tokens)
+        tokens = torch.from_numpy(tokens)
         # Logprobs are not modelled: a row that asks gets its token at log-probability 0.
-        asked = [s.params.logprobs is not None for s in states]
-        return SamplerOutput(
-            token_ids=tokens,
-            logprobs=[[(t, 0.0)] if a and s.params.logprobs else ([] if a else None)
-                      for t, a, s in zip(tokens, asked, states)],
-            sampled_logprobs=[0.0 if a else None for a in asked])
+        rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        top_n = [min(states[i].params.logprobs, 1) for i in rows]
+        sampled_logprobs = torch.zeros(len(rows)) if rows else None
+        top_ids = tokens[rows].unsqueeze(1) if rows else None
+        top_vals = torch.zeros(len(rows), 1) if rows else None
+        return DeviceSamples(tokens, rows, top_n, sampled_logprobs, top_vals, top_ids)
 
+    def sample(self, logits, states):
+        return self.sample_on_device(logits, states).to_host()
 
-    def _draw_allowed(self, states, structured: list, tokens: list) -> None:
+    def _draw_allowed(self, states, structured: list, tokens: np.ndarray) -> None:
         from qwenserve.structured_output.batch import fill_bitmask
         start = time.perf_counter()
         bitmask = fill_bitmask(states)  # the real sampler's step (s), plain rows included

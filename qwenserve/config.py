@@ -29,6 +29,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     ray_address: Optional[str] = None
+    # A local Ray cluster (no ray_address) and the ranks' sockets listen on the loopback address
+    # only; `qwenserve launch` sets it when --host is a loopback address.
+    ray_loopback_only: bool = False
     use_triton: Optional[bool] = None  # None: Triton kernels on CUDA, torch reference elsewhere
     use_cuda_graphs: bool = True
     max_waiting_requests: int = 4096
@@ -75,6 +78,7 @@ class EngineConfig:
         # the first sampled token, killing the engine.
         check(is_int(self.seed) and 0 <= self.seed < SEED_LIMIT, "seed", "must be an integer in [0, 2**64)")
         check(self.ray_address is None or isinstance(self.ray_address, str), "ray_address", "must be a string or None")
+        check(isinstance(self.ray_loopback_only, bool), "ray_loopback_only", "must be a bool")
         check(self.use_triton is None or isinstance(self.use_triton, bool), "use_triton", "must be a bool or None")
         check(isinstance(self.use_cuda_graphs, bool), "use_cuda_graphs", "must be a bool")
         check(isinstance(self.async_scheduling, bool), "async_scheduling", "must be a bool")

@@ -20,6 +20,10 @@ MAX_LOGPROBS = 20
 # n would let one call fill the waiting queue and the KV cache.
 MAX_N = 128
 _SEED_LIMIT = 2**64
+# A logit is divided (if positive) or multiplied (if negative) by the penalty: outside these
+# bounds a float32 logit can overflow to inf, and a softmax over inf is NaN (1e-45 did).
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
 
 
 def _is_int(value: Any) -> bool:
@@ -106,8 +110,9 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
 
         self.repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, "
+                             f"{MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}")
 
         for name in ("presence_penalty", "frequency_penalty"):
             value = _check_float(name, getattr(self, name))

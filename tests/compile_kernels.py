@@ -155,7 +155,7 @@ def _cases(quick):
     qzeros = torch.randint(-2**31, 2**31 - 1, (k // group, n // 8), dtype=torch.int32)
     scales = torch.rand(k // group, n).half()
     for dtype in dtypes[:2] if not quick else dtypes:
-        for tokens in (4, gptq_matmul.FUSED_MAX_TOKENS + 1):  # fused kernel; dequantize + matmul
+        for tokens in (4, gptq_matmul.FUSED_MAX_TOKENS + 1):  # 16-row kernel; large-tile kernel
             cases.append((f"gptq {str(dtype).removeprefix('torch.')} T={tokens}",
                           lambda dtype=dtype, tokens=tokens: gptq_matmul.gptq_matmul(
                               torch.randn(tokens, k).to(dtype), qweight, qzeros, scales, group)))
@@ -177,11 +177,21 @@ def _stable_across_steps(recorder) -> list[str]:
         q = torch.randn(num_seqs * q_len, 3 * heads, head_dim).to(torch.bfloat16)[:, :heads]
         paged_attention.paged_attention(q, cache, cache, qsl, seq_lens, tables, head_dim ** -0.5, None,
                                         q_len, width * block_size)
+    # Mixed steps: the decode rows (first num_decodes requests) go to the decode kernels, the
+    # rest to the prefill kernel at an offset; num_decodes changes from step to step.
+    for q_lens, num_decodes in [([1, 1, 1, 9, 20], 3), ([1, 30], 1), ([1] * 6 + [5, 2], 6)]:
+        num_seqs, width = len(q_lens), 12
+        tables = torch.randint(1, 200, (num_seqs, width), dtype=torch.int32)
+        seq_lens = torch.full((num_seqs,), width * block_size, dtype=torch.int32)
+        qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+        q = torch.randn(sum(q_lens), 3 * heads, head_dim).to(torch.bfloat16)[:, :heads]
+        paged_attention.paged_attention(q, cache, cache, qsl, seq_lens, tables, head_dim ** -0.5, None,
+                                        max(q_lens), width * block_size, num_decodes=num_decodes)
     k, n, group = 1024, 512, 128
     qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32)
     qzeros = torch.randint(-2**31, 2**31 - 1, (k // group, n // 8), dtype=torch.int32)
     scales = torch.rand(k // group, n).half()
-    for tokens in (1, 2, 16, 33, 64):
+    for tokens in (1, 2, 16, 33, 64, 65, 200, 1000):
         gptq_matmul.gptq_matmul(torch.randn(tokens, k).half(), qweight, qzeros, scales, group)
     compiled = {}
     for kernel, binary in recorder.compiled[start:]:

@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -276,3 +277,85 @@ def test_structured_output_benchmark(tmp_path):
     for r in result["results"]:
         assert r["fill_cpu_ms"] > 0 and r["apply_cpu_ms"] > 0
         assert r["fill_cpu_us_per_row"] == pytest.approx(r["fill_cpu_ms"] * 1e3 / r["batch_size"])
+
+
+def test_sampling_speed_benchmark(tmp_path):
+    """benchmarks/sampling_speed.py: each mode at each batch size, with its speed against greedy."""
+    out = tmp_path / "sampling.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sampling_speed.py"), "--batch-size", "1", "3",
+                           "--modes", "top_p", "top_p_seeded", "--output-len", "3", "--prompt-len", "4", "--repeat", "2",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["batch_size"], r["mode"]) for r in rows] == [
+        (b, m) for b in (1, 3) for m in ("greedy", "top_p", "top_p_seeded")]
+    for r in rows:
+        assert r["steps"] == 2 and r["tokens_per_s"] > 0 and len(r["ms_per_step_runs"]) == 2
+        assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * 1e3 / r["ms_per_step"])
+        if r["mode"] == "greedy":
+            assert r["speed_vs_greedy"] == 1.0
+    assert "vs greedy" in proc.stdout
+
+
+_SIMULATOR_FORMULA = """
+def step_time_s(num_tokens: int, num_context_tokens: int) -> float:
+    return max(14.2e9 / 2.55e12, num_tokens * 2 * 7.7e9 / 600e12) + num_context_tokens * 0.52e6 / 2.5e12
+"""
+
+
+@pytest.mark.parametrize("with_simulator", [False, True])
+def test_step_time_benchmark(tmp_path, with_simulator):
+    """benchmarks/step_time.py on the CPU (tiny model, eager): each shape timed, and the simulated
+    device's formula beside it when benchmarks/simulated_device.py exists; without it the run
+    still measures, then fails naming the missing module. The module is provided here from a
+    second directory on the path (benchmarks/ is a namespace package), when this checkout has none."""
+    has_own = (REPO / "benchmarks" / "simulated_device.py").exists()
+    paths = [str(REPO)]
+    if with_simulator and not has_own:
+        (tmp_path / "sim" / "benchmarks").mkdir(parents=True)
+        (tmp_path / "sim" / "benchmarks" / "simulated_device.py").write_text(_SIMULATOR_FORMULA)
+        paths.append(str(tmp_path / "sim"))
+    if not with_simulator and has_own:
+        pytest.skip("this checkout has benchmarks/simulated_device.py")
+    out = tmp_path / "step.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_time.py"), "--device", "cpu",
+                           "--preset", "tiny", "--layers", "2", "--quick", "--reps", "1", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = json.loads(out.read_text())
+    rows = result["results"]
+    assert [r["shape"] for r in rows] == ["decode B=1 ctx 16", "decode B=4 ctx 40", "prefill 1 x 24"]
+    assert [(r["num_tokens"], r["num_context_tokens"]) for r in rows] == [(1, 16), (4, 160), (24, 24)]
+    assert all(r["eager_ms"] > 0 and r["graph_ms"] is None for r in rows)  # no CUDA graphs on a CPU
+    if with_simulator:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for r in rows:
+            expected = (max(14.2e9 / 2.55e12, r["num_tokens"] * 2 * 7.7e9 / 600e12)
+                        + r["num_context_tokens"] * 0.52e6 / 2.5e12) * 1e3
+            assert r["formula_ms"] == pytest.approx(expected)
+            assert r["measured_over_formula"] == pytest.approx(r["eager_ms"] / expected)
+    else:
+        assert proc.returncode == 2
+        assert "benchmarks/simulated_device.py is not in this checkout" in proc.stderr
+        assert all(r["formula_ms"] is None for r in rows)
+
+
+def test_gpu_check_fits_ten_minutes_and_runs_its_new_stages_on_a_cpu(tmp_path):
+    """gpu_check.sh: the default stage limits add up to under 600 s (one 10-minute command), and its
+    checkpoint, step-time and Int4 stages run end to end in its CPU trial mode."""
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    limits = {name: int(value) for name, value in re.findall(r'(T_[A-Z0-9]+)="\$\{T_[A-Z0-9]+:-(\d+)\}"', script)}
+    assert set(limits) >= {"T_ENV", "T_CKPT", "T_TESTS", "T_KERNELS", "T_OFFLINE", "T_DECODE", "T_PREFILL",
+                           "T_STEPTIME", "T_INT4"}
+    assert sum(limits.values()) <= 595, limits
+    env = dict(os.environ, STAGES="ckpt steptime int4", DEVICE="cpu", PRESET="tiny", DECODE_LAYERS="2")
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / "out" / "table.txt").read_text()
+    sim = (REPO / "benchmarks" / "simulated_device.py").exists()
+    for stage in ("steptime", "int4"):
+        line = next(l for l in table.splitlines() if l.startswith(stage))
+        assert ("ok" if sim else "fail(2)") in line, table
+        assert "decode B=1 ctx 16" in line and " ms" in line, table  # the CPU trial's quick shapes
+    assert (tmp_path / "out" / "qwen-tiny-2layers-int4" / "model.safetensors.index.json").exists()

@@ -112,6 +112,49 @@ def test_decode_with_max_seq_len_far_above_the_batch(num_splits):
     assert_close(paged_decode_attention(**args, num_splits=num_splits), REF.paged_attention(**batch))
 
 
+# A mixed step as the model runner builds it: decode rows first (long contexts, so the decode
+# kernel splits them), then prompts and chunks, one of them a single-token chunk after a decode.
+DECODES_FIRST = [(50, 1), (9, 1), (BS, 1), (37, 1), (20, 20), (37, 10), (BS + 1, BS + 1), (6, 1)]
+
+
+@pytest.mark.parametrize("dtype,logn,num_decodes", [
+    (torch.float32, False, 4), (torch.float32, True, 1), (torch.bfloat16, True, 4),
+    (torch.float16, False, 3),  # fewer than all q_len-1 rows: the others go through prefill
+])
+def test_mixed_step_decodes_first(dtype, logn, num_decodes):
+    batch = make_batch(DECODES_FIRST, BS, 2, 32, dtype, logn=logn, seed=3)
+    out = TRITON.paged_attention(**batch, num_decodes=num_decodes)
+    assert_close(out, REF.paged_attention(**batch))
+    # The reference does not depend on num_decodes (it finds q_len-1 rows itself).
+    assert torch.equal(REF.paged_attention(**batch, num_decodes=num_decodes), REF.paged_attention(**batch))
+
+
+def test_mixed_step_sends_decode_rows_to_the_decode_kernel(monkeypatch):
+    from qwenserve.kernels import paged_attention as module
+
+    calls = []
+    real_decode, real_prefill = module.paged_decode_attention, module.paged_prefill_attention
+
+    def decode(q, k_cache, v_cache, qsl, seq_lens, *args, **kwargs):
+        calls.append(("decode", seq_lens.shape[0], 0))
+        return real_decode(q, k_cache, v_cache, qsl, seq_lens, *args, **kwargs)
+
+    def prefill(*args, first_request=0, **kwargs):
+        calls.append(("prefill", args[4].shape[0], first_request))
+        return real_prefill(*args, first_request=first_request, **kwargs)
+
+    monkeypatch.setattr(module, "paged_decode_attention", decode)
+    monkeypatch.setattr(module, "paged_prefill_attention", prefill)
+    batch = make_batch(DECODES_FIRST, BS, 2, 32, torch.float32, seed=4)
+    out = TRITON.paged_attention(**batch, num_decodes=4)
+    # The decode kernel sees the 4 decode requests; the prefill kernel starts after them.
+    assert calls == [("decode", 4, 0), ("prefill", len(DECODES_FIRST), 4)]
+    assert_close(out, REF.paged_attention(**batch))
+    calls.clear()
+    TRITON.paged_attention(**batch)  # without num_decodes: every row through the prefill kernel
+    assert calls == [("prefill", len(DECODES_FIRST), 0)]
+
+
 def dense_attention(q, k, v, scale, logn):
     """SDPA on contiguous K/V; queries are the last q_len of seq_len positions."""
     q_len, seq_len = q.shape[0], k.shape[0]

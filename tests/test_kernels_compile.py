@@ -4,6 +4,7 @@ process has the interpreter on. No GPU needed: Triton's wheel carries the compil
 """
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -29,9 +30,25 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     assert result.returncode == 0, report
     compiled = [line for line in result.stdout.splitlines() if line.startswith("ok ")]
     # Every wrapper launched something: 2 models x 3 dtypes x (store_kv, 2 prefill, 2 x 2 decode,
-    # rotary, 2 norms, swiglu) + GPTQ 2 dtypes x (fused, dequantize).
+    # rotary, 2 norms, swiglu) + GPTQ 2 dtypes x (16-row kernel, large-tile kernel).
     assert len(compiled) == 2 * 3 * 11 + 4, report
     for kernel in ("_store_kv_kernel", "_prefill_kernel", "_split_kernel", "_reduce_kernel",
                    "_rotary_kernel", "_rms_norm_kernel", "_swiglu_kernel", "_gptq_matmul_kernel",
-                   "_gptq_dequant_kernel"):
+                   "_gptq_gemm_kernel"):
         assert any(kernel in line for line in compiled), kernel
+
+
+def test_triton_floor_is_the_oldest_version_ci_compiles():
+    """setup.py may not promise a triton that no CI run has compiled the kernels with: its floor
+    is the oldest `triton==X` that .ci/run compiles with (the venv's newest is newer still)."""
+    root = os.path.dirname(os.path.dirname(_SCRIPT))
+    with open(os.path.join(root, "setup.py")) as f:
+        floor = re.search(r'"triton>=([\d.]+)"', f.read()).group(1)
+    with open(os.path.join(root, ".ci", "run")) as f:
+        compiled = re.findall(r"triton==([\d.]+)", f.read())
+    assert compiled, ".ci/run no longer compiles with a pinned triton"
+    def version(text):  # "3.6" and "3.6.0" are the same release
+        parts = [int(p) for p in text.split(".")]
+        return tuple(parts + [0] * (3 - len(parts)))
+
+    assert version(floor) == min(map(version, compiled)), (floor, compiled)

@@ -59,19 +59,46 @@ def test_fused_kernel_matches_reference(dtype, num_tokens):
     assert_close(out, REF.gptq_matmul(x, qweight, qzeros, scales, group))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dense_path_above_fused_limit_matches_reference(dtype):
-    k, n, group = 128, 48, 64
-    qweight, qzeros, scales = random_packed(k, n, group, seed=5)
-    x = torch.randn(gptq.FUSED_MAX_TOKENS + 3, k).to(DEVICE, dtype)
-    assert_close(TRITON.gptq_matmul(x, qweight, qzeros, scales, group),
-                 REF.gptq_matmul(x, qweight, qzeros, scales, group))
+# Steps above FUSED_MAX_TOKENS (prefill, mixed steps) take the large-tile kernel, which also
+# dequantizes in registers: row counts that are not multiples of its tile, more row tiles than one
+# program group (GROUP_M = 8 tiles of 64 rows in the interpreter), N not a multiple of the column
+# tile, and a group size below 128.
+@pytest.mark.parametrize("dtype,num_tokens,k,n,group", [
+    (torch.float32, gptq.FUSED_MAX_TOKENS + 1, 256, 72, 128),
+    (torch.bfloat16, 130, 256, 200, 128),
+    (torch.float16, 130, 128, 48, 32),
+    (torch.float32, 600, 128, 136, 64),  # 10 row tiles: a full group of 8, then a partial one
+])
+def test_large_steps_take_the_tiled_kernel(dtype, num_tokens, k, n, group, monkeypatch):
+    qweight, qzeros, scales = random_packed(k, n, group, seed=num_tokens)
+    x = torch.randn(num_tokens, k, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    launched = []
+    original = gptq._gptq_gemm_kernel.run
+
+    def recording_run(*args, **kwargs):
+        launched.append(kwargs.get("grid"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gptq._gptq_gemm_kernel, "run", recording_run)
+    out = TRITON.gptq_matmul(x, qweight, qzeros, scales, group)
+    assert len(launched) == 1  # one launch of the tiled kernel, no dense weight
+    assert out.shape == (num_tokens, n) and out.dtype == dtype
+    expected = REF.gptq_matmul(x.float(), qweight, qzeros, scales, group)
+    # fp32: accumulation order only. fp16/bf16: x and the weight rounded to 11/8 bits, and the
+    # interpreter truncates conversions where the GPU rounds: each product carries a relative
+    # error, so a sum that cancels is off by a fraction of its terms' size, not of its own. The
+    # bound is relative to the output's scale, as in the real-size test.
+    atol = 1e-4 if dtype == torch.float32 else 1e-2 * float(expected.abs().max())
+    torch.testing.assert_close(out.float(), expected, rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=atol)
 
 
-def test_triton_dequantize_is_exact():
-    qweight, qzeros, scales = random_packed(256, 40, 128, seed=3)
-    dense = gptq.gptq_dequantize(qweight, qzeros, scales, 128, torch.float32)
-    torch.testing.assert_close(dense, gptq.dequantize_gptq(qweight, qzeros, scales, 128), rtol=0, atol=0)
+def test_no_dense_weight_for_large_steps(monkeypatch):
+    """The dense [K, N] weight is never materialised on the Triton path, whatever the step size."""
+    monkeypatch.setattr(gptq, "dequantize_gptq", lambda *a, **k: pytest.fail("dense dequantization"))
+    qweight, qzeros, scales = random_packed(128, 16, 128, seed=6)
+    for tokens in (1, gptq.FUSED_MAX_TOKENS, gptq.FUSED_MAX_TOKENS + 1, 257):
+        out = TRITON.gptq_matmul(torch.randn(tokens, 128).to(DEVICE), qweight, qzeros, scales, 128)
+        assert out.shape == (tokens, 16)
 
 
 def test_strided_input_rows():

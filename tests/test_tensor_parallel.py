@@ -568,3 +568,56 @@ def test_tp_server_exits_when_the_whole_process_group_is_signalled(tiny_checkpoi
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.timeout(300)
+def test_a_local_ray_cluster_listens_on_loopback_when_the_server_does(tiny_checkpoint):
+    """`launch --tp 2 --host 127.0.0.1` starts its own Ray: every TCP socket that the server, the
+    local Ray (GCS, raylet, object manager, agents, workers) and the ranks (the torch.distributed
+    store, gloo) listen on is on the loopback address, not on every interface."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from listening_sockets import is_loopback, listening, process_tree
+
+    pytest.importorskip("ray")
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local cluster, not one to join
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "qwenserve.cli", "launch", "--port", "0", "--tp", "2", "--device", "cpu",
+         "--host", "127.0.0.1", "--model", tiny_checkpoint, "--max-model-len", "256", "--kv-cache-memory", "32MiB"],
+        cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        line = ""
+        for line in proc.stdout:  # ends at the first "ready" line, or when the server exits
+            if "ready" in line:
+                break
+        assert "ready" in line, line
+        sockets = listening(process_tree(proc.pid))
+        names = {pid: open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:80] for _, _, pid in sockets}
+        # Premise: the check saw the server, Ray's own processes and both ranks.
+        assert sum("RankWorker" in name for name in names.values()) == 2, names  # one process per rank
+        assert any("gcs_server" in name for name in names.values()) and any("raylet" in name for name in names.values())
+        exposed = [(address, port, names[pid]) for address, port, pid in sockets if not is_loopback(address)]
+        assert exposed == []
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.parametrize("host,loopback", [
+    ("127.0.0.1", True), ("127.1.2.3", True), ("localhost", True), ("::1", True), ("[::1]", True),
+    ("0.0.0.0", False), ("::", False), ("192.0.2.2", False), ("example.com", False),
+])
+def test_launch_keeps_a_local_ray_on_loopback_exactly_when_its_host_is_loopback(host, loopback):
+    from qwenserve.cli import build_parser
+    from qwenserve.server.commands import engine_config_from_args
+
+    args = build_parser().parse_args(["launch", "--host", host])
+    assert engine_config_from_args(args).ray_loopback_only is loopback

@@ -111,18 +111,29 @@ class CoreProcess:
 
 
 class AsyncCoreClient:
-    """Client 0 of a `CoreProcess`, on the running event loop."""
+    """A front end's connection to an engine core, on the running event loop: client 0 of a
+    `CoreProcess` it starts (`start`), or another client of a running core (`attach` +
+    `connect`: several front ends can share one core; each gets its own requests' outputs)."""
 
-    def __init__(self, core_process: CoreProcess, on_outputs: Callable[[P.EngineCoreOutputs], None],
-                 on_dead: Callable[[str], None]):
+    def __init__(self, core_process: Optional[CoreProcess], on_outputs: Callable[[P.EngineCoreOutputs], None],
+                 on_dead: Callable[[str], None], *, input_address: Optional[str] = None,
+                 client_index: int = 0):
         self.core_process = core_process
+        self.client_index = client_index
+        self._own_dir = None
+        if core_process is not None:
+            input_address, output_address = core_process.input_address, core_process.output_address
+        else:
+            self._own_dir = tempfile.mkdtemp(prefix="qwenserve-client-")
+            output_address = f"ipc://{self._own_dir}/output-{client_index}"
+        self.input_address, self.output_address = input_address, output_address
         self.on_outputs, self.on_dead = on_outputs, on_dead
         self.context = zmq.asyncio.Context()
         self.output_socket = self.context.socket(zmq.PULL)
-        self.output_socket.bind(core_process.output_address)
+        self.output_socket.bind(output_address)
         self.input_socket = self.context.socket(zmq.PUSH)
         self.input_socket.setsockopt(zmq.LINGER, 0)
-        self.input_socket.connect(core_process.input_address)
+        self.input_socket.connect(input_address)
         self._encoder = msgspec.msgpack.Encoder()
         self._decoders = {tag: msgspec.msgpack.Decoder(kind) for tag, kind in P.OUTPUT_TYPES.items()}
         self._calls: dict[int, asyncio.Future] = {}
@@ -133,6 +144,15 @@ class AsyncCoreClient:
         self.dead_reason: Optional[str] = None
         self._stopping = False
 
+    @classmethod
+    def attach(cls, input_address: str, client_index: int, on_outputs: Callable[[P.EngineCoreOutputs], None],
+               on_dead: Callable[[str], None]) -> "AsyncCoreClient":
+        """Another front end's client of the core listening at `input_address`; `client_index`
+        (>= 1) must be unique among the core's clients. Call `connect` next."""
+        if client_index < 1:
+            raise ValueError("client_index: 0 is the client that started the core; use 1 or more")
+        return cls(None, on_outputs, on_dead, input_address=input_address, client_index=client_index)
+
     async def start(self, timeout: float) -> P.EngineCoreReady:
         """Starts the process and waits until its model is loaded; raises
         `EngineCoreStartupError` (the core's own error) or `EngineCoreDead`."""
@@ -140,13 +160,30 @@ class AsyncCoreClient:
         self._ready = loop.create_future()
         self._receiver = asyncio.ensure_future(self._receive())
         await asyncio.to_thread(self.core_process.start)
-        self._exit_fd = self.core_process.exit_fd()
+        self._watch_exit(self.core_process.pid)
+        return await asyncio.wait_for(self._ready, timeout)
+
+    async def connect(self, timeout: float = 30.0) -> P.EngineCoreReady:
+        """Joins a running core (after `attach`): says where this client's outputs go, and
+        returns what the core says about itself."""
+        self._ready = asyncio.get_running_loop().create_future()
+        self._receiver = asyncio.ensure_future(self._receive())
+        await self._send(P.TAG_HELLO, P.EngineCoreHello(self.client_index, self.output_address))
+        ready, pid = await self.call("describe", timeout)
+        self._watch_exit(pid)
+        return msgspec.convert(ready, P.EngineCoreReady)
+
+    def _watch_exit(self, pid: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._exit_fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self._exit_fd = None
         if self._exit_fd is not None:
             loop.add_reader(self._exit_fd, self._on_exit)
-        else:  # no pidfd: a thread waits for the exit and tells the loop
+        elif self.core_process is not None:  # no pidfd: a thread waits for the exit, tells the loop
             asyncio.ensure_future(asyncio.to_thread(self.core_process.join, 1e9)).add_done_callback(
                 lambda _: self._on_exit())
-        return await asyncio.wait_for(self._ready, timeout)
 
     # ------------------------------------------------------------------ sending
     async def add_requests(self, requests: list[P.EngineCoreRequest]) -> None:
@@ -163,7 +200,7 @@ class AsyncCoreClient:
         future = asyncio.get_running_loop().create_future()
         self._calls[call_id] = future
         try:
-            await self._send(P.TAG_UTILITY, P.EngineCoreUtility(call_id, method))
+            await self._send(P.TAG_UTILITY, P.EngineCoreUtility(call_id, method, self.client_index))
             return await asyncio.wait_for(future, timeout)
         finally:
             self._calls.pop(call_id, None)
@@ -207,8 +244,10 @@ class AsyncCoreClient:
 
     def _on_exit(self) -> None:
         self._close_exit_fd()
-        self.core_process.join(1)
-        code = self.core_process.exitcode
+        code = None
+        if self.core_process is not None:
+            self.core_process.join(1)
+            code = self.core_process.exitcode
         if not self._stopping:
             self._die(f"the engine core process exited unexpectedly (exit code {code})")
 
@@ -231,16 +270,23 @@ class AsyncCoreClient:
 
     # ------------------------------------------------------------------ stopping
     async def shutdown(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Asks the core to stop (it aborts what runs and stops its workers), waits for the
-        process, kills it if it does not exit in time."""
+        """Client 0: asks the core to stop (it aborts what runs and stops its workers), waits for
+        the process, kills it if it does not exit in time. Another client: leaves the core
+        running and says goodbye."""
         self._stopping = True
         process = self.core_process
-        if process.process is not None and process.exitcode is None and self.dead_reason is None:
+        if process is None:
+            if self.dead_reason is None:
+                try:
+                    await self._send(P.TAG_GOODBYE, P.EngineCoreHello(self.client_index, self.output_address))
+                except Exception:  # noqa: BLE001 - leaving anyway
+                    pass
+        elif process.process is not None and process.exitcode is None and self.dead_reason is None:
             try:
                 await self.call("shutdown", timeout=5.0)
             except Exception:  # noqa: BLE001 - it may be dead or stuck: the kill below handles both
                 pass
-        if process.process is not None:
+        if process is not None and process.process is not None:
             if not await asyncio.to_thread(process.join, timeout):
                 logger.warning("the engine core did not exit within %.0f s: killing it", timeout)
                 process.kill()
@@ -250,7 +296,10 @@ class AsyncCoreClient:
         self.output_socket.close(linger=0)
         self.input_socket.close(linger=0)
         self.context.term()
-        process.cleanup()
+        if process is not None:
+            process.cleanup()
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
 
 
 class SyncCoreClient:

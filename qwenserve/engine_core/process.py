@@ -179,13 +179,25 @@ class EngineCoreProc:
             self._stats_current[message.client_index] = False
             self._step_tokens[message.client_index] = []
             self.outputs.put(("connect", message.client_index, message.output_address))
+        elif tag == P.TAG_GOODBYE:
+            self._forget_client(message.client_index)
         elif tag == P.TAG_UTILITY:
             self._utility(message)
         elif tag == _STOP:
             raise _Shutdown
 
+    def _forget_client(self, client: int) -> None:
+        """A front end left: abort its requests, stop sending to it."""
+        gone = [rid for rid, owner in list(self._client_of.items()) if owner == client]
+        self.core.abort_requests(gone)
+        for request_id in gone:
+            self._client_of.pop(request_id, None)
+        for table in (self._last_sent, self._stats_current, self._step_tokens):
+            table.pop(client, None)
+        self.outputs.put(("disconnect", client, None))
+
     def _utility(self, call: P.EngineCoreUtility) -> None:
-        client = call.args[0] if call.args else 0
+        client = call.client_index
         if call.method == "shutdown":
             self._send(client, P.TAG_UTILITY_RESULT, P.EngineCoreUtilityResult(call.call_id, True))
             raise _Shutdown
@@ -193,6 +205,8 @@ class EngineCoreProc:
         try:
             if call.method == "stats":
                 result = msgspec.to_builtins(self.core.stats())
+            elif call.method == "describe":
+                result = [msgspec.to_builtins(self.core.ready_message()), os.getpid()]
             elif call.method == "check_health":
                 self.core.check_health()
                 result = True
@@ -281,10 +295,19 @@ class EngineCoreProc:
                 socket.connect(address)
                 sockets[client] = socket
                 continue
+            if item[0] == "disconnect":
+                socket = sockets.pop(item[1], None)
+                if socket is not None:
+                    socket.close(linger=0)
+                continue
             client, tag, message = item
             socket = sockets.get(client)
-            if socket is not None:
-                socket.send_multipart((tag, encoder.encode(message)), copy=False)
+            if socket is None:
+                continue
+            try:  # never block on a front end that stopped reading: drop its outputs instead
+                socket.send_multipart((tag, encoder.encode(message)), flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                logger.warning("client %d is not reading its outputs: dropping them", client)
         for socket in sockets.values():
             socket.close()
 

@@ -5,7 +5,8 @@
                          EngineCoreAbort          request ids to abort
                          EngineCoreUtility        a call answered by EngineCoreUtilityResult
                                                   (stats, health, shutdown)
-                         EngineCoreHello          another front end joins
+                         EngineCoreHello          another front end joins (TAG_HELLO) or
+                                                  leaves (TAG_GOODBYE)
     core ──► front end   EngineCoreOutputs        per step and client: the requests that
                                                   gained tokens or finished, and the
                                                   scheduler's stats
@@ -51,8 +52,8 @@ class EngineCoreAbort(msgspec.Struct, array_like=True):
 
 class EngineCoreUtility(msgspec.Struct, array_like=True):
     call_id: int
-    method: str                    # "stats" | "check_health" | "shutdown"
-    args: list[Any] = []
+    method: str                    # "stats" | "check_health" | "describe" | "shutdown"
+    client_index: int = 0          # where the answer goes
 
 
 class EngineCoreUtilityResult(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -122,9 +123,9 @@ class EngineCoreStartupFailed(msgspec.Struct, array_like=True):
 
 
 # Every message kind on one socket direction, told apart by a one-byte tag before the payload.
-TAG_REQUEST, TAG_ABORT, TAG_UTILITY, TAG_HELLO = b"R", b"A", b"U", b"H"
+TAG_REQUEST, TAG_ABORT, TAG_UTILITY, TAG_HELLO, TAG_GOODBYE = b"R", b"A", b"U", b"H", b"G"
 TAG_OUTPUTS, TAG_READY, TAG_STARTUP_FAILED, TAG_UTILITY_RESULT = b"O", b"Y", b"F", b"T"
 INPUT_TYPES = {TAG_REQUEST: list[EngineCoreRequest], TAG_ABORT: EngineCoreAbort,
-               TAG_UTILITY: EngineCoreUtility, TAG_HELLO: EngineCoreHello}
+               TAG_UTILITY: EngineCoreUtility, TAG_HELLO: EngineCoreHello, TAG_GOODBYE: EngineCoreHello}
 OUTPUT_TYPES = {TAG_OUTPUTS: EngineCoreOutputs, TAG_UTILITY_RESULT: EngineCoreUtilityResult,
                 TAG_READY: EngineCoreReady, TAG_STARTUP_FAILED: EngineCoreStartupFailed}

@@ -53,13 +53,15 @@ class _Rejected:
 
 
 class AsyncLLM(EngineClient):
-    def __init__(self, config: EngineConfig, max_waiting_requests: Optional[int] = None):
-        self.config = config
+    """`AsyncLLM(config).start()` starts an engine core of its own (client 0);
+    `AsyncLLM.attach(input_address, client_index)` shares a running one (another front end)."""
+
+    def __init__(self, config: Optional[EngineConfig] = None, max_waiting_requests: Optional[int] = None):
+        self.config = config or EngineConfig()
         # A directory, or a Hugging Face repo id fetched (or found in the local cache) here.
-        self.model_dir = resolve_model_dir(config.model) if config.model else builtin_model_dir()
-        self.tokenizer = QwenTokenizer.from_dir(self.model_dir)
-        self.max_waiting_requests = max_waiting_requests or config.max_waiting_requests
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.model_dir = resolve_model_dir(self.config.model) if self.config.model else builtin_model_dir()
+        self.max_waiting_requests = max_waiting_requests or self.config.max_waiting_requests
+        self.client_index = 0
         self._queues: dict[str, asyncio.Queue] = {}
         self._failure_callbacks: list[Callable[[str], None]] = []
         self._stats = P.SchedulerStats()
@@ -78,17 +80,36 @@ class AsyncLLM(EngineClient):
         `EngineCoreStartupError` when it cannot load."""
         process = CoreProcess(self.config, self.model_dir, log_level)
         self.core_client = AsyncCoreClient(process, self._on_outputs, self._on_dead)
-        ready = await self.core_client.start(LOAD_TIMEOUT_S)
+        self._set_ready(await self.core_client.start(LOAD_TIMEOUT_S), self.config.model)
+        return self
+
+    @classmethod
+    async def attach(cls, input_address: str, client_index: int,
+                     max_waiting_requests: int = EngineConfig.max_waiting_requests) -> "AsyncLLM":
+        """A front end sharing the engine core that listens at `input_address` (another
+        AsyncLLM's `core_client.input_address`); `client_index` >= 1, unique per core. Its
+        requests' outputs come to it alone; its `close()` leaves the core running."""
+        self = cls.__new__(cls)
+        cls.__init__(self, EngineConfig(), max_waiting_requests)
+        self.client_index = client_index
+        self.core_client = AsyncCoreClient.attach(input_address, client_index, self._on_outputs, self._on_dead)
+        ready = await self.core_client.connect()
+        self.model_dir = ready.model_dir
+        self._set_ready(ready, ready.model_dir)
+        return self
+
+    def _set_ready(self, ready: P.EngineCoreReady, model_name: Optional[str]) -> None:
         self.ready = ready
+        self.tokenizer = QwenTokenizer.from_dir(self.model_dir)
+        self.output_processor = OutputProcessor(self.tokenizer)
         self.generation_config = ready.generation_config or {}
         self.max_model_len = ready.max_model_len
         self.input_processor = InputProcessor(self.tokenizer, ready)
-        self.info = ModelInfo(model=self.config.model or "built-in tiny Qwen (random weights)",
+        self.info = ModelInfo(model=model_name or "built-in tiny Qwen (random weights)",
                               max_model_len=ready.max_model_len, vocab_size=ready.vocab_size,
                               tensor_parallel_size=ready.tensor_parallel_size, dtype=ready.dtype,
                               device=ready.device, block_size=ready.block_size,
                               num_kv_blocks=ready.num_kv_blocks)
-        return self
 
     # ------------------------------------------------------------------ requests
     async def generate(self, request_id: str, *, params: SamplingParams, prompt: Optional[str] = None,
@@ -115,8 +136,8 @@ class AsyncLLM(EngineClient):
                 processed = await asyncio.to_thread(
                     self.input_processor.process, request_id, params=params, prompt=prompt,
                     prompt_token_ids=prompt_token_ids, messages=messages, system=system,
-                    continue_final_message=continue_final_message,
-                    core_request_id=f"{request_id}@{next(self._core_ids)}")
+                    continue_final_message=continue_final_message, client_index=self.client_index,
+                    core_request_id=f"{request_id}@{self.client_index}.{next(self._core_ids)}")
             finally:
                 self._num_pending -= n
             self._check_accepting()

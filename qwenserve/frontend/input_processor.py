@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from qwenserve.engine_core.protocol import EngineCoreReady, EngineCoreRequest
 from qwenserve.model.chat_template import encode_chat
-from qwenserve.model.tokenizer import QwenTokenizer, validate_ids
+from qwenserve.model.tokenizer import VOCAB_SIZE, QwenTokenizer, validate_ids
 from qwenserve.sampling_params import SamplingParams
 from qwenserve.structured_output import termination
 
@@ -46,11 +46,24 @@ class InputProcessor:
         self.block_size = engine.block_size
         self.num_kv_blocks = engine.num_kv_blocks
         self.generation_config = engine.generation_config or {}
+        # The ids the model can sample: the tokenizer's, within the embedding's rows.
+        self.vocab_size = min(VOCAB_SIZE, engine.vocab_size)
         eos = self.generation_config.get("eos_token_id", tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos])
         self.chat_stop_token_ids = frozenset(
             ids[0] for ids in self.generation_config.get("stop_words_ids", []) if len(ids) == 1
         ) | {tokenizer.im_end_id, tokenizer.im_start_id}
+
+    def _checked_stop_token_ids(self, params: SamplingParams) -> frozenset:
+        """params.stop_token_ids; ValueError for an id the model can never sample, and for a
+        min_tokens whose ban (every stop id, until min_tokens) would leave no token to sample."""
+        ids = frozenset(params.stop_token_ids)
+        if ids and max(ids) >= self.vocab_size:
+            raise ValueError(f"stop_token_ids: id {max(ids)} is out of range [0, {self.vocab_size})")
+        if params.min_tokens and len(ids) >= self.vocab_size:
+            raise ValueError(f"min_tokens: {params.min_tokens} with every token of the vocabulary a stop "
+                             "token bans every token; leave at least one id out of stop_token_ids")
+        return ids
 
     def default_params(self, **overrides) -> SamplingParams:
         """The checkpoint's generation_config.json defaults, with `overrides` applied."""
@@ -95,7 +108,7 @@ class InputProcessor:
         if params.ignore_eos:
             stop_ids = frozenset()
         # A structured request ends on an end token where its grammar allows, whatever else.
-        stop_ids = termination.stop_token_ids(params, frozenset(stop_ids) | frozenset(params.stop_token_ids))
+        stop_ids = termination.stop_token_ids(params, frozenset(stop_ids) | self._checked_stop_token_ids(params))
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         needed = -(-(len(ids) + max_tokens) // self.block_size)

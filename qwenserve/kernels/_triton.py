@@ -1,9 +1,16 @@
-"""The one place the kernel modules import Triton from.
+"""The one place the kernel modules import Triton from, and where a process decides whether its
+Triton kernels run compiled or under the interpreter.
 
-Without CUDA, compiled Triton kernels cannot run, so the interpreter
-(`TRITON_INTERPRET=1`) is switched on before Triton is first imported; that is
-how CI checks the kernels on the CPU. `triton.jit` reads the variable when a
-kernel is decorated, which is why it must happen here and not in the tests.
+Without CUDA, compiled Triton kernels cannot run, so the interpreter (`TRITON_INTERPRET=1`) is
+switched on before Triton is first imported; that is how CI checks the kernels on the CPU.
+`triton.jit` reads the variable when a kernel is decorated, which is why it must happen here and
+not in the tests.
+
+Every process decides for itself (`decide_interpreter`): environment variables pass to child
+processes (a Ray raylet started by a CPU-only driver, the ranks it starts), and a GPU rank that
+inherited a CPU driver's `TRITON_INTERPRET=1` would interpret every kernel. So a value this module
+set is marked (`QWENSERVE_TRITON_INTERPRET_AUTO=1`) and a process that inherits it decides again
+from its own devices; a value the user set (no mark) is the user's choice and is kept.
 
 If Triton is not installed at all, a stand-in keeps the modules importable so
 the torch references (`*_ref`) still work; `HAS_TRITON` says which case holds.
@@ -16,8 +23,25 @@ import os
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET_VAR = "TRITON_INTERPRET"
+# Set beside INTERPRET_VAR when this module switched the interpreter on (not the user).
+AUTO_MARKER = "QWENSERVE_TRITON_INTERPRET_AUTO"
+
+
+def decide_interpreter(environ, cuda_available: bool) -> bool:
+    """Sets `environ`'s TRITON_INTERPRET for a process that does (not) see CUDA; returns whether
+    the interpreter is on. A value marked as set automatically in an ancestor process is dropped
+    first: that process's devices are not this one's."""
+    if environ.get(AUTO_MARKER) == "1":
+        environ.pop(INTERPRET_VAR, None)
+        environ.pop(AUTO_MARKER, None)
+    if INTERPRET_VAR not in environ and not cuda_available:
+        environ[INTERPRET_VAR] = "1"
+        environ[AUTO_MARKER] = "1"
+    return environ.get(INTERPRET_VAR, "0") not in ("", "0")
+
+
+INTERPRETED = decide_interpreter(os.environ, torch.cuda.is_available())
 
 try:
     import triton
@@ -55,4 +79,4 @@ def compiled_launch(device: torch.device) -> bool:
     return device.type == "cuda" or COMPILE_ONLY
 
 
-__all__ = ["triton", "tl", "HAS_TRITON", "compiled_launch"]
+__all__ = ["triton", "tl", "HAS_TRITON", "INTERPRETED", "compiled_launch", "decide_interpreter"]

@@ -15,14 +15,17 @@ packer stores `zero - 1` in qzeros and its kernels add the 1 back. A symmetric 4
 is therefore stored as 7 (every qzeros word 0x77777777). `g_idx` is not an input: with
 `desc_act` false it is `arange(K) // G`, which the layers check when they load it.
 
-`gptq_matmul` (Triton): for T <= FUSED_MAX_TOKENS one fused kernel; each program owns a
-[BLOCK_M, BLOCK_N] output tile and, per K step, loads packed words, unpacks and scales a
-[BLOCK_K, BLOCK_N] weight tile in registers and feeds it to `tl.dot` (fp32 accumulation). The
-weight is read from memory once per M tile, which is what decode (small T) is bound by.
-Larger T (prefill) dequantizes the weight once into a dense [K, N] buffer with a Triton kernel
-and runs a cuBLAS matmul: re-dequantizing each weight tile for every 16 rows would make the
-integer unpacking, not the tensor cores, the bottleneck. The choice is made in Python, so
-the block sizes are fixed constants: no compiled variant per batch size.
+`gptq_matmul` (Triton): two kernels of the same scheme, no dense copy of the weight ever made.
+Each program owns an output tile and, per K step, loads the packed words of a [BLOCK_K, BLOCK_N]
+weight tile, unpacks and scales it in registers and feeds it to `tl.dot` (fp32 accumulation).
+  - T <= FUSED_MAX_TOKENS (decode): `_gptq_matmul_kernel`, 16-row tiles; the weight is read
+    from memory once per 16 rows, which is what decode is bound by.
+  - larger T (prefill, mixed steps): `_gptq_gemm_kernel`, tiles of 128 x 128 on the GPU, so each
+    weight tile is unpacked once per 128 rows (the integer work stays small next to the
+    tensor-core work), with programs ordered in groups of GROUP_M row tiles so that neighbouring
+    programs share weight tiles in L2 (Triton's matmul tutorial ordering).
+Which kernel runs is decided in Python, and each has fixed block sizes: T is never specialized on,
+so no new compiled variant appears for a new batch size.
 
 `gptq_matmul_ref` (torch): `dequantize_gptq` then `x @ W`, the math both paths must match.
 """
@@ -30,7 +33,7 @@ import torch
 
 from ._triton import compiled_launch, tl, triton
 
-# Tokens above which a dense dequantize + matmul beats the fused kernel (see the docstring).
+# Tokens above which the large-tile kernel takes over from the 16-row one (see the docstring).
 FUSED_MAX_TOKENS = 64
 _BLOCK_M, _BLOCK_N, _BLOCK_K = 16, 64, 32
 
@@ -118,17 +121,51 @@ def _gptq_matmul_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, num
              acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
-def _gptq_dequant_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, n, group_size,
-                         stride_qw, stride_qz, stride_s, stride_out,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n
-    w = _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, offs_k, offs_n, mask_n,
-                      (tl.program_id(0) * BLOCK_K) // group_size, stride_qw, stride_qz, stride_s)
-    tl.store(out_ptr + offs_k.to(tl.int64)[:, None] * stride_out + offs_n[None, :],
-             w.to(out_ptr.dtype.element_ty), mask=mask_n[None, :])
+@triton.jit(do_not_specialize=["num_tokens"])  # changes every step
+def _gptq_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, num_tokens, n, k,
+                      group_size, stride_x, stride_qw, stride_qz, stride_s, stride_out,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr, IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """`_gptq_matmul_kernel` for many rows: large tiles, grouped program order (one 1-D grid)."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(num_tokens, BLOCK_M)
+    tiles_n = tl.cdiv(n, BLOCK_N)
+    # GROUP_M row tiles take the column tiles in turn: the programs running together read the
+    # same few weight tiles (and the same few x tiles), which then come from L2.
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (pid % per_group) % group_rows
+    tile_n = (pid % per_group) // group_rows
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < num_tokens, offs_n < n
+    rows = offs_m.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):  # BLOCK_K divides group_size: one group per K tile
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + rows[:, None] * stride_x + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        w = _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, offs_k, offs_n, mask_n,
+                          k0 // group_size, stride_qw, stride_qz, stride_s).to(a.dtype)
+        if UPCAST_DOT:
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    tl.store(out_ptr + rows[:, None] * stride_out + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _gemm_config(dtype, device):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of `_gptq_gemm_kernel`. On the GPU: the
+    largest tiles that compile for sm_90 without register spills (tests/compile_kernels.py); fp32
+    dots run on FMA units and hold twice the bytes, hence the smaller fp32 tile."""
+    if not compiled_launch(device):
+        return 64, 64, _BLOCK_K, 4, 1  # interpreter: few programs
+    if dtype == torch.float32:
+        return 64, 64, _BLOCK_K, 4, 2
+    return 128, 128, _BLOCK_K, 8, 3
 
 
 def _check_inputs(k, qweight, group_size):
@@ -140,36 +177,29 @@ def _check_inputs(k, qweight, group_size):
                          f"itself a multiple of {_BLOCK_K})")
 
 
-def gptq_dequantize(qweight, qzeros, scales, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Triton twin of `dequantize_gptq`: the dense [K, N] weight in `dtype`."""
-    k, n = qweight.shape[0] * 8, qweight.shape[1]
-    _check_inputs(k, qweight, group_size)
-    out = torch.empty((k, n), dtype=dtype, device=qweight.device)
-    grid = (k // _BLOCK_K, triton.cdiv(n, _BLOCK_N))
-    _gptq_dequant_kernel[grid](qweight, qzeros, scales, out, n, group_size, qweight.stride(0),
-                               qzeros.stride(0), scales.stride(0), out.stride(0),
-                               BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, num_warps=4)
-    return out
-
-
 def gptq_matmul(x, qweight, qzeros, scales, group_size: int):
     assert x.dim() == 2, "gptq_matmul takes a flat [T, K] batch"
     num_tokens, k = x.shape
     _check_inputs(k, qweight, group_size)
     if x.stride(1) != 1:
         x = x.contiguous()
-    if num_tokens > FUSED_MAX_TOKENS:
-        return x @ gptq_dequantize(qweight, qzeros, scales, group_size, x.dtype)
     n = qweight.shape[1]
     out = torch.empty((num_tokens, n), dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
-    grid = (triton.cdiv(num_tokens, _BLOCK_M), triton.cdiv(n, _BLOCK_N))
     # The CPU interpreter's tl.dot multiplies bf16 operands as their raw 16-bit patterns
     # (triton 3.9), so there the operands are widened to fp32 first (as paged_attention does).
     upcast = not compiled_launch(x.device) and x.dtype == torch.bfloat16
-    _gptq_matmul_kernel[grid](x, qweight, qzeros, scales, out, num_tokens, n, k, group_size,
-                              x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0),
-                              out.stride(0), BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
-                              IEEE=x.dtype == torch.float32, UPCAST_DOT=upcast, num_warps=4)
+    args = (x, qweight, qzeros, scales, out, num_tokens, n, k, group_size, x.stride(0),
+            qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0))
+    if num_tokens <= FUSED_MAX_TOKENS:
+        grid = (triton.cdiv(num_tokens, _BLOCK_M), triton.cdiv(n, _BLOCK_N))
+        _gptq_matmul_kernel[grid](*args, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
+                                  IEEE=x.dtype == torch.float32, UPCAST_DOT=upcast, num_warps=4)
+        return out
+    block_m, block_n, block_k, num_warps, num_stages = _gemm_config(x.dtype, x.device)
+    grid = (triton.cdiv(num_tokens, block_m) * triton.cdiv(n, block_n),)
+    _gptq_gemm_kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+                            IEEE=x.dtype == torch.float32, UPCAST_DOT=upcast,
+                            num_warps=num_warps, num_stages=num_stages)
     return out

@@ -6,6 +6,7 @@
     seq_lens         [B] int32              tokens of request b in the cache, new ones included
     block_tables     [B, M] int32           cache block ids of request b, in order
     logn_scale       [T] float32 | None     Qwen's logn factor, multiplies q of token t
+    num_decodes      int                    the first num_decodes requests have q_len 1
     -> out           [T, H, D]              dtype of q
 
 The q_len_b query tokens of request b are its LAST positions: seq_len_b - q_len_b .. seq_len_b - 1,
@@ -13,9 +14,15 @@ so one batch mixes decode tokens (q_len 1), whole prompts and chunks that start 
 (chunked prefill, prefix-cache hits); their own K/V are already in the cache. Softmax is fp32.
 
 Two kernels: `_prefill_kernel` here (a program per (request, query tile, head) walking the
-request's blocks up to its causal limit, online softmax, tl.dot) serves any batch; when every
-request has q_len 1, `paged_decode.py` splits each sequence's KV range across programs
-(flash-decoding) so that a few long sequences still fill the GPU.
+request's blocks up to its causal limit, online softmax, tl.dot) serves any request;
+`paged_decode.py` splits each q_len-1 sequence's KV range across programs (flash-decoding) so that
+a few long sequences still fill the GPU. A mixed step (decodes next to a prompt chunk) uses both:
+the model runner puts its decode rows first (`num_decodes`, as vLLM reorders its batch), the
+decode kernel takes requests [0, num_decodes) and the prefill kernel the rest, into one output.
+Without the split a decode row would be a 1-of-128-rows tile of the prefill kernel, one program
+per head walking the whole sequence unsplit. The prefill kernel takes the full per-request
+arrays and an offset (`first_request`), not views that start mid-array: a view's pointer
+alignment would change with num_decodes and select a new compiled variant.
 
 `max_query_len` and `max_seq_len` only size the grids; under CUDA graphs pass fixed upper
 bounds (e.g. max_model_len) so the grid stays the same from replay to replay.
@@ -31,12 +38,13 @@ from .paged_decode import paged_decode_attention
 _LOG2E = 1.4426950408889634
 
 
-# The block table's width changes from step to step: not specialized on (a compile per value class).
-@triton.jit(do_not_specialize=["stride_bt"])
+# The block table's width and the number of decode rows change from step to step: not
+# specialized on (a compile per value class).
+@triton.jit(do_not_specialize=["stride_bt", "first_request"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     qsl_ptr, seq_lens_ptr, block_tables_ptr, logn_ptr,
-    scale_log2e, kv_group,
+    scale_log2e, kv_group, first_request,
     stride_qt, stride_qh, stride_qd,
     stride_ot, stride_oh, stride_od,
     stride_cb, stride_co, stride_ch, stride_cd,
@@ -45,7 +53,7 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0) + first_request
     m_block = tl.program_id(1)
     h = tl.program_id(2)
     q_start = tl.load(qsl_ptr + b)
@@ -117,11 +125,13 @@ def _prefill_config(head_dim, dtype, device):
 
 
 def paged_prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-                            scale, logn_scale, max_query_len):
+                            scale, logn_scale, max_query_len, first_request=0, out=None):
+    """Requests [first_request, B) of the batch; writes only their rows of `out`."""
     num_tokens, num_heads, head_dim = q.shape
-    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
-    num_seqs = seq_lens.shape[0]
-    if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
+    if out is None:
+        out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    num_seqs = seq_lens.shape[0] - first_request
+    if num_tokens == 0 or num_seqs <= 0 or max_query_len <= 0:
         return out
     block_m, block_n, num_warps, num_stages = _prefill_config(head_dim, q.dtype, q.device)
     grid = (num_seqs, triton.cdiv(max_query_len, block_m), num_heads)
@@ -132,7 +142,7 @@ def paged_prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, bloc
         q, k_cache, v_cache, out,
         query_start_loc, seq_lens, block_tables,
         logn_scale if logn_scale is not None else q,
-        float(scale) * _LOG2E, num_heads // k_cache.shape[2],
+        float(scale) * _LOG2E, num_heads // k_cache.shape[2], first_request,
         *q.stride(), *out.stride(), *k_cache.stride(), block_tables.stride(0),
         HAS_LOGN=logn_scale is not None, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=block_n,
@@ -144,21 +154,30 @@ def paged_prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, bloc
 
 
 def paged_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                    logn_scale, max_query_len, max_seq_len):
+                    logn_scale, max_query_len, max_seq_len, num_decodes=0):
     assert k_cache.stride() == v_cache.stride() and q.shape[1] % k_cache.shape[2] == 0
     if max_query_len == 1:
         return paged_decode_attention(q, k_cache, v_cache, query_start_loc, seq_lens,
                                       block_tables, scale, logn_scale, max_seq_len)
+    if num_decodes <= 0:
+        return paged_prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
+                                       scale, logn_scale, max_query_len)
+    # Prefix views (same data pointers as the full arrays) for the decode rows.
+    out = paged_decode_attention(q, k_cache, v_cache, query_start_loc[:num_decodes + 1],
+                                 seq_lens[:num_decodes], block_tables[:num_decodes], scale,
+                                 logn_scale, max_seq_len)
     return paged_prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-                                   scale, logn_scale, max_query_len)
+                                   scale, logn_scale, max_query_len, first_request=num_decodes,
+                                   out=out)
 
 
 def paged_attention_ref(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                        logn_scale, max_query_len, max_seq_len):
+                        logn_scale, max_query_len, max_seq_len, num_decodes=0):
     """Gathers each request's K/V through its block table and attends with an explicit mask.
 
     Decode requests (q_len 1) are attended together as one padded batch, since the CPU engine
     runs this reference every step; prompts and chunks are attended one request at a time.
+    It finds the q_len-1 rows itself, wherever they are: `num_decodes` is only the Triton path's.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]

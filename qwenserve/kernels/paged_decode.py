@@ -142,9 +142,11 @@ def choose_num_splits(num_seqs, num_heads, max_seq_len, device):
 
 
 def paged_decode_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                           logn_scale, max_seq_len, num_splits=None):
+                           logn_scale, max_seq_len, num_splits=None, out=None):
+    """Writes the rows of requests [0, B) of `out` (allocated when None: [T, H, D] like q)."""
     num_tokens, num_heads, head_dim = q.shape
-    out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out

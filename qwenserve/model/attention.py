@@ -24,6 +24,9 @@ class AttentionMetadata:
     logn_scale: Optional[torch.Tensor] = None  # [T] float32, None when logn is off
     block_tables: Optional[torch.Tensor] = None  # [B, M] int32
     slot_mapping: Optional[torch.Tensor] = None  # [T] int64, -1 = do not store
+    # The first num_decodes requests have one query token each (the runner orders them first):
+    # the Triton path sends them to the split-KV decode kernel, the rest to the prefill kernel.
+    num_decodes: int = 0
     # Host copies for the torch paths, which loop over requests.
     query_start_loc_list: Optional[list[int]] = None
     seq_lens_list: Optional[list[int]] = None
@@ -75,4 +78,4 @@ class Attention(nn.Module):
         self.ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return self.ops.paged_attention(q, self.k_cache, self.v_cache, meta.query_start_loc, meta.seq_lens,
                                         meta.block_tables, self.scale, meta.logn_scale,
-                                        meta.max_query_len, meta.max_seq_len)
+                                        meta.max_query_len, meta.max_seq_len, meta.num_decodes)

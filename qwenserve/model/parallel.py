@@ -30,6 +30,22 @@ class TensorParallelGroup:
             dist.broadcast(x, src=dist.get_global_rank(self.group, 0) if self.group else 0, group=self.group)
         return x
 
+    def graph_capture_safe(self) -> tuple[bool, str]:
+        """Whether `all_reduce` may be captured in a CUDA graph, and why not: the NCCL backend
+        at version 2.9.6 or newer (worker/cuda_graphs.py says why that suffices)."""
+        if self.size == 1:
+            return True, ""
+        backend = dist.get_backend(self.group)
+        if backend != "nccl":
+            return False, f"its all-reduce runs on {backend}, which CUDA graphs cannot capture"
+        version = torch.cuda.nccl.version()
+        if isinstance(version, int):  # older torch: 2708 for 2.7.8, 21903 for 2.19.3
+            version = (version // 1000, version % 1000 // 100, version % 100) if version < 10000 else \
+                (version // 10000, version % 10000 // 100, version % 100)
+        if tuple(version[:3]) < (2, 9, 6):
+            return False, f"NCCL {'.'.join(map(str, version[:3]))} cannot be captured (2.9.6 or newer can)"
+        return True, ""
+
     def gather_last_dim_to_rank0(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Concatenates each rank's last-dim shard on rank 0; other ranks get None."""
         if self.size == 1:

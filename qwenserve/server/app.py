@@ -5,13 +5,15 @@ Owns the server's lifecycle:
      (showing its own progress) and answers once it is ready;
   2. bind both ports and start gRPC with health NOT_SERVING (`grpc.health.v1.Health`) and
      server reflection, and the OpenAI-compatible HTTP API (uvicorn, in this same event loop;
-     /health 503), print the addresses;
+     /health 503), print the addresses; with --api-key every call but health needs the key,
+     with --ssl-* both ports serve TLS;
   3. run one warm-up generation through the engine; only if it succeeds does health
      turn SERVING (HTTP /health 200), the startup summary and the one "ready" line get
      printed (health must never say OK while nothing can be generated);
-  4. on SIGINT/SIGTERM: health NOT_SERVING on both, refuse new calls, let running calls finish
-     for up to `shutdown_grace` seconds, abort the rest (their streams end with finish_reason
-     "abort"), stop HTTP, then the engine core and its workers, exit 0.
+  4. on SIGINT/SIGTERM, drain: health NOT_SERVING at once on both with the ports still open
+     (probes see it), new calls UNAVAILABLE (HTTP 503), running calls finish for up to
+     `shutdown_grace` seconds; then abort the rest (their streams end with finish_reason
+     "abort"), close the ports, stop the engine core and its workers, exit 0.
 An engine failure later turns health NOT_SERVING (calls get UNAVAILABLE, HTTP 503) but keeps
 the process up, so that an orchestrator sees the failure through health.
 
@@ -42,13 +44,16 @@ from . import qwenserve_pb2_grpc as pb_grpc
 from qwenserve.engine_core.client import EngineCoreDead, EngineCoreStartupError
 from qwenserve.frontend.async_llm import AsyncLLM
 from qwenserve.frontend.engine_client import EngineClient, EngineUnavailable
+from qwenserve.frontend.limits import RequestLimits
 
 from qwenserve.model.hub import served_model_name
 
+from .grpc_security import bind_port, server_interceptors
 from .http import HttpServer, build_http_app
 from .metrics import MeteredEngineClient, ServerMetrics
 from .options import ServerOptions
 from .readiness import Readiness
+from .request_parsing import add_generation_service
 from .servicer import GenerationServicer
 from .startup_summary import startup_summary
 
@@ -73,6 +78,12 @@ async def warm_up(engine: EngineClient, timeout: float = 600.0) -> None:
             raise RuntimeError(f"engine failed during warm-up: {engine.dead_reason}") from None
 
     await asyncio.wait_for(run(), timeout)
+
+
+def grpc_server_options(limits: RequestLimits) -> list:
+    # so_reuseport off: a second server on a busy port must fail, not share it. A message over
+    # the request limit is refused by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed.
+    return [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", limits.max_request_bytes)]
 
 
 class _Server:
@@ -102,7 +113,7 @@ class _Server:
         client.on_failure(lambda reason: self._on_engine_failure(loop, reason))
         metrics = ServerMetrics(client)
         log_requests = not self.options.disable_log_requests
-        servicer = GenerationServicer(MeteredEngineClient(client, metrics, "grpc", log_requests))
+        servicer = GenerationServicer(MeteredEngineClient(client, metrics, "grpc", log_requests), self.options.limits)
         self.readiness = Readiness(client)
         served_name = self.options.served_model_name or served_model_name(self.config.model)
         http = None
@@ -117,16 +128,16 @@ class _Server:
                       f"{e.strerror or e}", file=sys.stderr, flush=True)
                 await client.close()
                 return 1
-        # so_reuseport off: a second server on a busy port must fail, not share it.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_GenerationServicer_to_server(servicer, server)
+        server = grpc.aio.server(options=grpc_server_options(servicer.limits),
+                                 interceptors=server_interceptors(self.options.api_key))
+        add_generation_service(servicer, server)  # parses requests itself: see request_parsing.py
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
         address = f"{self.host}:{self.port}"
         try:
-            bound = server.add_insecure_port(address)
+            bound = bind_port(server, address, self.options.ssl_certfile, self.options.ssl_keyfile)
         except RuntimeError as e:
             bound = 0
             logger.error("%s", e)
@@ -135,6 +146,8 @@ class _Server:
             await client.close()
             return 1
         address = f"{self.host}:{bound}"
+        security = ", ".join(name for name, on in (("TLS", self.options.ssl_certfile),
+                                                   ("API key required", self.options.api_key)) if on)
         await server.start()
         if http is not None:
             try:
@@ -166,7 +179,7 @@ class _Server:
                                             self.options.api_key is not None):
                     print(line, flush=True)
                 print(f"qwenserve: ready on {both} (model: {served_name}, warm-up "
-                      f"{time.monotonic() - started:.1f}s)", flush=True)
+                      f"{time.monotonic() - started:.1f}s{', ' + security if security else ''})", flush=True)
                 await self.stop_requested.wait()
         except Exception as e:  # warm-up failed: never report SERVING
             logger.exception("warm-up failed")
@@ -184,20 +197,22 @@ class _Server:
 
     async def _shutdown(self, server: grpc.aio.Server, client: EngineClient, http: Optional[HttpServer],
                         grace: float) -> None:
+        """Drains, then stops. During the drain the ports stay open: health answers NOT_SERVING
+        (a probe sees the change; a closed port would only look like a crash), new calls get
+        UNAVAILABLE (HTTP 503), and running calls go on until they end or the grace is over."""
         loop = asyncio.get_running_loop()
         print(f"qwenserve: shutting down ({client.num_active} running, grace {grace:g}s)",
               file=sys.stderr, flush=True)
         self.readiness.draining = True  # HTTP /health 503 and new HTTP requests 503 from now on
         await self.health.enter_graceful_shutdown()
         client.stop_accepting()
-        # server.stop refuses new calls at once and cancels what is left after its grace;
-        # ours ends first, so every stream still open gets its "abort" message.
-        stopped = asyncio.ensure_future(server.stop(grace + _FLUSH_SECONDS))
         deadline = loop.time() + grace
         while client.num_active and loop.time() < deadline and not self._forced(grace):
             await asyncio.sleep(0.05)
+        # Our abort first, so every stream still open gets its "abort" message; then gRPC
+        # refuses new calls and gives those messages _FLUSH_SECONDS to go out.
         await client.abort_all()
-        await stopped
+        await server.stop(_FLUSH_SECONDS)
         if http is not None:  # its open streams got their "abort" above and end now
             await http.stop(_FLUSH_SECONDS)
         await client.close()

@@ -11,6 +11,9 @@ request cannot carry (a negative count, a seed over 2**64, a non-finite float, .
         for delta in client.generate_stream("Once upon a time", max_tokens=32):
             print(delta.text, end="", flush=True)
         client.chat([{"role": "user", "content": "你好"}], system="You are a helpful assistant.")
+
+    # A server started with --api-key and --ssl-certfile/--ssl-keyfile:
+    QwenClient("host:50051", api_key=KEY, root_certificates=open("cert.pem", "rb").read())
 """
 from __future__ import annotations
 
@@ -129,6 +132,25 @@ def check_address(address: str) -> str:
     if m and not address.startswith("unix") and not 1 <= int(m.group(1)) <= 65535:
         raise InvalidRequest("address", f"port must be in [1, 65535], got {address!r}")
     return address
+
+
+def call_metadata(api_key: Optional[str]) -> tuple:
+    """The metadata that carries an API key (none without one)."""
+    if api_key is None:
+        return ()
+    if not isinstance(api_key, str) or not api_key or not api_key.isprintable() or not api_key.isascii():
+        raise InvalidRequest("api_key", "must be a non-empty string of printable ASCII characters")
+    return (("authorization", f"Bearer {api_key}"),)
+
+
+def channel_credentials(ssl: bool, root_certificates: Optional[bytes]) -> Optional[grpc.ChannelCredentials]:
+    """TLS credentials (None: plaintext). `root_certificates` (PEM bytes) is the CA or
+    self-signed certificate to trust, and implies TLS; without it the system's CAs are trusted."""
+    if root_certificates is not None and not isinstance(root_certificates, bytes):
+        raise InvalidRequest("root_certificates", "must be PEM bytes or None")
+    if not ssl and root_certificates is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
 
 
 def _check_message(i: int, m) -> tuple:
@@ -280,11 +302,19 @@ def _to_dict(message) -> dict:
 
 
 class QwenClient:
-    """Blocking client over one gRPC channel; thread-safe like the channel itself."""
+    """Blocking client over one gRPC channel; thread-safe like the channel itself.
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, channel: Optional[grpc.Channel] = None):
+    `api_key`: sent as `authorization: Bearer KEY` on every call. `ssl=True`: TLS, trusting the
+    system's CAs; `root_certificates` (PEM bytes): TLS trusting that certificate instead."""
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, channel: Optional[grpc.Channel] = None,
+                 api_key: Optional[str] = None, ssl: bool = False, root_certificates: Optional[bytes] = None):
         self.address = address if channel is not None else check_address(address)
-        self.channel = channel or grpc.insecure_channel(address)
+        self._metadata = call_metadata(api_key) or None
+        credentials = channel_credentials(ssl, root_certificates)
+        if channel is None:
+            channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+        self.channel = channel
         self.stub = pb_grpc.GenerationStub(self.channel)
 
     def generate_stream(self, prompt: Optional[Prompt] = None, *, timeout: Optional[float] = None,
@@ -295,7 +325,7 @@ class QwenClient:
         return self._stream(build_request(prompt, **kwargs), check_timeout(timeout))
 
     def _stream(self, request: pb.GenerateRequest, timeout: Optional[float]) -> Iterator[StreamDelta]:
-        call = self.stub.Generate(request, timeout=timeout)
+        call = self.stub.Generate(request, timeout=timeout, metadata=self._metadata)
         try:
             for message in call:
                 yield to_delta(message)
@@ -315,13 +345,16 @@ class QwenClient:
         return self.generate(messages=messages, system=system, **kwargs)
 
     def tokenize(self, text: str, timeout: Optional[float] = None) -> list:
-        return list(self.stub.Tokenize(_tokenize_request(text), timeout=check_timeout(timeout)).ids)
+        return list(self.stub.Tokenize(_tokenize_request(text), timeout=check_timeout(timeout),
+                                       metadata=self._metadata).ids)
 
     def model_info(self, timeout: Optional[float] = None) -> dict:
-        return _to_dict(self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=check_timeout(timeout)))
+        return _to_dict(self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=check_timeout(timeout),
+                                               metadata=self._metadata))
 
     def stats(self, timeout: Optional[float] = None) -> dict:
-        return _to_dict(self.stub.GetStats(pb.GetStatsRequest(), timeout=check_timeout(timeout)))
+        return _to_dict(self.stub.GetStats(pb.GetStatsRequest(), timeout=check_timeout(timeout),
+                                           metadata=self._metadata))
 
     def close(self) -> None:
         self.channel.close()
@@ -334,11 +367,18 @@ class QwenClient:
 
 
 class AsyncQwenClient:
-    """asyncio client (grpc.aio); create and use it inside one running event loop."""
+    """asyncio client (grpc.aio); create and use it inside one running event loop. `api_key`,
+    `ssl` and `root_certificates` as for QwenClient."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, channel: Optional[grpc.aio.Channel] = None):
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, channel: Optional[grpc.aio.Channel] = None,
+                 api_key: Optional[str] = None, ssl: bool = False, root_certificates: Optional[bytes] = None):
         self.address = address if channel is not None else check_address(address)
-        self.channel = channel or grpc.aio.insecure_channel(address)
+        self._metadata = call_metadata(api_key) or None
+        credentials = channel_credentials(ssl, root_certificates)
+        if channel is None:
+            channel = (grpc.aio.secure_channel(address, credentials) if credentials
+                       else grpc.aio.insecure_channel(address))
+        self.channel = channel
         self.stub = pb_grpc.GenerationStub(self.channel)
 
     def generate_stream(self, prompt: Optional[Prompt] = None, *, timeout: Optional[float] = None,
@@ -347,7 +387,7 @@ class AsyncQwenClient:
         return self._stream(build_request(prompt, **kwargs), check_timeout(timeout))
 
     async def _stream(self, request: pb.GenerateRequest, timeout: Optional[float]) -> AsyncIterator[StreamDelta]:
-        call = self.stub.Generate(request, timeout=timeout)
+        call = self.stub.Generate(request, timeout=timeout, metadata=self._metadata)
         try:
             async for message in call:
                 yield to_delta(message)
@@ -367,13 +407,16 @@ class AsyncQwenClient:
         return await self.generate(messages=messages, system=system, **kwargs)
 
     async def tokenize(self, text: str, timeout: Optional[float] = None) -> list:
-        return list((await self.stub.Tokenize(_tokenize_request(text), timeout=check_timeout(timeout))).ids)
+        return list((await self.stub.Tokenize(_tokenize_request(text), timeout=check_timeout(timeout),
+                                              metadata=self._metadata)).ids)
 
     async def model_info(self, timeout: Optional[float] = None) -> dict:
-        return _to_dict(await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=check_timeout(timeout)))
+        return _to_dict(await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=check_timeout(timeout),
+                                                     metadata=self._metadata))
 
     async def stats(self, timeout: Optional[float] = None) -> dict:
-        return _to_dict(await self.stub.GetStats(pb.GetStatsRequest(), timeout=check_timeout(timeout)))
+        return _to_dict(await self.stub.GetStats(pb.GetStatsRequest(), timeout=check_timeout(timeout),
+                                                 metadata=self._metadata))
 
     async def close(self) -> None:
         await self.channel.close()

@@ -78,15 +78,68 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--executor-plugin", default=None, help=argparse.SUPPRESS)
     p.add_argument("--log-level", type=str.upper, choices=_LOG_LEVELS, default="INFO",
                    help="logging level for stderr (default: %(default)s)")
+    security = p.add_argument_group("security")
+    security.add_argument("--api-key", default=None, metavar="KEY",
+                          help="every call but health needs metadata 'authorization: Bearer KEY' "
+                               "(default: $QWENSERVE_API_KEY; prefer it: a flag shows in `ps`)")
+    security.add_argument("--ssl-certfile", default=None, metavar="PEM", help="serve TLS with this PEM certificate (chain)")
+    security.add_argument("--ssl-keyfile", default=None, metavar="PEM", help="the PEM private key of --ssl-certfile")
+    _add_limit_flags(p)
     p.set_defaults(func=launch)
     return p
+
+
+# flag -> (RequestLimits field, help); every limit is checked before tokenizing, see
+# qwenserve/frontend/limits.py and docs/RELIABILITY.md.
+_LIMIT_FLAGS = {
+    "--max-request-id-chars": ("max_request_id_chars", "longest request_id (default: 256)"),
+    "--max-prompt-chars": ("max_prompt_chars", "longest prompt text, or chat text in total (default: "
+                           "128 x (max_model_len - 1), the most that can fit)"),
+    "--max-chat-messages": ("max_chat_messages", "most chat messages (default: (max_model_len - 4) // 5, "
+                            "the most that can fit)"),
+    "--max-stop-strings": ("max_stop_strings", "most stop strings per request (default: 16)"),
+    "--max-stop-string-chars": ("max_stop_string_chars", "longest stop string (default: 512)"),
+    "--max-stop-token-ids": ("max_stop_token_ids", "most stop_token_ids per request (default: 256)"),
+    "--max-request-bytes": ("max_request_bytes", "largest request message, e.g. 8MiB (default: 4 bytes "
+                            "per --max-prompt-chars + 1 MiB); larger ones get RESOURCE_EXHAUSTED"),
+}
+
+
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("request limits", "Requests over a limit get INVALID_ARGUMENT naming "
+                                                   "the field and the limit.")
+    for flag, (dest, help_text) in _LIMIT_FLAGS.items():
+        kind, metavar = (parse_bytes, "BYTES") if dest == "max_request_bytes" else (int_in(1), "N")
+        group.add_argument(flag, dest=dest, type=kind, default=None, metavar=metavar, help=help_text)
+
+
+def request_limits_from_args(args: argparse.Namespace):
+    from qwenserve.frontend.limits import RequestLimits
+
+    values = {dest: getattr(args, dest) for dest, _ in _LIMIT_FLAGS.values()}
+    return RequestLimits(**{k: v for k, v in values.items() if v is not None})
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 (bracketed or not) or localhost."""
+    import ipaddress
+
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def engine_config_from_args(args: argparse.Namespace):
     from qwenserve.config import EngineConfig
 
     kwargs = {"model": args.model, "tensor_parallel_size": args.tp, "device": args.device,
-              "dtype": args.dtype, "ray_address": args.ray_address, "executor_plugin": args.executor_plugin}
+              "dtype": args.dtype, "ray_address": args.ray_address, "executor_plugin": args.executor_plugin,
+              # A server reachable only from this machine keeps its local Ray there too.
+              "ray_loopback_only": is_loopback_host(args.host)}
     for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                  "gpu_memory_utilization", "max_waiting_requests", "kv_cache_memory", "seed"):
         value = getattr(args, name)
@@ -107,12 +160,26 @@ def launch(args: argparse.Namespace) -> int:
         return 2
     from .app import run_server
 
+    try:
+        options = server_options_from_args(args)
+    except ValueError as e:
+        print(f"qwenserve launch: error: {e}", file=sys.stderr)
+        return 2
+    return run_server(config, options)
+
+
+def server_options_from_args(args: argparse.Namespace):
+    """ServerOptions from the launch flags; ValueError naming the flag for a bad limit or TLS file."""
+    from .auth import resolve_api_key
+    from .grpc_security import check_tls_files
     from .options import ServerOptions
 
-    return run_server(config, ServerOptions(host=args.host, port=args.port, http_port=args.http_port,
-                                            served_model_name=args.served_model_name,
-                                            shutdown_grace=args.shutdown_grace,
-                                            disable_log_requests=args.disable_log_requests))
+    check_tls_files(args.ssl_certfile, args.ssl_keyfile)
+    return ServerOptions(host=args.host, port=args.port, http_port=args.http_port,
+                         served_model_name=args.served_model_name, shutdown_grace=args.shutdown_grace,
+                         disable_log_requests=args.disable_log_requests,
+                         api_key=resolve_api_key(args.api_key), ssl_certfile=args.ssl_certfile,
+                         ssl_keyfile=args.ssl_keyfile, limits=request_limits_from_args(args))
 
 
 def add_generate_parser(subparsers) -> argparse.ArgumentParser:
@@ -133,6 +200,10 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message")
     p.add_argument("--system", default=None, help="system prompt (only with --chat)")
     p.add_argument("--timeout", type=float_in(0.0, low_open=True), default=None, help="deadline in seconds")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="the server's API key (default: $QWENSERVE_API_KEY)")
+    p.add_argument("--ssl", action="store_true", help="connect with TLS, trusting the system's CAs")
+    p.add_argument("--ssl-root-cert", default=None, metavar="PEM",
+                   help="connect with TLS, trusting this CA or self-signed certificate (implies --ssl)")
     p.set_defaults(func=generate, parser=p)
     return p
 
@@ -157,10 +228,20 @@ def generate(args: argparse.Namespace) -> int:
                 "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
     sampling = {k: v for k, v in sampling.items() if v is not None}
     finish, wrote = None, False
+    root_certificates = None
+    if args.ssl_root_cert is not None:
+        try:
+            with open(args.ssl_root_cert, "rb") as f:
+                root_certificates = f.read()
+        except OSError as e:
+            parser.error(f"argument --ssl-root-cert: cannot read {args.ssl_root_cert!r}: {e.strerror or e}")
+    from .auth import resolve_api_key
+
     try:
-        client = QwenClient(args.address)
+        client = QwenClient(args.address, api_key=resolve_api_key(args.api_key),
+                            ssl=args.ssl or root_certificates is not None, root_certificates=root_certificates)
     except InvalidRequest as e:
-        parser.error(f"argument --address: {e.problem}")
+        parser.error(f"argument --{e.field.replace('_', '-')}: {e.problem}")
     with client:
         try:  # builds and checks the request before anything is sent
             if args.chat:

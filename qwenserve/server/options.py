@@ -2,8 +2,10 @@
 (addresses, authentication, TLS, names, shutdown), as `qwenserve launch` resolved them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+from qwenserve.frontend.limits import RequestLimits
 
 
 @dataclass
@@ -17,3 +19,4 @@ class ServerOptions:
     ssl_keyfile: Optional[str] = None
     shutdown_grace: float = 10.0          # seconds running calls get on SIGINT/SIGTERM
     disable_log_requests: bool = False    # no INFO line per finished request
+    limits: RequestLimits = field(default_factory=RequestLimits)  # request sizes (frontend/limits.py)

@@ -5,8 +5,9 @@ and the proto -> `SamplingParams` mapping (an unset optional field means the ser
 default), status codes for every failure, and turning the bridge's per-step `Delta`s into
 `GenerateResponse` messages. The engine itself is only reached through an `EngineClient`.
 
-Status codes: bad input -> INVALID_ARGUMENT (the message names the field), waiting queue
-full -> RESOURCE_EXHAUSTED, engine dead / warming up / shutting down -> UNAVAILABLE.
+Status codes: bad input -> INVALID_ARGUMENT (the message names the field), including a
+request over a size limit (`qwenserve/frontend/limits.py`, checked before anything else),
+waiting queue full -> RESOURCE_EXHAUSTED, engine dead / warming up / shutting down -> UNAVAILABLE.
 A call that ends early (client cancel, deadline) aborts its request in `finally`.
 """
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Any, Optional
 
 import grpc
 
+from qwenserve.frontend import limits as request_limits
 from qwenserve.frontend.engine_client import Delta, EngineClient, EngineUnavailable, ModelInfo, QueueFull
+from qwenserve.frontend.limits import RequestLimits
 from qwenserve.structured_output import StructuredOutput
 
 from . import qwenserve_pb2 as pb
@@ -71,6 +74,25 @@ def structured_output(params: pb.SamplingParams) -> Optional[StructuredOutput]:
     return StructuredOutput(**kwargs)
 
 
+def enforce_limits(request: pb.GenerateRequest, limits: RequestLimits) -> None:
+    """The request-size limits (ValueError naming the field), checked on the message as it
+    arrived: only lengths and bounded loops, before any repeated field is copied or any text
+    is tokenized."""
+    request_limits.check_request_id(len(request.request_id), limits)
+    which = request.WhichOneof("input")
+    if which == "prompt":
+        request_limits.check_prompt_chars("prompt", len(request.prompt), limits)
+    elif which == "prompt_token_ids":
+        request_limits.check_prompt_token_ids(len(request.prompt_token_ids.ids), limits)
+    elif which == "chat":
+        messages = request.chat.messages
+        request_limits.check_chat_messages(len(messages), limits)
+        chars = len(request.system) + sum(len(m.role) + len(m.content) for m in messages)
+        request_limits.check_prompt_chars("chat", chars, limits)
+    request_limits.check_stop(request.params.stop, limits)
+    request_limits.check_stop_token_ids(len(request.params.stop_token_ids), limits)
+
+
 def engine_input(request: pb.GenerateRequest) -> dict:
     """The input keywords of `engine.add_request`; ValueError naming the field if absent."""
     which = request.WhichOneof("input")
@@ -114,17 +136,29 @@ def response_message(request_id: str, delta: Delta) -> pb.GenerateResponse:
         logprobs=[_logprobs_message(e) for e in delta.logprobs or ()])
 
 
+def end_call(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """Ends a streaming call with `code` once the handler returns. Not `context.abort()`: the
+    exception it raises is kept by gRPC with a traceback through the handler's frame, a
+    reference cycle that holds the request (up to max_request_bytes) until the next garbage
+    collection; on an idle server that is a long time."""
+    context.set_code(code)
+    context.set_details(details)
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, engine: EngineClient):
+    def __init__(self, engine: EngineClient, limits: Optional[RequestLimits] = None):
         self.engine = engine
+        self.limits = (limits or RequestLimits()).resolve(engine.max_model_len)
         self.info = model_info_message(engine.info)
         # Set by the app once the warm-up generation succeeded; until then, UNAVAILABLE.
         self.ready = False
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         if not self.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is not ready yet")
+            end_call(context, grpc.StatusCode.UNAVAILABLE, "server is not ready yet")
+            return
         try:
+            enforce_limits(request, self.limits)
             add_kwargs = engine_input(request)
             # The same path as the HTTP front end's: the checkpoint's defaults, then the request's
             # values, validated by SamplingParams (compiling a new grammar may take up to its time
@@ -135,7 +169,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             else:
                 params = await asyncio.to_thread(self.engine.default_params, **kwargs)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            end_call(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return
         request_id = request.request_id or uuid.uuid4().hex
         # Each failure below ends the call; leaving the loop for any reason (client cancel,
         # deadline) aborts the request inside `generate`.
@@ -154,9 +189,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             logger.exception("request %s failed", request_id)
             status = (grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         if status is not None:
-            await context.abort(*status)
+            end_call(context, *status)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        num_chars = len(request.text)
+        try:
+            request_limits.check_prompt_chars("text", num_chars, self.limits)
+        except ValueError as e:
+            del request  # see end_call: a unary call's abort ties this frame into a cycle
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         # Off the event loop: a long text must not stall every stream.
         ids = await self.engine.encode(request.text)
         return pb.TokenizeResponse(ids=ids)

@@ -74,7 +74,7 @@ def check_tp_size(model_config: QwenConfig, tp: int) -> None:
 
 def free_port(host: str = "") -> int:
     """A TCP port that is free on this node right now (the rendezvous binds it moments later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
@@ -87,12 +87,30 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     if device.type == "cuda":
         torch.cuda.set_device(device)
         kwargs["device_id"] = device  # binds the NCCL communicator eagerly to this device
-    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=timeout_s), **kwargs)
+        # The layers' all_reduce is captured in the decode CUDA graphs (worker/cuda_graphs.py):
+        # without recordStream calls ProcessGroupNCCL's collectives are graph-capturable.
+        os.environ.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
+    timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, store=rendezvous_store(rank, world_size, master_addr, master_port, timeout),
+                            rank=rank, world_size=world_size, timeout=timeout, **kwargs)
     # One rank per process: the tensor-parallel group is the whole world.
     group = TensorParallelGroup(rank=rank, size=world_size, group=dist.group.WORLD)
     set_tp_group(group)
     return group
+
+
+def rendezvous_store(rank: int, world_size: int, master_addr: str, master_port: int,
+                     timeout: timedelta) -> dist.TCPStore:
+    """The process group's TCPStore at master_addr:master_port, served by rank 0 on that address
+    alone: torch's own server (init_method="tcp://...") listens on every interface, which a
+    loopback-only deployment must not."""
+    if rank != 0:
+        return dist.TCPStore(master_addr, master_port, world_size, False, timeout)
+    family = socket.AF_INET6 if ":" in master_addr else socket.AF_INET
+    listener = socket.create_server((master_addr, master_port), family=family)
+    # detach(): the store owns the descriptor from here on (and closes it).
+    return dist.TCPStore(master_addr, master_port, world_size, True, timeout, multi_tenant=True,
+                         master_listen_fd=listener.detach())
 
 
 def destroy_distributed() -> None:

@@ -4,65 +4,50 @@ runs the model, and samples (rank 0).
 It keeps a small state per request (token ids, block ids, computed count, sampling state)
 that the scheduler's per-step diffs update; nothing of the scheduler's objects crosses over.
 
-Overlapped steps (`async_scheduling`): `execute(step k)` launches k's forward, then reads back
-step k-1's samples (the device has finished them by the time k's forward runs), then launches
-k's sampling, and returns k-1's output. Reading k-1 back between the two launches means the
-sampler of step k sees every token up to k-1 (penalties, seeds, grammar masks) while the
-device runs k's forward; nothing waits on the device except that read-back.
+Overlapped steps (`async_scheduling`): `execute(step k+1)` prepares k+1's inputs, launches the
+sampling of step k (whose forward the previous call launched), launches k+1's forward, and only
+then reads k's samples back and returns them. So the host's work between two forwards (taking
+k's samples back, scheduling k+2, preparing its inputs) runs while the device computes k+1; and
+the sampling of k comes after k-1's samples were read back, so its penalties, seeds and grammar
+masks see every earlier token. Even a sampler that reads the device (the random draw's
+rejection rounds) only delays the launch of k+1's forward, never the host work.
 
-    host:   prepare k │ launch fwd k │ wait k-1 ids │ launch sample k │ return out(k-1) ...
-    device: ... fwd k-1 │ sample k-1 │ fwd k ──────────────────────────│ sample k │ fwd k+1
+    host:   prepare k+1 │ sample k │ launch fwd k+1 │ read k's ids │ (core: update, schedule k+2) │ prepare k+2 ...
+    device: ... fwd k ──────────────│ sample k │ fwd k+1 ────────────────────────────────────────────│ sample k+1 │ ...
 
-A request decoding in step k computes the position of the token sampled in step k-1, whose
-value the host does not know yet: its input id is taken from k-1's sampled ids on the device
+A request decoding in step k+1 computes the position of the token step k samples, whose value
+the host does not know yet: its input id is taken from k's sampled ids on the device
 (`_PendingStep.sampled_ids`; with tp > 1 rank 0 broadcasts them to the other ranks). The
 request's host-side token list holds -1 there until the value arrives, from rank 0's own
-read-back or from the scheduler's diff. Without `async_scheduling` `execute(k)` returns k's
-own output and every input is known on the host.
+read-back or from the scheduler's diff. Without `async_scheduling` `execute(k)` samples k at
+once and returns k's own output; every input is then known on the host.
 
 Structured rows: the sampler masks them to their grammars (qwenserve/structured_output); a
 row whose grammar matcher failed is masked to the end tokens and reported with the step's
 output (`ModelRunnerOutput.structure_errors`), for the scheduler to abort that request.
+
+On CUDA a step's inputs cross in one non-blocking copy from pinned memory and its sampled ids
+come back through a pinned copy behind an event (`step_transfer.py`): the only host wait of a
+step is that read-back.
 """
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from qwenserve.model.attention import AttentionMetadata, logn_scales
+from qwenserve.model.attention import AttentionMetadata
 from qwenserve.model.qwen import NUM_REAL_TOKENS, QWenLMHeadModel
-from qwenserve.sampling_params import SamplingParams
 from qwenserve.scheduler.output import SchedulerOutput
 from qwenserve.model.parallel import get_tp_group
 from qwenserve.structured_output.compiler import start_compile
-from qwenserve.worker.sampler import Sampler, SamplerOutput, SamplingState, make_generator
-
-
-# Triton compiles a kernel per 16-byte alignment of its pointer arguments: every view into a
-# packed step buffer starts on such a boundary, so it is the same from step to step.
-_ALIGN_BYTES = 16
-
-
-def _pack(parts, dtype) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """One host buffer holding the 1-D `parts` end to end, each starting on a 16-byte boundary;
-    returns it and each part's (start, length)."""
-    step = _ALIGN_BYTES // np.dtype(dtype).itemsize
-    spans, offset = [], 0
-    for part in parts:
-        spans.append((offset, len(part)))
-        offset += -(-len(part) // step) * step
-    buf = np.zeros(max(offset, 1), dtype=dtype)  # the padding is never read, but stays defined
-    for (start, length), part in zip(spans, parts):
-        buf[start:start + length] = part
-    return buf, spans
-
-
-def _view(buffer: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
-    return buffer[span[0]:span[0] + span[1]]
+from qwenserve.worker.batch_order import decodes_first
+from qwenserve.worker.logn_table import LognTable
+from qwenserve.worker.sampler import DeviceSamples, Sampler, SamplingState
+from qwenserve.worker.step_transfer import DeviceEvents, StepInputBuffer, copy_to_host_async
 
 
 @dataclass
@@ -82,6 +67,18 @@ class ModelRunnerOutput:
 _UNKNOWN = -1  # a token id the host does not know yet: sampled by a step still on the device
 
 
+class StepInputs(NamedTuple):
+    """One step's inputs on the device (`ModelRunner.prepare_inputs`)."""
+    input_ids: torch.Tensor        # [T]; the rows in `fill` still to be filled in
+    positions: torch.Tensor        # [T]
+    meta: AttentionMetadata
+    sample_rows: list              # (row, request id) of the requests that sample
+    sample_index: torch.Tensor     # their rows, on the device
+    # (rows of input_ids, rows of the previous step's samples) for decode inputs the host does
+    # not know yet; None when there are none.
+    fill: Optional[tuple]
+
+
 @dataclass
 class RequestState:
     token_ids: list[int]  # prompt + output; _UNKNOWN where a sample is not back yet
@@ -95,20 +92,26 @@ class RequestState:
 
 @dataclass
 class _PendingStep:
-    """A step whose sampling has been launched and whose output has not been returned."""
+    """A step whose forward has been launched and whose samples have not been returned."""
     request_ids: list[str]
     states: list[RequestState]
     positions: list[int]           # where each row's sample goes in its request's token_ids
-    sampled: Optional[SamplerOutput] = None  # rank 0 only
-    sampled_ids: Optional[torch.Tensor] = None  # [rows] on the device, every rank
+    logits: Optional[torch.Tensor] = None   # [rows, V], rank 0, until it is sampled
+    samples: Optional[DeviceSamples] = None  # rank 0, once sampled
+    sampled_ids: Optional[torch.Tensor] = None  # [rows] on the device, every rank, once sampled
+    host_ids: Optional[torch.Tensor] = None  # a pinned copy of them (CUDA)
     done: Optional[object] = None  # an event after the sampling: `.synchronize()` waits for it
+
+    @property
+    def sampled(self) -> bool:
+        return self.sampled_ids is not None
 
     def output(self) -> ModelRunnerOutput:
         """Waits for the samples (rank 0), records them in the request states and returns them."""
         if self.done is not None:
             self.done.synchronize()
-        sampled = self.sampled
-        token_ids = list(sampled.token_ids)
+        samples = self.samples.to_host(self.host_ids.tolist() if self.host_ids is not None else None)
+        token_ids = samples.token_ids
         errors = {}
         for rid, state, position, token in zip(self.request_ids, self.states, self.positions, token_ids):
             if state.token_ids[position] == _UNKNOWN:
@@ -118,28 +121,13 @@ class _PendingStep:
             if matcher is not None and matcher.error is not None:  # set by this step's mask
                 errors[rid] = structure_error(matcher.error)
         return ModelRunnerOutput(request_ids=self.request_ids, sampled_token_ids=token_ids,
-                                 logprobs=sampled.logprobs, sampled_logprobs=sampled.sampled_logprobs,
+                                 logprobs=samples.logprobs, sampled_logprobs=samples.sampled_logprobs,
                                  structure_errors=errors)
 
 
 def structure_error(reason: str) -> str:
     """A matcher's failure as the request's error, naming the field."""
     return reason if reason.startswith("structured_output") else f"structured_output: {reason}"
-
-
-class DeviceEvents:
-    """Events on the device's (one) stream: `record()` marks the work queued so far; the
-    returned object's `synchronize()` waits for it. Nothing to wait for on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def record(self) -> Optional[object]:
-        if not self.cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record()
-        return event
 
 
 class ModelRunner:
@@ -153,10 +141,11 @@ class ModelRunner:
         self.sampler = Sampler(vocab_size_real=min(NUM_REAL_TOKENS, self.config.vocab_size), seed=seed)
         self.requests: dict[str, RequestState] = {}
         self.decode_graphs = None  # a `DecodeGraphs` once the worker has captured them
-        # Seeded generators outlive preemption so a resumed request continues its stream.
-        self._generators: dict[str, torch.Generator] = {}
+        self.logn = (LognTable(self.config.seq_length, device, self.config.max_position_embeddings)
+                     if self.config.use_logn_attn else None)
         self._pending: Optional[_PendingStep] = None
         self.events = DeviceEvents(device)
+        self.inputs = StepInputBuffer(device)
         # For the step being prepared: which input rows take their id from the previous step's
         # samples on the device, and which sampled row each takes.
         self._fill_rows: list[int] = []
@@ -166,7 +155,6 @@ class ModelRunner:
     def _update_states(self, out: SchedulerOutput) -> None:
         for rid in out.finished_request_ids:
             self.requests.pop(rid, None)
-            self._generators.pop(rid, None)
         for rid in out.preempted_request_ids:
             self.requests.pop(rid, None)
         for new in out.new_requests:
@@ -180,7 +168,6 @@ class ModelRunner:
                 num_computed_tokens=new.num_computed_tokens, rope_theta=self.config.rope_theta(new.ntk_alpha),
                 sampling=SamplingState(params=new.params, prompt_token_ids=list(new.prompt_token_ids),
                                        output_token_ids=list(new.output_token_ids),
-                                       generator=self._generator(new.request_id, new.params),
                                        banned_token_ids=list(new.banned_token_ids)),
                 num_scheduler_tokens=len(tokens))
         for cached in out.cached_requests:
@@ -198,13 +185,6 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    def _generator(self, request_id: str, params: SamplingParams) -> Optional[torch.Generator]:
-        if params.seed is None or params.is_greedy:
-            return None
-        if request_id not in self._generators:
-            self._generators[request_id] = make_generator(params.seed, self.device)
-        return self._generators[request_id]
-
     # ------------------------------------------------------------------ inputs
     def prepare_inputs(self, out: SchedulerOutput):
         """Flat ids, positions, attention metadata, the rows to sample as (row, request id) pairs
@@ -219,7 +199,8 @@ class ModelRunner:
         starts, seq_lens, tables, sample_rows = [0], [], [], []
         fill_rows, fill_sources = [], []
         pending_rows = self._pending_rows()
-        for rid, num_new in out.num_scheduled_tokens.items():
+        order, num_decodes = decodes_first(out.num_scheduled_tokens)
+        for rid, num_new in order:
             state = self.requests[rid]
             begin = state.num_computed_tokens
             end = begin + num_new
@@ -254,32 +235,24 @@ class ModelRunner:
         # Row-major fill of each row's first len entries in one vectorized assignment.
         table[np.arange(table.shape[1]) < lens[:, None]] = np.fromiter(
             itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lens.sum()))
-        # Three host-to-device copies per step (int64, int32, float32), each array a view of one
-        # of them: on a GPU every separate copy from pageable memory costs ~10 us of host time.
-        dev = self.device
-        positions_np = np.asarray(positions, dtype=np.int64)
-        int64, (id_span, pos_span, slot_span, row_span, fill_span, source_span) = _pack(
-            [ids, positions_np, slots, [row for row, _ in sample_rows], fill_rows, fill_sources], np.int64)
-        int32, (qsl_span, len_span, table_span) = _pack([starts, seq_lens, table.ravel()], np.int32)
-        use_logn = self.config.use_logn_attn
-        floats = [np.asarray(thetas, dtype=np.float32)]
-        if use_logn:
-            floats.append(logn_scales(torch.from_numpy(positions_np), self.config.seq_length).numpy())
-        float32, float_spans = _pack(floats, np.float32)
-        int64_t, int32_t, float32_t = (torch.from_numpy(a).to(dev) for a in (int64, int32, float32))
-        input_ids = _view(int64_t, id_span)
-        if fill_rows:
-            input_ids.index_copy_(0, _view(int64_t, fill_span),
-                                  self._pending.sampled_ids.index_select(0, _view(int64_t, source_span)))
+        # One host-to-device copy per step: every input is a view of one packed buffer.
+        (input_ids, positions_t, slot_mapping, sample_index, fill_index, fill_source, query_start_loc,
+         seq_lens_t, block_table, thetas_t) = self.inputs.transfer([
+            np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64),
+            np.asarray(slots, dtype=np.int64), np.asarray([row for row, _ in sample_rows], dtype=np.int64),
+            np.asarray(fill_rows, dtype=np.int64), np.asarray(fill_sources, dtype=np.int64),
+            np.asarray(starts, dtype=np.int32), np.asarray(seq_lens, dtype=np.int32), table.ravel(),
+            np.asarray(thetas, dtype=np.float32)])
         meta = AttentionMetadata(
-            query_start_loc=_view(int32_t, qsl_span), seq_lens=_view(int32_t, len_span),
+            query_start_loc=query_start_loc, seq_lens=seq_lens_t,
             max_query_len=max(b - a for a, b in zip(starts, starts[1:])), max_seq_len=max(seq_lens),
-            rope_theta=_view(float32_t, float_spans[0]),
-            logn_scale=_view(float32_t, float_spans[1]) if use_logn else None,
-            block_tables=_view(int32_t, table_span).view(table.shape),
-            slot_mapping=_view(int64_t, slot_span),
+            rope_theta=thetas_t,
+            logn_scale=self.logn.scales(positions_t, max(seq_lens) - 1) if self.logn else None,
+            block_tables=block_table.view(table.shape),
+            slot_mapping=slot_mapping, num_decodes=num_decodes,
             query_start_loc_list=starts, seq_lens_list=seq_lens)
-        return (input_ids, _view(int64_t, pos_span), meta, sample_rows, _view(int64_t, row_span))
+        return StepInputs(input_ids, positions_t, meta, sample_rows, sample_index,
+                          (fill_index, fill_source) if fill_rows else None)
 
     def _pending_rows(self) -> dict[str, tuple[int, int]]:
         """request id -> (its row in the previous step's samples, the position that sample fills)."""
@@ -296,48 +269,52 @@ class ModelRunner:
         anything (`async_scheduling`) or of this one; None when there is none (other ranks:
         always None). Every step that computes something has exactly one output, in order."""
         self._update_states(out)
-        logits, step = None, None
-        if not out.is_empty:
-            logits, step = self._launch_forward(out)
-        previous, self._pending = self._pending, None
-        previous_output = previous.output() if previous is not None and self.is_driver else None
-        if step is not None:
-            self._launch_sampling(logits, step)
-            self._pending = step
-        if self.async_scheduling:
-            return previous_output
-        pending, self._pending = self._pending, None
-        if pending is None or not self.is_driver:
+        inputs = None if out.is_empty else self.prepare_inputs(out)
+        previous = self._pending
+        if previous is not None and not previous.sampled:
+            self._launch_sampling(previous)  # its ids are this step's decode inputs
+        step = None if inputs is None else self._launch_forward(inputs)
+        self._pending = step
+        if not self.async_scheduling and step is not None:
+            self._launch_sampling(step)
+            previous, self._pending = step, None
+        if previous is None or not self.is_driver:
             return None
-        return pending.output()
+        return previous.output()
 
-    def _launch_forward(self, out: SchedulerOutput) -> tuple[Optional[torch.Tensor], _PendingStep]:
-        input_ids, positions, meta, sample_rows, sample_index = self.prepare_inputs(out)
+    def _launch_forward(self, inputs: "StepInputs") -> _PendingStep:
+        input_ids, positions, meta = inputs.input_ids, inputs.positions, inputs.meta
+        if inputs.fill is not None:  # decode inputs sampled by the previous step, on the device
+            fill_index, fill_source = inputs.fill
+            input_ids.index_copy_(0, fill_index, self._pending.sampled_ids.index_select(0, fill_source))
         if self.decode_graphs is not None and self.decode_graphs.can_run(meta.num_requests, meta):
             hidden = self.decode_graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, meta)
-        request_ids = [rid for _, rid in sample_rows]
+        request_ids = [rid for _, rid in inputs.sample_rows]
         states = [self.requests[rid] for rid in request_ids]
         for state in states:  # the sample's place, filled when its value is back on the host
             state.token_ids.append(_UNKNOWN)
         step = _PendingStep(request_ids, states, [len(s.token_ids) - 1 for s in states])
-        if not sample_rows:
-            return None, step
-        # Other ranks still join the LM head's gather.
-        return self.model.compute_logits(hidden.index_select(0, sample_index)), step
+        if request_ids:
+            # Other ranks still join the LM head's gather.
+            step.logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_index))
+        return step
 
-    def _launch_sampling(self, logits: Optional[torch.Tensor], step: _PendingStep) -> None:
+    def _launch_sampling(self, step: _PendingStep) -> None:
         num_rows = len(step.request_ids)
         if not self.is_driver:
             step.sampled_ids = torch.empty(num_rows, dtype=torch.long, device=self.device)
         elif num_rows:
-            step.sampled = self.sampler.sample(logits, [s.sampling for s in step.states])
-            step.sampled_ids = torch.as_tensor(step.sampled.token_ids, dtype=torch.long, device=self.device)
+            step.samples = self.sampler.sample_on_device(step.logits, [s.sampling for s in step.states])
+            step.sampled_ids = step.samples.token_ids
         else:
-            step.sampled = SamplerOutput([], [], [])
             step.sampled_ids = torch.empty(0, dtype=torch.long, device=self.device)
+            step.samples = DeviceSamples(step.sampled_ids, [], [], None, None, None)
+        step.logits = None
         if self.tp.size > 1 and self.async_scheduling and num_rows:
             # The next step's decode inputs are these ids, on every rank.
             self.tp.broadcast_from_rank0(step.sampled_ids)
+        if self.is_driver:
+            step.host_ids = copy_to_host_async(step.sampled_ids)
         step.done = self.events.record()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import socket
@@ -42,6 +43,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 import qwenserve
 from qwenserve.config import EngineConfig
+from qwenserve.kernels._triton import AUTO_MARKER, INTERPRET_VAR
 from qwenserve.model.config import QwenConfig
 from qwenserve.model.loader import checkpoint_files
 from qwenserve.scheduler.output import SchedulerOutput
@@ -74,7 +76,8 @@ class RankWorker:
 
     def node_address(self) -> tuple[str, int]:
         """This node's IP and a free port on it: the rendezvous address when this is rank 0."""
-        return ray.util.get_node_ip_address(), free_port()
+        ip = ray.util.get_node_ip_address()
+        return ip, free_port(ip)
 
     @ray.method(concurrency_group="health")
     def pid(self) -> int:
@@ -185,9 +188,28 @@ def _init_ray(config: EngineConfig, tp: int) -> bool:
                                   f"{type(e).__name__}: {e}") from e
         return True
     # A driver-side CPU beyond the ranks' bundles; a small object store: steps carry only ids.
-    ray.init(address="local", num_cpus=tp + 1, object_store_memory=200 * 1024 ** 2,
-             include_dashboard=False, log_to_driver=False)
+    with _ray_on_loopback() if config.ray_loopback_only else contextlib.nullcontext():
+        ray.init(address="local", num_cpus=tp + 1, object_store_memory=200 * 1024 ** 2,
+                 include_dashboard=False, log_to_driver=False)
     return True
+
+
+@contextlib.contextmanager
+def _ray_on_loopback():
+    """Starts a local Ray whose node IP is 127.0.0.1, so that its GCS, raylet, object manager,
+    agents and workers listen on loopback only. That is Ray's own single-machine mode (its
+    default on macOS and Windows): RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which Ray reads into
+    ray_constants.ENABLE_RAY_CLUSTER at import, so the constant is set too for ray.init; the
+    processes ray.init starts inherit the variable."""
+    from ray._private import ray_constants
+
+    with _env_default(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0"):
+        saved = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            yield
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def _use_gpus(config: EngineConfig, tp: int) -> bool:
@@ -204,15 +226,40 @@ def _use_gpus(config: EngineConfig, tp: int) -> bool:
     return True
 
 
-def _actor_env(tp: int) -> dict[str, str]:
+def _actor_env(tp: int, node_ip: str, gpu: bool) -> dict[str, str]:
     """What an actor needs from the driver's environment: the source tree, the caches, one
-    thread pool per core share (two ranks on two cores must not each spawn two threads)."""
+    thread pool per core share (two ranks on two cores must not each spawn two threads); on a
+    loopback-only node, gloo's and NCCL's sockets on the loopback interface too.
+
+    Not the driver's TRITON_INTERPRET: each rank decides its own device environment. A GPU rank
+    compiles its kernels (TRITON_INTERPRET=0, whatever the driver or the raylet it started has:
+    a CPU-only driver switches the interpreter on for itself); a CPU rank leaves it to
+    `kernels/_triton.py` in its own process (the interpreter, as it sees no CUDA)."""
     path = os.environ.get("PYTHONPATH", "")
     env = {"PYTHONPATH": _SOURCE_ROOT + (os.pathsep + path if path else ""),
            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // tp))}
     env.update({k: v for k, v in os.environ.items()
-                if k.startswith("QWENSERVE_") or k in ("TRITON_INTERPRET", "HF_HOME")})
+                if (k.startswith("QWENSERVE_") and k != AUTO_MARKER) or k == "HF_HOME"})
+    if gpu:
+        env[INTERPRET_VAR] = "0"
+    loopback = _loopback_interface()
+    if _is_loopback_ip(node_ip) and loopback is not None:
+        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            env[name] = os.environ.get(name, loopback)
     return env
+
+
+def _is_loopback_ip(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _loopback_interface() -> Optional[str]:
+    """The loopback interface's name ("lo" on Linux, "lo0" on macOS), if this host has one."""
+    names = {name for _, name in socket.if_nameindex()}
+    return next((name for name in ("lo", "lo0") if name in names), None)
 
 
 class RayExecutor:
@@ -250,7 +297,7 @@ class RayExecutor:
         if not ready:
             raise RuntimeError(f"Ray could not place {tp} ranks of {bundle} within "
                                f"{PLACEMENT_TIMEOUT_S:g}s; cluster resources: {ray.cluster_resources()}")
-        env = _actor_env(tp)
+        env = _actor_env(tp, ray.util.get_node_ip_address(), gpu)
         self.actors = [
             _RankActor.options(
                 num_cpus=1, num_gpus=1 if gpu else 0,

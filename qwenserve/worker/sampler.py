@@ -1,8 +1,9 @@
 """The sampler: from a step's last-position logits to one token id per request.
 
 This module owns the logits processing (structured-output mask, padding-id mask,
-min_tokens ban, repetition / presence / frequency penalties), the log-probabilities, and the
-draw itself (greedy, temperature, top-k, top-p, min-p). It runs on rank 0 only and knows
+min_tokens ban, repetition / presence / frequency penalties), the log-probabilities, and
+greedy decoding; the random draw (temperature, top-k, top-p, min-p) is `sampling_draw.py`'s.
+It runs on rank 0 only and knows
 nothing of the scheduler: each row of the batch comes with a `SamplingState`.
 
 Order of operations (Hugging Face LogitsProcessor semantics):
@@ -14,14 +15,16 @@ Order of operations (Hugging Face LogitsProcessor semantics):
            ─► (d) presence / frequency (output only)     ┘ apply_penalties()
            ─► (e) log_softmax → logprobs (before temperature)
            ─► (f) greedy rows: argmax
-           ─► (g) other rows: /temperature, top-k, top-p, min-p, exponential race
+           ─► (g) other rows: /temperature, top-k, top-p, min-p, draw (sampling_draw.draw)
 
 (s) comes first so that every later step, greedy, the filters, penalties, seeds and logprobs,
 sees only the tokens the structure allows; it lives in qwenserve/structured_output (the
 matcher catches up with `output_token_ids` there, never inside the draw).
 
-Reproducibility: a row whose state has a `generator` draws only from it, V exponentials
-per step, so a seeded request yields the same tokens whatever else is in the batch.
+Reproducibility: a row whose params have a `seed` draws from a counter-based hash of (seed,
+len(output_token_ids), proposal number), so a seeded request yields the same tokens whatever
+else is in the batch, and again after a preemption. Rows without one share a generator seeded
+by `Sampler(seed=...)`. Neither draws random numbers over the vocabulary (sampling_draw.py).
 """
 
 from __future__ import annotations
@@ -35,22 +38,20 @@ from qwenserve.sampling_params import SamplingParams
 from qwenserve.structured_output.batch import fill_bitmask
 from qwenserve.structured_output.logits_mask import apply_bitmask_
 from qwenserve.structured_output.matcher import GrammarMatcher
+from qwenserve.worker.sampling_draw import DrawBuffers, RowSpec, draw
 
 QWEN_VOCAB_SIZE_REAL = 151851
-# Dividing by a near-zero temperature could overflow float32 to inf (and inf - inf = NaN
-# in the softmax); at this temperature the draw is an argmax anyway.
-_MIN_TEMPERATURE = 1e-6
-# Top-p looks for its nucleus among this many most probable tokens first (see _apply_top_p).
-_TOP_P_CANDIDATES = 1024
 
 
 @dataclass
 class SamplingState:
     """What the sampler needs to know about one row. `banned_token_ids` (EOS and the
     stop ids, filled by the engine) are masked while the output is shorter than
-    `params.min_tokens`. `generator` may live on any device; draws are moved to the
-    logits' device. `grammar_matcher` (rows with `params.structured_output`) is created on
-    the first mask and follows `output_token_ids`; a fresh state rebuilds it from them."""
+    `params.min_tokens`. `generator` is no longer drawn from: a seeded row's random numbers
+    are a function of (params.seed, len(output_token_ids)) (see the module docstring); the
+    field stays so that callers that set it keep working. `grammar_matcher` (rows with
+    `params.structured_output`) is created on the first mask and follows `output_token_ids`;
+    a fresh state rebuilds it from them."""
 
     params: SamplingParams
     prompt_token_ids: list[int]
@@ -90,6 +91,34 @@ class SamplerOutput:
     # Per row that asked for logprobs: the sampled token's log-probability (before
     # temperature); None for the others, whose full-vocabulary logsumexp is never computed.
     sampled_logprobs: list[float | None]
+
+
+@dataclass
+class DeviceSamples:
+    """A step's samples while they are still on the device (`Sampler.sample_on_device`):
+    nothing here has been read by the host, so launching them costs no host sync (the greedy
+    path; the random draw's rejection loop reads a flag per round). `to_host()` reads them."""
+    token_ids: torch.Tensor                    # [B] int64
+    logprob_rows: list[int]                    # rows that asked for logprobs
+    top_n: list[int]                           # per such row, its N
+    sampled_logprobs: torch.Tensor | None      # [len(logprob_rows)] float32
+    top_vals: torch.Tensor | None              # [len(logprob_rows), max N]
+    top_ids: torch.Tensor | None
+
+    def to_host(self, token_ids: list[int] | None = None) -> SamplerOutput:
+        """The samples as host lists; `token_ids`: their values, when already copied back."""
+        num_rows = self.token_ids.shape[0]
+        token_ids = self.token_ids.tolist() if token_ids is None else token_ids
+        logprobs: list[list[tuple[int, float]] | None] = [None] * num_rows
+        sampled_logprobs: list[float | None] = [None] * num_rows
+        if self.logprob_rows:
+            values = self.sampled_logprobs.tolist()
+            top_vals = self.top_vals.tolist() if self.top_vals is not None else None
+            top_ids = self.top_ids.tolist() if self.top_ids is not None else None
+            for j, (i, n) in enumerate(zip(self.logprob_rows, self.top_n)):
+                sampled_logprobs[i] = values[j]
+                logprobs[i] = list(zip(top_ids[j][:n], top_vals[j][:n])) if n and top_ids is not None else []
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs, sampled_logprobs=sampled_logprobs)
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -190,13 +219,15 @@ def _apply_penalties_(logits: torch.Tensor, states: list[SamplingState]) -> torc
 
 
 def process_logits(
-    logits: torch.Tensor, states: list[SamplingState], vocab_size_real: int = QWEN_VOCAB_SIZE_REAL
+    logits: torch.Tensor, states: list[SamplingState], vocab_size_real: int = QWEN_VOCAB_SIZE_REAL,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Steps (s), (a)-(d): the logits that logprobs and greedy decoding see. Returns a new
-    float32 tensor; the input is left untouched."""
+    float32 tensor (`out`, a [B, V] float32 buffer, when given); the input is left untouched."""
     if logits.dim() != 2 or logits.shape[0] != len(states):
         raise ValueError(f"logits must be [B={len(states)}, V], got {tuple(logits.shape)}")
-    logits = logits.to(torch.float32, copy=True)  # the one copy: everything below is in place
+    # The one copy: everything below is in place.
+    logits = logits.to(torch.float32, copy=True) if out is None else out.copy_(logits)
     vocab = logits.shape[1]
 
     # (s) Structured rows: only what the grammar allows (min_tokens' ban is inside the mask).
@@ -224,45 +255,6 @@ def process_logits(
     return _apply_penalties_(logits, states)
 
 
-def _apply_top_k(x: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-    """Mask to -inf, per row of x [n, V], what lies below the k-th largest value
-    (top_k[i] = 0: off). Like HF, every token tied with the k-th value is kept, which
-    also makes the result independent of how ties are ordered."""
-    vocab = x.shape[1]
-    k = [t if 0 < t < vocab else 0 for t in top_k]
-    if not any(k):
-        return x
-    k_t = torch.tensor(k, dtype=torch.long, device=x.device).unsqueeze(1)
-    kth = x.topk(max(k), dim=-1).values.gather(1, (k_t - 1).clamp(min=0))
-    kth = kth.masked_fill(k_t == 0, float("-inf"))
-    return x.masked_fill(x < kth, float("-inf"))
-
-
-def _apply_top_p(x: torch.Tensor, top_p: list[float]) -> torch.Tensor:
-    """Mask to -inf, per row of x [n, V], what lies outside the nucleus: the smallest set
-    of most probable tokens whose mass reaches top_p[i] (1 = off), never empty. Tokens
-    tied with the last one kept are kept too, so no tie order is ever needed.
-
-    Only the sorted probability values matter, so a top-K of the candidates replaces a full
-    sort of the vocabulary; a row whose top-K mass falls short of top_p (a very flat
-    distribution) falls back to a full sort."""
-    rows = [i for i, p in enumerate(top_p) if p < 1.0]
-    if not rows:
-        return x
-    idx = _row_index(rows, x.device)
-    sub = x.index_select(0, idx)
-    probs = sub.softmax(dim=-1)
-    p = torch.tensor([top_p[i] for i in rows], dtype=probs.dtype, device=x.device).unsqueeze(1)
-    vals = probs.topk(min(_TOP_P_CANDIDATES, probs.shape[1]), dim=-1).values
-    if vals.shape[1] < probs.shape[1] and bool((vals.sum(dim=-1, keepdim=True) < p).any()):
-        vals = probs.sort(dim=-1, descending=True).values
-    cum = vals.cumsum(dim=-1)
-    mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1)
-    num_kept = (mass_before < p).sum(dim=-1, keepdim=True)  # >= 1: mass_before[0] = 0
-    last_kept = vals.gather(1, num_kept - 1)
-    return x.index_copy(0, idx, sub.masked_fill(probs < last_kept, float("-inf")))
-
-
 def _is_plain_greedy(s: SamplingState) -> bool:
     """Greedy with no logprobs, no penalty, no structure and no min_tokens ban this step."""
     return (s.params.is_greedy and s.params.logprobs is None and not _needs_penalties(s)
@@ -271,7 +263,8 @@ def _is_plain_greedy(s: SamplingState) -> bool:
 
 
 class Sampler:
-    """`Sampler(vocab_size_real, seed)`; `sample(logits [B, V], states) -> SamplerOutput`.
+    """`Sampler(vocab_size_real, seed)`; `sample(logits [B, V], states) -> SamplerOutput`, or
+    `sample_on_device(...) -> DeviceSamples` to read the results back later.
 
     `seed` seeds the shared generator used by rows whose state has no generator of its own.
     """
@@ -280,6 +273,7 @@ class Sampler:
         self.vocab_size_real = vocab_size_real
         self.seed = seed
         self._shared: dict[torch.device, torch.Generator] = {}
+        self._buffers = DrawBuffers()  # [B, V] work buffers kept between steps
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         gen = self._shared.get(device)
@@ -292,11 +286,17 @@ class Sampler:
             self._shared[device] = gen
         return gen
 
-    @torch.no_grad()
     def sample(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
+        """One token per row, read back to the host (`sample_on_device(...).to_host()`)."""
+        return self.sample_on_device(logits, states).to_host()
+
+    @torch.no_grad()
+    def sample_on_device(self, logits: torch.Tensor, states: list[SamplingState]) -> DeviceSamples:
+        """One token per row (and the logprobs asked for), left on the device."""
         if all(_is_plain_greedy(s) for s in states):
             return self._sample_plain_greedy(logits, len(states))
-        processed = process_logits(logits, states, self.vocab_size_real)
+        processed = process_logits(logits, states, self.vocab_size_real,
+                                   out=self._buffers.get("processed", *logits.shape, logits.device))
         num_rows = processed.shape[0]
         device = processed.device
         tokens = torch.empty(num_rows, dtype=torch.long, device=device)
@@ -307,80 +307,33 @@ class Sampler:
             idx = _row_index(greedy, device)
             tokens.index_copy_(0, idx, _select_rows(processed, greedy, idx).argmax(dim=-1))
         if sampled:
-            idx = _row_index(sampled, device)
-            sub_states = [states[i] for i in sampled]
-            drawn = self._sample_random(_select_rows(processed, sampled, idx), sub_states)
-            tokens.index_copy_(0, idx, drawn)
+            drawn = self._sample_random(processed, sampled, [states[i] for i in sampled])
+            tokens.index_copy_(0, _row_index(sampled, device), drawn)
 
         logprob_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        sampled_logprobs = torch.empty(num_rows, dtype=torch.float32, device=device)
-        top_ids = top_vals = None
+        top_n = [states[i].params.logprobs for i in logprob_rows]
+        sampled_logprobs = top_vals = top_ids = None
         if logprob_rows:
             idx = _row_index(logprob_rows, device)
             logp = _select_rows(processed, logprob_rows, idx).log_softmax(dim=-1)
-            sampled_logprobs.index_copy_(
-                0, idx, logp.gather(1, tokens.index_select(0, idx).unsqueeze(1)).squeeze(1)
-            )
-            max_n = max(states[i].params.logprobs for i in logprob_rows)
-            if max_n > 0:
-                top_vals, top_ids = logp.topk(min(max_n, logp.shape[1]), dim=-1)
-                top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+            sampled_logprobs = logp.gather(1, tokens.index_select(0, idx).unsqueeze(1)).squeeze(1)
+            if max(top_n) > 0:
+                top_vals, top_ids = logp.topk(min(max(top_n), logp.shape[1]), dim=-1)
+        return DeviceSamples(tokens, logprob_rows, top_n, sampled_logprobs, top_vals, top_ids)
 
-        logprobs: list[list[tuple[int, float]] | None] = [None] * num_rows
-        for j, i in enumerate(logprob_rows):
-            n = states[i].params.logprobs
-            logprobs[i] = (
-                list(zip(top_ids[j][:n], top_vals[j][:n])) if n and top_ids is not None else []
-            )
-        return SamplerOutput(
-            token_ids=tokens.tolist(),
-            logprobs=logprobs,
-            sampled_logprobs=[v if logprobs[i] is not None else None
-                              for i, v in enumerate(sampled_logprobs.tolist())],
-        )
-
-    def _sample_plain_greedy(self, logits: torch.Tensor, num_states: int) -> SamplerOutput:
+    def _sample_plain_greedy(self, logits: torch.Tensor, num_states: int) -> DeviceSamples:
         """Every row greedy, with nothing to mask, penalise or report: the argmax over the real
         vocabulary of the logits as they are. Same tokens as the general path (widening to fp32
         is exact, so the maximum and its first index do not change), without its [B, V] copy."""
         if logits.dim() != 2 or logits.shape[0] != num_states:
             raise ValueError(f"logits must be [B={num_states}, V], got {tuple(logits.shape)}")
         real = logits[:, :self.vocab_size_real] if logits.shape[1] > self.vocab_size_real else logits
-        num_rows = logits.shape[0]
-        return SamplerOutput(token_ids=real.argmax(dim=-1).tolist(), logprobs=[None] * num_rows,
-                             sampled_logprobs=[None] * num_rows)
+        return DeviceSamples(real.argmax(dim=-1), [], [], None, None, None)
 
-    def _sample_random(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """Step (g) on the non-greedy rows [n, V]; returns [n] token ids."""
-        device = logits.device
-        params = [s.params for s in states]
-        temperature = torch.tensor(
-            [max(p.temperature, _MIN_TEMPERATURE) for p in params], device=device
-        )
-        x = logits / temperature.unsqueeze(1)
-
-        x = _apply_top_k(x, [p.top_k for p in params])
-        x = _apply_top_p(x, [p.top_p for p in params])
-
-        probs = x.softmax(dim=-1)
-        if any(p.min_p > 0.0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=device).unsqueeze(1)
-            # HF MinPLogitsWarper: drop prob < min_p * max prob (the max always survives).
-            threshold = min_p * probs.amax(dim=-1, keepdim=True)
-            probs = probs.masked_fill(probs < threshold, 0.0)
-
-        # Exponential race: argmax(p_i / q_i), q_i ~ Exp(1), picks i with probability
-        # p_i / sum(p); no renormalisation needed. Each seeded row draws its own V values.
-        q = torch.empty_like(probs)
-        shared = [j for j, s in enumerate(states) if s.generator is None]
-        for j, s in enumerate(states):
-            if s.generator is not None:
-                draw = torch.empty(probs.shape[1], device=s.generator.device)
-                q[j] = draw.exponential_(generator=s.generator).to(device)
-        if shared:
-            draw = torch.empty(len(shared), probs.shape[1], device=device)
-            draw.exponential_(generator=self._shared_generator(device))
-            q.index_copy_(0, _row_index(shared, device), draw)
-        # q can be exactly 0; then 0/0 = NaN would win the argmax for a dropped token.
-        q.clamp_(min=torch.finfo(q.dtype).tiny)
-        return (probs / q).argmax(dim=-1)
+    def _sample_random(self, logits: torch.Tensor, rows: list[int],
+                       states: list[SamplingState]) -> torch.Tensor:
+        """Step (g) for `rows` of the processed logits [B, V]; returns [len(rows)] token ids."""
+        specs = [RowSpec(temperature=s.params.temperature, top_k=s.params.top_k, top_p=s.params.top_p,
+                         min_p=s.params.min_p, seed=s.params.seed, step=len(s.output_token_ids))
+                 for s in states]
+        return draw(logits, rows, specs, self._shared_generator(logits.device), self._buffers)

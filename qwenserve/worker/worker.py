@@ -5,6 +5,7 @@ through the tensor-parallel group the caller set up before `load_model`.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 import torch
@@ -16,10 +17,12 @@ from qwenserve.model.loader import load_weights
 from qwenserve.model.parallel import get_tp_group
 from qwenserve.model.qwen import QWenLMHeadModel
 from qwenserve.scheduler.output import SchedulerOutput
-from qwenserve.worker.cuda_graphs import try_capture
+from qwenserve.worker.cuda_graphs import capture_decode_graphs
+from qwenserve.worker.memory_profile import profile_kv_budget
 from qwenserve.worker.model_runner import ModelRunner, ModelRunnerOutput
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(config: EngineConfig, local_rank: int = 0) -> torch.device:
@@ -31,37 +34,33 @@ def resolve_device(config: EngineConfig, local_rank: int = 0) -> torch.device:
 
 
 def resolve_dtype(config: EngineConfig, model_config: QwenConfig, device: torch.device) -> torch.dtype:
+    """The compute dtype. On CUDA, bfloat16 needs compute capability 8.0 (Ampere) or newer:
+    asked for explicitly on an older GPU it is an error; chosen by dtype="auto" (the checkpoint's
+    dtype) it becomes float16, with a warning."""
     if config.dtype != "auto":
-        return _DTYPES[config.dtype]
-    if device.type == "cpu":
+        dtype = _DTYPES[config.dtype]
+    elif device.type == "cpu":
         return torch.float32  # bf16 matmuls are slow on most CPUs
-    return _DTYPES.get(model_config.torch_dtype, torch.bfloat16)
+    else:
+        dtype = _DTYPES.get(model_config.torch_dtype, torch.bfloat16)
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        capability = torch.cuda.get_device_capability(device)
+        if tuple(capability) < (8, 0):
+            gpu = f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]})"
+            if config.dtype != "auto":
+                raise ValueError(f"dtype: bfloat16 needs a GPU of compute capability 8.0 or newer (Ampere); "
+                                 f"{gpu} has none. Use dtype='float16', or dtype='auto', which picks "
+                                 f"float16 on this GPU")
+            logger.warning("dtype auto: the checkpoint is bfloat16, which %s does not support; "
+                           "running in float16", gpu)
+            return torch.float16
+    return dtype
 
 
 def kv_bytes_per_block(model_config: QwenConfig, block_size: int, dtype: torch.dtype, tp_size: int) -> int:
     heads = model_config.num_attention_heads // tp_size
     per_layer = 2 * block_size * heads * model_config.head_dim * torch.finfo(dtype).bits // 8
     return per_layer * model_config.num_hidden_layers
-
-
-_MIN_ACTIVATION_RESERVE = 2 * 1024 ** 3  # cuBLAS workspaces, CUDA graph pools, fragmentation
-_ALLOCATOR_SLACK = 512 * 1024 ** 2
-
-
-def activation_reserve_bytes(model_config: QwenConfig, max_num_batched_tokens: int, max_num_seqs: int,
-                             dtype: torch.dtype, tp_size: int) -> int:
-    """GPU memory left out of the KV cache for the activations of the largest step: an upper
-    bound that counts every per-token tensor of a layer as live at once, plus the logits and
-    the sampler's float32 copy of them for max_num_seqs rows, never under 2 GiB. Scales with
-    max_num_batched_tokens, so raising the token budget cannot run a full cache out of memory."""
-    hidden, inter = model_config.hidden_size, model_config.intermediate_size  # inter: w1 | w2 fused
-    # residual in/out, normed input, the o_proj / c_proj output; qkv and attention output per
-    # rank; the fused MLP projection and the SwiGLU output per rank.
-    per_token = 4 * hidden + (3 * hidden + hidden) // tp_size + (inter + inter // 2) // tp_size
-    elem = torch.finfo(dtype).bits // 8
-    logits = 3 * max_num_seqs * model_config.vocab_size * 4
-    estimate = max_num_batched_tokens * per_token * elem + logits + _ALLOCATOR_SLACK
-    return max(_MIN_ACTIVATION_RESERVE, estimate)
 
 
 class Worker:
@@ -91,14 +90,10 @@ class Worker:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         per_block = kv_bytes_per_block(self.model_config, self.config.block_size, self.dtype, self.tp.size)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            free, total = torch.cuda.mem_get_info(self.device)
-            used_by_others = total - free
-            activation_reserve = activation_reserve_bytes(
-                self.model_config, self.config.max_num_batched_tokens, self.config.max_num_seqs,
-                self.dtype, self.tp.size)
-            budget = total * self.config.gpu_memory_utilization - used_by_others - activation_reserve
+        if self.device.type == "cuda":  # measured: a profiled step (worker/memory_profile.py)
+            budget = profile_kv_budget(self.model, self.config, self.device, self.dtype, self.max_model_len,
+                                       is_driver=self.tp.rank == 0, per_block=per_block,
+                                       rank=self.tp.rank).bytes
         else:
             budget = self.config.kv_cache_memory
         num_blocks = int(budget // per_block)
@@ -118,8 +113,10 @@ class Worker:
                                   is_driver=self.tp.rank == 0, async_scheduling=self.config.async_scheduling)
         if self.device.type == "cuda" and self.config.use_cuda_graphs and self.use_triton:
             # The torch reference kernels sync with the host, so only the Triton path is captured.
-            self.runner.decode_graphs = try_capture(self.model, min(self.config.max_num_seqs, 256),
-                                                    self.max_model_len, self.config.block_size, self.device)
+            # Every rank captures or none does (decided together; see cuda_graphs.py).
+            self.runner.decode_graphs = capture_decode_graphs(
+                self.model, min(self.config.max_num_seqs, 256), self.max_model_len,
+                self.config.block_size, self.device, self.tp)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> Optional[ModelRunnerOutput]:
         return self.runner.execute(scheduler_output)
