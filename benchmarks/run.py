@@ -66,6 +66,7 @@ from benchmarks.datasets import (BenchRequest, build_workload, describe, fixed_w
 from benchmarks.random_weights import random_weights_dir, use_random_weights  # noqa: E402
 from benchmarks.simulated_device import (PLUGINS, STATS_ENV, busy_within,  # noqa: E402  (light: numpy)
                                          read_stats_file, stats_file_path)
+from benchmarks.grammar_walk import BENCH_STRUCTURES  # noqa: E402  (light: numpy)
 from qwenserve.arg_types import int_in, parse_bytes  # noqa: E402  (light: no torch, no grpc)
 
 PAD_ID = 151643  # <|endoftext|>: the baseline's left padding (masked out)
@@ -98,6 +99,31 @@ def length_range(text: str) -> tuple:
     if not 1 <= low <= high:
         raise argparse.ArgumentTypeError(f"expected N or LOW:HIGH with 1 <= LOW <= HIGH, got {text!r}")
     return low, high
+
+
+def structure_schema(args) -> Optional[dict]:
+    name = getattr(args, "structured_output", None)
+    return BENCH_STRUCTURES[name] if name else None
+
+
+def simulated_sampler_stats(executor, before: Optional[dict] = None) -> dict:
+    """The simulated sampler's structured-output counters (since `before`): host seconds in
+    fill_bitmask (real work) and in drawing allowed tokens (simulation overhead)."""
+    sampler = getattr(getattr(getattr(executor, "worker", None), "runner", None), "sampler", None)
+    if not hasattr(sampler, "picker"):
+        return {}
+    now = {"mask_fill_s": sampler.mask_seconds, "allowed_draw_s": sampler.picker.seconds,
+           "structured_rows": sampler.num_structured_rows}
+    return now if before is None else {k: v - before.get(k, 0) for k, v in now.items()}
+
+
+def print_structured(m: dict, steps: Optional[int] = None) -> None:
+    if not m.get("structured_rows"):
+        return
+    per_step = f" ({1e3 * m['mask_fill_s'] / steps:.2f} ms per decode step)" if steps else ""
+    print(f"structured output: {m['structured_rows']} masked rows, mask fill {m['mask_fill_s']:.2f} s on the "
+          f"host{per_step}, {1e6 * m['mask_fill_s'] / m['structured_rows']:.0f} us per row; drawing allowed "
+          f"tokens {m['allowed_draw_s']:.2f} s (simulation overhead)")
 
 
 def busy_pct(busy_s: float, window: tuple) -> float:
@@ -155,9 +181,18 @@ def free_device_memory() -> None:
 
 
 # ---------------------------------------------------------------- offline
-def run_qwenserve(llm, requests: list) -> tuple:
+def structured_params(schema: Optional[dict]) -> dict:
+    """SamplingParams keywords of `--structured-output` (none without it)."""
+    if schema is None:
+        return {}
+    from qwenserve import StructuredOutput
+    return {"structured_output": StructuredOutput(json_schema=schema)}
+
+
+def run_qwenserve(llm, requests: list, schema: Optional[dict] = None) -> tuple:
     from qwenserve import SamplingParams
-    params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in requests]
+    params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True, **structured_params(schema))
+              for r in requests]
     start = time.perf_counter()
     outs = llm.generate(prompt_token_ids=[r.prompt_token_ids for r in requests], sampling_params=params,
                         use_tqdm=sys.stderr.isatty())
@@ -224,9 +259,11 @@ def cmd_offline(args) -> dict:
         device = getattr(executor, "device", None) or resolve_device(llm.engine.config)
         dtype = getattr(executor, "dtype", None) or resolve_dtype(llm.engine.config, llm.engine.model_config, device)
     result["device"], result["dtype"] = str(device), str(dtype).replace("torch.", "")
-    run_qwenserve(llm, warmup_requests(requests, args.seed))
+    schema = structure_schema(args)
+    run_qwenserve(llm, warmup_requests(requests, args.seed), schema)
+    sampler_before = simulated_sampler_stats(executor)
     window_start = time.monotonic()
-    elapsed, out_tokens = run_qwenserve(llm, requests)
+    elapsed, out_tokens = run_qwenserve(llm, requests, schema)
     window = (window_start, time.monotonic())
     ours = result["qwenserve"] = throughput(requests, elapsed, out_tokens)
     if args.simulate_device:
@@ -235,6 +272,7 @@ def cmd_offline(args) -> dict:
         else:
             busy_s = executor.stream.busy_between(*window)
         ours["device_busy_pct"] = busy_pct(busy_s, window)
+        ours.update(simulated_sampler_stats(executor, sampler_before))
     ours["num_preemptions"] = llm.get_stats().get("num_preemptions")
     if out_tokens != workload["total_output_tokens"]:
         print(f"warning: qwenserve produced {out_tokens} output tokens, the workload asks for "
@@ -295,6 +333,7 @@ def print_offline(result: dict) -> None:
               f"{m['output_tokens_per_s']:>14.1f}{m['elapsed_s']:>10.2f}")
     if "device_busy_pct" in result["qwenserve"]:
         print(f"device busy: {result['qwenserve']['device_busy_pct']:.1f}% ({result['device']})")
+        print_structured(result["qwenserve"])
     if result["speedup"]:
         print(f"qwenserve / transformers: {result['speedup']:.2f}x "
               f"(device {result['device']}, {result['dtype']}, baseline batch {result['baseline']['batch_size']})")
@@ -317,13 +356,14 @@ def copy_bandwidth(device, nbytes: int, iters: int = 10) -> float:
     return 2 * nbytes / sorted(times[1:])[iters // 2]
 
 
-def timed_decode(engine, requests: list) -> dict:
+def timed_decode(engine, requests: list, schema: Optional[dict] = None) -> dict:
     """Steps the engine until done; times the steps after every request has its first token."""
     from qwenserve import SamplingParams
     counts = {}
     for k, r in enumerate(requests):
+        params = SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True, **structured_params(schema))
         rid = engine.add_request(f"decode-{time.monotonic_ns()}-{k}", prompt_token_ids=r.prompt_token_ids,
-                                 params=SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True))
+                                 params=params)
         counts[rid] = 0
     start, first_all, steps = time.monotonic(), None, 0
     while engine.has_unfinished_requests():
@@ -385,9 +425,13 @@ def cmd_decode_simulated(args) -> dict:
         raise SystemExit("--simulate-device replaces the model: drop --random-weights")
     model_dir = resolve_model(args)
     llm = LLM(model=model_dir, **engine_kwargs(args))
-    stream = llm.engine.executor.stream
-    timed_decode(llm.engine, fixed_workload(args.batch_size, min(16, args.input_len), 8, args.seed + 10_000))
-    measured = timed_decode(llm.engine, fixed_workload(args.batch_size, args.input_len, args.output_len, args.seed))
+    executor, schema = llm.engine.executor, structure_schema(args)
+    stream = executor.stream
+    timed_decode(llm.engine, fixed_workload(args.batch_size, min(16, args.input_len), 8, args.seed + 10_000), schema)
+    sampler_before = simulated_sampler_stats(executor)
+    measured = timed_decode(llm.engine, fixed_workload(args.batch_size, args.input_len, args.output_len, args.seed),
+                            schema)
+    measured.update(simulated_sampler_stats(executor, sampler_before))
     window = measured.pop("decode_window")
     busy_s = stream.busy_between(*window)
     result = {"mode": "decode", "environment": environment(args.simulate_device), "model": model_dir,
@@ -400,6 +444,7 @@ def cmd_decode_simulated(args) -> dict:
           f"{measured['ms_per_step']:.2f} ms/step (modelled {result['modelled_ms_per_step']:.2f}), "
           f"{measured['tokens_per_s_per_seq']:.1f} tok/s per sequence")
     print(f"device busy: {result['device_busy_pct']:.1f}%")
+    print_structured(result, result["decode_steps"])
     return result
 
 
@@ -483,22 +528,22 @@ class ServerProcess:
 
 
 async def one_request(client, req: BenchRequest, send_at: float, t0: float,
-                      slots: Optional[asyncio.Semaphore]) -> dict:
+                      slots: Optional[asyncio.Semaphore], schema: Optional[dict] = None) -> dict:
     await asyncio.sleep(max(0.0, t0 + send_at - time.perf_counter()))
     if slots is None:
-        return await _stream_request(client, req)
+        return await _stream_request(client, req, schema)
     async with slots:  # --max-concurrency: the request is sent (and timed) once a slot frees
-        return await _stream_request(client, req)
+        return await _stream_request(client, req, schema)
 
 
-async def _stream_request(client, req: BenchRequest) -> dict:
+async def _stream_request(client, req: BenchRequest, schema: Optional[dict] = None) -> dict:
     import grpc
     start = time.perf_counter()
     token_times, tokens, error = [], 0, None
     try:
         async for delta in client.generate_stream(
                 prompt_token_ids=req.prompt_token_ids, max_tokens=req.output_len, temperature=0.0,
-                top_p=1.0, repetition_penalty=1.0, ignore_eos=True):
+                top_p=1.0, repetition_penalty=1.0, ignore_eos=True, json_schema=schema):
             if delta.token_ids:
                 token_times.append(time.perf_counter())
                 tokens += len(delta.token_ids)
@@ -512,14 +557,15 @@ async def _stream_request(client, req: BenchRequest) -> dict:
 
 
 async def run_rate(address: str, requests: list, rate: float, seed: int,
-                   max_concurrency: Optional[int] = None) -> tuple:
+                   max_concurrency: Optional[int] = None, schema: Optional[dict] = None) -> tuple:
     """(per-request records, duration, the run's (start, end) on time.monotonic)."""
     from qwenserve.server.client import AsyncQwenClient
     async with AsyncQwenClient(address) as client:
         arrivals = poisson_arrivals(len(requests), rate, seed)
         slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         window_start, t0 = time.monotonic(), time.perf_counter()
-        results = await asyncio.gather(*(one_request(client, r, a, t0, slots) for r, a in zip(requests, arrivals)))
+        results = await asyncio.gather(*(one_request(client, r, a, t0, slots, schema)
+                                         for r, a in zip(requests, arrivals)))
         duration, window_end = time.perf_counter() - t0, time.monotonic()
     return results, duration, (window_start, window_end)
 
@@ -621,6 +667,9 @@ def cmd_serve(args) -> dict:
               "running without the plot")
         args.plot = None
     openai = args.backend == "openai"
+    if openai and args.structured_output:
+        raise SystemExit("serve: --structured-output goes over gRPC only (the HTTP API's response_format "
+                         "is not mapped yet)")
     if (args.base_url and not openai) or (args.address and openai):
         raise SystemExit("serve: --address is a gRPC address (--backend grpc), --base-url an HTTP URL (--backend openai)")
     flags, extra_env, stats_dir = server_flags(args), {}, None
@@ -645,7 +694,7 @@ def cmd_serve(args) -> dict:
         else:
             with QwenClient(address) as client:
                 info = client.model_info(timeout=30)
-            runner = run_rate
+            runner = functools.partial(run_rate, schema=structure_schema(args))
         # Without --model a JSONL is tokenized with the vendored qwen.tiktoken (all Qwen-1 models share it).
         requests = load_workload(args, args.model)
         workload = dict(describe(requests), dataset=args.dataset, seed=args.seed)
@@ -713,6 +762,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--output-len", type=length_range, default=(128, 128),
                       help="output tokens, N or LOW:HIGH (uniform; random dataset)")
     sim = argparse.ArgumentParser(add_help=False)
+    sim.add_argument("--structured-output", choices=sorted(BENCH_STRUCTURES), default=None,
+                     help="every request asks for this JSON schema (benchmarks/grammar_walk.py: one that no "
+                          "output completes, so lengths stay as asked); with --simulate-device the simulated "
+                          "sampler computes the real masks and draws allowed tokens")
     sim.add_argument("--simulate-device", choices=sorted(PLUGINS), default=None,
                      help="replace the model's arithmetic by a simulated GPU and report device busy %%")
     weights = argparse.ArgumentParser(add_help=False)

@@ -17,7 +17,8 @@ Owns four things:
     the engine's own Worker and ModelRunner (scheduler, KV bookkeeping, input preparation stay
     real, on the built-in tiny model's config and tokenizer, no KV tensors), with the model's
     forward replaced by a launch of the step's modelled time, the sampler by random ordinary
-    tokens (ids below 151643, from a generator seeded by the engine seed), and the runner's
+    tokens (ids below 151643, from a generator seeded by the engine seed; a structured row's
+    from those its real mask allows, the mask computed as the real sampler does), and the runner's
     device events by events on the simulated stream, so reading a step's samples back waits
     for that step's modelled work and no more (later steps may be queued behind it);
   * the stats file that carries the busy intervals out of a server process (below).
@@ -51,6 +52,12 @@ STATS_PERIOD_S = 0.5
 _MARKER = -1.0
 _SPIN_S = 200e-6
 NUM_ORDINARY_TOKENS = 151643  # ids below <|endoftext|>: never a special token
+LOGITS_WIDTH = 151936  # Qwen-7B's LM head rows (the padded vocabulary)
+MASK_BYTES_PER_ROW = 4746 * 4  # structured_output.vocabulary.MASK_WORDS int32 words
+# Per logit of a structured step, beyond the plain greedy argmax over bf16: the fp32 copy (2 read
+# + 4 written), the unpacked bool mask (1 written + 1 read), the masked fill (4 + 4), the fp32
+# argmax instead of the bf16 one (+2).
+MASK_APPLY_BYTES_PER_LOGIT = 18
 
 
 # ---------------------------------------------------------------- the device model
@@ -69,12 +76,21 @@ class DeviceProfile:
     memory_utilization: float
     resident_weight_bytes: float
     activation_reserve_bytes: float
+    host_to_device_bytes_per_s: float = 25e9  # pinned memory over PCIe 5 x16, in practice
 
     def step_time_s(self, num_tokens: int, num_context_tokens: int) -> float:
         """Weights read or linear FLOPs, whichever takes longer, plus reading the K/V cache."""
         linears = max(self.weight_bytes_per_step / self.weight_read_bytes_per_s,
                       num_tokens * self.linear_flops_per_token / self.linear_flops_per_s)
         return linears + num_context_tokens * self.kv_bytes_per_token / self.kv_read_bytes_per_s
+
+    def mask_apply_time_s(self, num_rows: int) -> float:
+        """A structured step's extra device time: the pinned bitmask [B, 4746] int32 copied to the
+        device, and the passes over [B, V] the plain greedy path does not make (bf16 -> fp32 copy,
+        bit unpacking to bool, masked fill, argmax over fp32), at the memory's read rate."""
+        copy = num_rows * MASK_BYTES_PER_ROW / self.host_to_device_bytes_per_s
+        passes = num_rows * LOGITS_WIDTH * MASK_APPLY_BYTES_PER_LOGIT / self.kv_read_bytes_per_s
+        return copy + passes
 
     @property
     def kv_cache_tokens(self) -> int:
@@ -271,17 +287,34 @@ class SimulatedEvents:
 
 class SimulatedSampler:
     """Random ordinary tokens, seeded. Drawing them costs no modelled time (the formula does not
-    model sampling); the runner reads them only after its event says the step is done."""
+    model sampling); the runner reads them only after its event says the step is done.
 
-    def __init__(self, stream: SimulatedStream, seed: int):
+    Structured rows (`params.structured_output`) cost what they cost in the real sampler on the
+    host: the real `fill_bitmask` (matchers catch up with the output tokens, llguidance computes
+    every row's mask), here, at the same point of the runner's order. The device's share (copying
+    the bitmask over PCIe, the float32 copy, unpacking and masking [B, V] logits) is launched as
+    `DeviceProfile.mask_apply_time_s`. Each structured row then draws a random token its mask
+    allows (benchmarks/grammar_walk.py), so its matcher walks through the structure as a real
+    one does; `picker.seconds` is that draw's host time, simulation overhead to subtract."""
+
+    def __init__(self, stream: SimulatedStream, seed: int, profile: Optional[DeviceProfile] = None):
+        from benchmarks.grammar_walk import AllowedTokenPicker
         self.stream = stream
+        self.profile = profile or H100_7B
         self._rng = np.random.default_rng(seed)
+        self.picker = AllowedTokenPicker(seed)
+        self.mask_seconds = 0.0  # host time in fill_bitmask
+        self.num_structured_rows = 0
 
     def sample_on_device(self, logits, states):
         import torch
 
         from qwenserve.worker.sampler import DeviceSamples
-        tokens = torch.from_numpy(self._rng.integers(0, NUM_ORDINARY_TOKENS, size=len(states)))
+        tokens = self._rng.integers(0, NUM_ORDINARY_TOKENS, size=len(states))
+        structured = [i for i, s in enumerate(states) if s.params.structured_output is not None]
+        if structured:
+            self._draw_allowed(states, structured, tokens)
+        tokens = torch.from_numpy(tokens)
         # Logprobs are not modelled: a row that asks gets its token at log-probability 0.
         rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
         top_n = [min(states[i].params.logprobs, 1) for i in rows]
@@ -292,6 +325,16 @@ class SimulatedSampler:
 
     def sample(self, logits, states):
         return self.sample_on_device(logits, states).to_host()
+
+    def _draw_allowed(self, states, structured: list, tokens: np.ndarray) -> None:
+        from qwenserve.structured_output.batch import fill_bitmask
+        start = time.perf_counter()
+        bitmask = fill_bitmask(states)  # the real sampler's step (s), plain rows included
+        self.mask_seconds += time.perf_counter() - start
+        self.stream.launch(self.profile.mask_apply_time_s(len(states)))
+        for i, token in zip(structured, self.picker.pick(bitmask.numpy(), structured)):
+            tokens[i] = token
+        self.num_structured_rows += len(structured)
 
 
 class SimulatedExecutor:
@@ -309,7 +352,7 @@ class SimulatedExecutor:
                                            config.max_num_batched_tokens)
         self.num_blocks = config.num_kv_blocks or profile.kv_cache_tokens // config.block_size
         self.worker.init_kv_cache(self.num_blocks)
-        self.worker.runner.sampler = SimulatedSampler(self.stream, config.seed)
+        self.worker.runner.sampler = SimulatedSampler(self.stream, config.seed, profile)
         self.worker.runner.events = SimulatedEvents(self.stream)
         self.device, self.dtype = f"simulated {profile.name}", "bfloat16"
         stats_path = os.environ.get(STATS_ENV)

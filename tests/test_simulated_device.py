@@ -153,6 +153,55 @@ def test_engine_on_the_simulated_device_produces_ordinary_seeded_tokens():
     assert run(seed=4) != tokens
 
 
+def test_allowed_token_picker_draws_only_allowed_tokens():
+    from benchmarks.grammar_walk import AllowedTokenPicker, structural_token_ids
+    from qwenserve.structured_output.vocabulary import MASK_WORDS, allowed_ids, set_bits
+
+    rows = np.zeros((4, MASK_WORDS), dtype=np.int32)
+    set_bits(rows[0], [5, 70_000])                         # two ordinary tokens: the fallback finds one
+    set_bits(rows[1], structural_token_ids()[:3])          # structural only
+    rows[2] = -1                                           # everything (a string's inside)
+    set_bits(rows[3], [151643, 151645])                    # only the end tokens (a failed matcher)
+    picker = AllowedTokenPicker(seed=0)
+    seen = [set() for _ in rows]
+    for _ in range(200):
+        for i, token in enumerate(picker.pick(rows, [0, 1, 2, 3])):
+            seen[i].add(token)
+    for i, row in enumerate(rows):
+        assert seen[i] <= set(allowed_ids(row).tolist()), i
+    assert seen[0] and seen[3] == {151643, 151645}  # (one word: both drawn)
+    assert len(seen[2]) > 100 and picker.seconds > 0
+    # A subset of the rows, in any order.
+    assert picker.pick(rows, [3, 0])[0] in (151643, 151645)
+
+
+def test_structured_rows_on_the_simulated_device_follow_their_grammar():
+    """The simulated sampler computes the real masks for structured rows and draws allowed
+    tokens: the outputs are prefixes the grammar accepts, and each structured step adds the
+    modelled mask-apply time to the stream."""
+    from benchmarks.grammar_walk import BENCH_STRUCTURES
+    from qwenserve import StructuredOutput
+    from qwenserve.structured_output.compiler import compile_structured_output
+
+    llm = LLM(executor_plugin=PLUGIN, seed=5)
+    executor = llm.engine.executor
+    spec = StructuredOutput(json_schema=BENCH_STRUCTURES["records"])
+    params = [SamplingParams(max_tokens=40, ignore_eos=True, structured_output=spec)] * 3 + [
+        SamplingParams(max_tokens=40, ignore_eos=True)]
+    prompts = [[100 + i] * 20 for i in range(4)]
+    outs = [o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)]
+    for completion in outs[:3]:  # an array of 100,000 records is never complete: runs to max_tokens
+        assert completion.finish_reason == "length" and len(completion.token_ids) == 40
+        fresh = compile_structured_output(spec).new_matcher()
+        assert fresh.try_consume_tokens(completion.token_ids) == 40 and not fresh.is_error()
+        assert completion.text.startswith('[{"id":')
+    sampler = executor.worker.runner.sampler
+    assert sampler.num_structured_rows == 3 * 40 and sampler.mask_seconds > 0
+    plain_steps = sim.step_time_s(80, 80) + sum(sim.step_time_s(4, 80 + 4 * k) for k in range(1, 40))
+    assert executor.stream.busy_s == pytest.approx(plain_steps + 40 * sim.H100_7B.mask_apply_time_s(4))
+    llm.shutdown()
+
+
 def test_simulated_device_is_one_gpu():
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         sim.h100_7b_executor(EngineConfig(tensor_parallel_size=2), str(REPO))
@@ -179,6 +228,14 @@ def test_offline_on_the_simulated_device(tmp_path):
     assert f"device busy: {ours['device_busy_pct']:.1f}%" in stdout
     assert result["baseline"] is None and result["device"] == "simulated h100-7b"
     assert result["environment"]["device"].startswith("simulated h100-7b")
+
+
+def test_decode_with_structured_output_on_the_simulated_device(tmp_path):
+    result, stdout = run_bench(tmp_path, "decode", "--batch-size", "3", "--input-len", "16", "--output-len", "6",
+                               "--structured-output", "records")
+    assert result["structured_rows"] == 3 * 6  # every token of the timed run (the warm-up's not)
+    assert result["mask_fill_s"] > 0 and result["allowed_draw_s"] > 0
+    assert "structured output: 18 masked rows" in stdout and "simulation overhead" in stdout
 
 
 def test_serve_on_the_simulated_device_reads_busy_from_the_server(tmp_path):

@@ -18,7 +18,7 @@ from qwenserve.structured_output.compiler import CompiledGrammar, GrammarCompile
 from qwenserve.structured_output.logits_mask import allowed_matrix, apply_bitmask_, unpack_bits_torch
 from qwenserve.structured_output.matcher import GrammarMatcher
 from qwenserve.structured_output.spec import MAX_SPEC_BYTES
-from qwenserve.structured_output.termination import checks_stop_strings, stop_token_ids
+from qwenserve.structured_output.termination import checks_stop_strings, stop_token_ids, stops_before_min_tokens
 from qwenserve.structured_output.vocabulary import (
     END_TOKEN_IDS, EOS_TOKEN_ID, MASK_WORDS, allowed_ids, qwen_lltokenizer)
 from qwenserve.worker.sampler import Sampler, SamplingState, make_generator
@@ -245,6 +245,31 @@ def test_matcher_catches_up_rolls_back_and_rebuilds_the_same_masks():
         np.testing.assert_array_equal(mask_of(live), mask_of(state(params, tokens[:cut + 2])))
 
 
+def test_llguidances_pool_and_the_row_by_row_path_give_the_same_masks(monkeypatch):
+    """Which path runs depends on the host's cores (`batch._use_pool`): both are checked here,
+    on the same outputs, a plain row, a rejected token and a finished row among them."""
+    from qwenserve.structured_output import batch
+
+    schema = {"type": "object", "properties": {"k": {"type": "string"}, "n": {"type": "integer"}},
+              "required": ["k", "n"]}
+    tokens = text_ids('{"k":"hello world","n":42}') + [EOS_TOKEN_ID]
+    specs = [so_params(json_schema=schema)] * 8 + [so_params(regex="[0-9]+"), SamplingParams()]
+
+    def run(use_pool: bool) -> list[np.ndarray]:
+        monkeypatch.setattr(batch, "_use_pool", lambda num_rows: use_pool)
+        states = [state(p) for p in specs]
+        masks = []
+        for n in range(len(tokens) + 1):
+            for i, st in enumerate(states[:8]):  # the rows at different points of the same output
+                st.output_token_ids[:] = tokens[:max(0, n - i)]
+            states[8].output_token_ids[:] = text_ids("12x")[:n]  # "x" is rejected: the row fails
+            masks.append(fill_bitmask(states).numpy().copy())
+        return masks
+
+    for pooled, row_by_row in zip(run(True), run(False)):
+        np.testing.assert_array_equal(pooled, row_by_row)
+
+
 def test_a_token_the_grammar_rejects_fails_the_row_to_its_end():
     st = state(so_params(regex="[0-9]+"), output=text_ids("12"))
     mask_of(st)
@@ -313,6 +338,9 @@ def test_a_structured_request_ends_on_the_end_tokens_only():
     assert stop_token_ids(structured, {64}) == END_TOKEN_IDS and not checks_stop_strings(structured)
     plain = SamplingParams(stop=["a"])
     assert stop_token_ids(plain, {EOS_TOKEN_ID, 7}) == {EOS_TOKEN_ID, 7} and checks_stop_strings(plain)
+    # min_tokens is the mask's job for a structure: an end that got through ends it at once.
+    assert stops_before_min_tokens(so_params(regex="a+", min_tokens=5))
+    assert not stops_before_min_tokens(SamplingParams(min_tokens=5))
 
 
 # ---------------------------------------------------------------- the proto mapping

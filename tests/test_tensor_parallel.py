@@ -1,6 +1,6 @@
 """Tensor parallelism on Ray (CPU + gloo): tp = 2 and 4 generate the same greedy tokens as
-tp = 1, each rank loads exactly its slices, invalid tp sizes fail before Ray starts, and a
-killed rank fails the engine fast with the rank named.
+tp = 1 (structured output too, at tp = 2), each rank loads exactly its slices, invalid tp
+sizes fail before Ray starts, and a killed rank fails the engine fast with the rank named.
 
 One Ray session serves the whole module; every executor joins it (and leaves it running).
 """
@@ -63,6 +63,38 @@ def test_tp2_matches_tp1(ray_session, tp1_tokens):
 
 def test_tp4_matches_tp1(ray_session, tp1_tokens):
     assert _generate_tp(4) == tp1_tokens
+
+
+def test_tp2_structured_output_validates_and_equals_tp1(ray_session, tiny_checkpoint, tmp_path_factory):
+    """Masks are computed on rank 0 beside the sampler, from the grammar compiled in that actor;
+    the closer model (tests/structured_model.py) makes every valid output the mask's doing."""
+    import json
+
+    import jsonschema
+
+    from qwenserve import StructuredOutput
+    from structured_model import write_closer_model
+
+    closer = write_closer_model(tiny_checkpoint, str(tmp_path_factory.mktemp("closer-model")))
+    with open(os.path.join(os.path.dirname(__file__), "data", "json_schemas.json"), encoding="utf-8") as f:
+        schemas = {s["name"]: s["schema"] for s in json.load(f)}
+    names = ["person", "order", "ref_defs", "matrix"]
+    params = [SamplingParams(max_tokens=64, temperature=0.0, structured_output=StructuredOutput(json_schema=schemas[n]))
+              for n in names]
+    params += [SamplingParams(max_tokens=64, temperature=1.0, seed=i, structured_output=StructuredOutput(
+        json_schema=schemas[n])) for i, n in enumerate(names)]
+    outputs = {}
+    for tp in (1, 2):
+        llm = LLM(model=closer, tensor_parallel_size=tp, **ENGINE_KWARGS)
+        try:
+            outputs[tp] = [o.outputs[0] for o in llm.generate(["Reply in JSON:"] * len(params), params,
+                                                              use_tqdm=False)]
+        finally:
+            llm.shutdown()
+    for completion, name in zip(outputs[2], names + names):
+        assert completion.finish_reason == "stop", completion
+        jsonschema.validate(json.loads(completion.text), schemas[name])
+    assert [c.token_ids for c in outputs[2]] == [c.token_ids for c in outputs[1]]
 
 
 def test_tp2_through_the_engine_core_process_matches_tp1(tp1_tokens):

@@ -44,6 +44,7 @@ import zmq
 from qwenserve.config import EngineConfig
 from qwenserve.engine_core import protocol as P
 from qwenserve.model.load_progress import LoadProgress
+from qwenserve.structured_output.vocabulary import warm_up_in_background
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class EngineCoreProc:
             threading.Thread(target=self._watch_owner, args=(owner_pid,), name="core-owner-watch", daemon=True).start()
         # Structured-output masks need llguidance's view of the vocabulary (~1 s to build):
         # build it now, beside the model loading, rather than inside the first such step.
-        threading.Thread(target=_warm_structured_output, name="core-warm-grammar", daemon=True).start()
+        warm_up_in_background()
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -261,11 +262,38 @@ class EngineCoreProc:
         while True:
             tag, body = socket.recv_multipart(copy=False)
             tag = tag.bytes
-            message = decoders[tag].decode(body.buffer)
+            try:
+                # A request's SamplingParams are rebuilt and validated here, which compiles its
+                # structured output (cached; llguidance releases the GIL): on this thread, so a
+                # new grammar never stalls the loop, and a failure rejects only its request.
+                message = decoders[tag].decode(body.buffer)
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                self._reject_undecodable(tag, body.buffer, e)
+                continue
             if tag == P.TAG_REQUEST:
                 for request in message:
                     self._client_of[request.request_id] = request.client_index
             self.inputs.put((tag, message))
+
+    def _reject_undecodable(self, tag: bytes, body, error: Exception) -> None:
+        """A message that does not decode (a request whose params fail validation here, e.g. a
+        grammar over its compile time limit on a loaded core): each request in it is answered
+        with an abort carrying the error; anything else is logged. The input thread goes on."""
+        reason = str(error).split(" - at `$", 1)[0]  # msgspec's location suffix: noise here
+        if tag != P.TAG_REQUEST:
+            logger.error("dropped an undecodable %r message: %s", tag, reason)
+            return
+        fields = P.EngineCoreRequest.__struct_fields__
+        id_at, client_at = fields.index("request_id"), fields.index("client_index")
+        try:  # the message as plain lists: one array per request (array_like structs)
+            ids = [(r[id_at], r[client_at] if len(r) > client_at else 0) for r in msgspec.msgpack.decode(body)]
+        except Exception:  # noqa: BLE001 - not even the ids: nobody to answer
+            logger.error("dropped an undecodable request message: %s", reason)
+            return
+        logger.warning("rejected %s: %s", ", ".join(request_id for request_id, _ in ids), reason)
+        for request_id, client in ids:
+            rejected = P.EngineCoreOutput(request_id, [], finish_reason="abort", error=reason)
+            self._send(client, P.TAG_OUTPUTS, P.EngineCoreOutputs(outputs=[rejected], timestamp=time.monotonic()))
 
     def _output_thread_main(self) -> None:
         encoder = msgspec.msgpack.Encoder()
@@ -339,12 +367,6 @@ def _exists(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _warm_structured_output() -> None:
-    from qwenserve.structured_output.vocabulary import qwen_lltokenizer
-
-    qwen_lltokenizer()
 
 
 _STOP = b"stop"  # the parent watcher's message to the loop

@@ -4,7 +4,10 @@ Owns the front end's half of serving: input processing off the event loop (valid
 tokenization, ChatML: `InputProcessor` in a worker thread, so a long prompt never stalls other
 streams), the bounded waiting queue, one asyncio queue of deltas per request fed by the
 output handler (`OutputProcessor`: detokenization, stop strings, which abort in the core at
-once), aborts when a consumer leaves, the latest scheduler stats, and the cores' deaths.
+once), aborts when a consumer leaves, the latest scheduler stats, and the cores' deaths. A
+completion a core ends with an error before its first token (it could not take the
+request, e.g. a grammar that failed to compile there) makes `generate` raise that error as a
+ValueError, whose message names the field, as the front end's own checks do.
 
     generate() ──► InputProcessor (thread) ──► router ──► AsyncCoreClient[i].add_requests ──► core i
     core i ──► AsyncCoreClient[i] (receiver task) ──► _on_outputs: OutputProcessor ──► per-request
@@ -47,6 +50,14 @@ LOAD_TIMEOUT_S = 3600.0
 
 class _Failed:
     """Put on a request's queue when the engine died under it."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class _Rejected:
+    """Put on a request's queue when the core ended one of its completions with an error before
+    any token (it could not take the request): `generate` raises it as a ValueError."""
 
     def __init__(self, reason: str):
         self.reason = reason
@@ -211,6 +222,8 @@ class AsyncLLM(EngineClient):
                 item = await queue.get()
                 if isinstance(item, _Failed):
                     raise EngineUnavailable(f"engine failed: {item.reason}")
+                if isinstance(item, _Rejected):  # the reason names the field, as a front end's would
+                    raise ValueError(item.reason)
                 remaining -= sum(1 for delta in item if delta.finish_reason)
                 yield item
         finally:
@@ -276,19 +289,23 @@ class AsyncLLM(EngineClient):
             self._notify_step(StepStats(num_tokens))
         if not message.outputs:
             return
+        rejected: dict[str, str] = {}
         for output in message.outputs:
             if output.request_id in self._waiting_ids:
                 self._waiting_ids.discard(output.request_id)
                 self._num_waiting -= 1
             if output.error is not None:
-                logger.warning("the engine core rejected %s: %s", output.request_id, output.error)
+                logger.warning("the engine core ended %s: %s", output.request_id, output.error)
+                entry = self.output_processor.completion_of(output.request_id)
+                if entry is not None and not entry[1].token_ids and not output.new_token_ids:
+                    rejected[entry[0].request_id] = output.error
         processed = self.output_processor.process_outputs(message.outputs)
         if processed.core_ids_to_abort:
             asyncio.ensure_future(self.core_clients[replica].abort(processed.core_ids_to_abort))
         for request_id, deltas in processed.deltas.items():
             queue = self._queues.get(request_id)
             if queue is not None:
-                queue.put_nowait(deltas)
+                queue.put_nowait(_Rejected(rejected[request_id]) if request_id in rejected else deltas)
         self._num_finished += len(processed.finished)
 
     def _on_replica_dead(self, replica: int, reason: str) -> None:

@@ -168,6 +168,10 @@ class OutputProcessor:
             self._by_core_id[core_id] = (state, completion)
         return state
 
+    def completion_of(self, core_id: str) -> Optional[tuple[RequestState, CompletionState]]:
+        """The running completion a core id belongs to, with its request (None once ended)."""
+        return self._by_core_id.get(core_id)
+
     def abort_request(self, request_id: str) -> Optional[tuple[RequestState, list[Delta]]]:
         """Ends a request here (its open completions get "abort"); returns it and those final
         deltas, or None when unknown. The caller aborts `state.core_ids` in the core."""

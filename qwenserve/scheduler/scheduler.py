@@ -9,8 +9,12 @@ goes back to the front of the waiting queue to be recomputed later.
 
 `update_from_output(scheduler_output, runner_output)` takes a step's sampled tokens back:
 it appends them, applies the stop rules that need only token ids (stop ids once min_tokens
-are out, max_tokens, max_model_len), frees finished requests' blocks and returns each
+are out, a structured request's end tokens at once: `structured_output.termination`;
+max_tokens, max_model_len), frees finished requests' blocks and returns each
 request's per-step delta (`EngineCoreOutput`). Stop strings are the front end's: it aborts.
+A structured request whose grammar matcher failed in the workers (`structure_errors`) is
+aborted with the reason as its error, its last token (an end token forced by the failure)
+dropped: finish "stop" on a structured request always means a complete structure.
 
 Overlapped steps. The engine core schedules step k+1 before step k's samples are back. A
 request whose step k samples a token holds a *placeholder* for it (`num_output_placeholders`)
@@ -35,6 +39,7 @@ from qwenserve.engine_core.protocol import EngineCoreOutput, SchedulerStats
 from qwenserve.kvcache import KVCacheManager
 from qwenserve.scheduler.output import CachedRequestData, NewRequestData, SchedulerOutput
 from qwenserve.scheduler.request import Request, RequestStatus
+from qwenserve.structured_output import termination
 
 
 def logprob_entry(token_id: int, logprob: float, top_logprobs) -> list[tuple[int, float]]:
@@ -236,6 +241,11 @@ class Scheduler:
                 continue
             request = self.requests[rid]
             request.num_output_placeholders -= 1
+            error = runner_output.structure_errors.get(rid)
+            if error is not None:  # the token came from an end-only mask: not output
+                self.finish_request(rid, RequestStatus.FINISHED_ABORTED)
+                outputs.append(EngineCoreOutput(rid, [], finish_reason="abort", error=error))
+                continue
             request.append_token(token)
             finish = self._check_stop(request, token)
             output = EngineCoreOutput(rid, [token])
@@ -253,7 +263,8 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token: int) -> Optional[RequestStatus]:
         num_output = request.num_output_tokens
-        if token in request.stop_token_ids and num_output >= request.params.min_tokens:
+        if token in request.stop_token_ids and (num_output >= request.params.min_tokens
+                                                or termination.stops_before_min_tokens(request.params)):
             return RequestStatus.FINISHED_STOPPED
         if num_output >= request.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH

@@ -22,10 +22,12 @@ _LAZY = {
     "END_TOKEN_IDS": "vocabulary", "MASK_WORDS": "vocabulary", "qwen_lltokenizer": "vocabulary",
     "CompiledGrammar": "compiler", "GrammarCompiler": "compiler",
     "compile_structured_output": "compiler", "default_compiler": "compiler",
+    "start_compile": "compiler",
     "GrammarMatcher": "matcher",
     "fill_bitmask": "batch", "grammar_matcher": "batch",
     "apply_bitmask_": "logits_mask",
     "stop_token_ids": "termination", "checks_stop_strings": "termination",
+    "stops_before_min_tokens": "termination",
 }
 
 

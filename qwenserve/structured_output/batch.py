@@ -2,8 +2,9 @@
 
 This module owns, for one sampling step: creating a row's GrammarMatcher on first use (from
 its params, through the process's compile cache), catching every matcher up with its
-output tokens, and filling one bitmask row per structured row with llguidance's parallel
-executor (no Python loop over the vocabulary; the loops here are over rows). Rows without a
+output tokens, and filling one bitmask row per structured row, on llguidance's parallel
+executor when the host has cores to spare (no Python loop over the vocabulary; the loops
+here are over rows). Rows without a
 structure get all bits set, so one apply covers the batch.
 
     bitmask [B, MASK_WORDS] int32 (pinned when the logits are on a GPU)
@@ -18,6 +19,7 @@ complete and only its end may follow. The sampler skips its own ban for these ro
 from __future__ import annotations
 
 import functools
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,12 +34,24 @@ if TYPE_CHECKING:
     from qwenserve.worker.sampler import SamplingState
 
 
+# llguidance's pool: 80% of the cores, at most 32 (its own default, made explicit so we know
+# it). Handing rows to the pool costs a wake-up of its threads (~10-100 us, more on a loaded
+# host), so a batch goes to the pool only when there are threads to share it and rows enough
+# to pay for that; otherwise this thread consumes and masks row by row (~3 us and ~25 us).
+POOL_THREADS = max(1, min(32, int(0.8 * (os.cpu_count() or 1))))
+POOL_MIN_ROWS = 8
+
+
+def _use_pool(num_rows: int) -> bool:
+    return POOL_THREADS > 1 and num_rows >= POOL_MIN_ROWS
+
+
 @functools.lru_cache(maxsize=1)
 def _executor():
-    """llguidance's thread pool for batch consume and mask fill (80% of the cores, <= 32)."""
+    """llguidance's thread pool for batch consume and mask fill."""
     from llguidance import LLExecutor
 
-    return LLExecutor()
+    return LLExecutor(num_threads=POOL_THREADS)
 
 
 def grammar_matcher(state: SamplingState) -> GrammarMatcher | None:
@@ -55,7 +69,7 @@ def grammar_matcher(state: SamplingState) -> GrammarMatcher | None:
 
 def catch_up(matchers: list[GrammarMatcher], states: list[SamplingState]) -> None:
     """Bring each matcher to its state's output tokens; the one-new-token rows (steady
-    decoding) are consumed together on llguidance's threads."""
+    decoding) are consumed together on llguidance's threads when that pays (`_use_pool`)."""
     single: list[tuple[GrammarMatcher, int]] = []
     for m, s in zip(matchers, states):
         new = m.new_tokens(s.output_token_ids)
@@ -63,10 +77,14 @@ def catch_up(matchers: list[GrammarMatcher], states: list[SamplingState]) -> Non
             single.append((m, new[0]))
         elif new:
             m.catch_up(s.output_token_ids)
-    if single:
+    if not single:
+        return
+    if _use_pool(len(single)):
         accepted = _executor().consume_token_par([(m.matcher, t) for m, t in single])
-        for (m, token), ok in zip(single, accepted):
-            m.advanced(token, ok)
+    else:
+        accepted = [m.matcher.consume_token(t) for m, t in single]
+    for (m, token), ok in zip(single, accepted):
+        m.advanced(token, ok)
 
 
 def fill_bitmask(states: list[SamplingState], pin_memory: bool = False) -> torch.Tensor | None:
@@ -79,11 +97,21 @@ def fill_bitmask(states: list[SamplingState], pin_memory: bool = False) -> torch
     matchers = [grammar_matcher(states[i]) for i in rows]
     catch_up(matchers, [states[i] for i in rows])
 
-    bitmask = torch.full((len(states), MASK_WORDS), -1, dtype=torch.int32, pin_memory=pin_memory)
+    # Not torch.full: its fill runs on torch's intra-op threads, which on a loaded host cost
+    # milliseconds per step (OpenMP barriers against llguidance's pool). llguidance writes every
+    # word of a live row; plain rows are set here, failed rows below.
+    bitmask = torch.empty((len(states), MASK_WORDS), dtype=torch.int32, pin_memory=pin_memory)
     out = bitmask.numpy()
+    if len(rows) < len(states):
+        plain = np.ones(len(states), dtype=bool)
+        plain[rows] = False
+        out[plain] = -1
     live = [(m.matcher, i) for m, i in zip(matchers, rows) if m.error is None]
-    if live:
+    if live and _use_pool(len(live)):
         _executor().unsafe_compute_mask_ptr(live, out.ctypes.data, MASK_WORDS * 4, len(states))
+    else:
+        for matcher, i in live:
+            matcher.unsafe_compute_mask_ptr(out[i].ctypes.data, MASK_WORDS * 4)
     if len(rows) == len(states):  # all rows structured (the common case): no gather copies
         np.bitwise_and(out, STRUCTURE_VOCABULARY_ROW, out=out)
         empty = ~out.any(axis=1)

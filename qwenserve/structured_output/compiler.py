@@ -186,3 +186,9 @@ def default_compiler() -> GrammarCompiler:
 def compile_structured_output(spec: StructuredOutput) -> CompiledGrammar:
     """`default_compiler().compile(spec)`: what request validation calls."""
     return default_compiler().compile(spec)
+
+
+def start_compile(spec: StructuredOutput) -> None:
+    """Starts compiling `spec` on the process's compiler if it is not cached, without waiting
+    (a step that will need the grammar soon; its failure is found when the grammar is used)."""
+    default_compiler().submit(spec)

@@ -9,7 +9,12 @@ This module owns the rule, so that the scheduler and the output processor apply 
   are not checked (a stop string can only match inside the structure, where cutting the
   output would break it). An output that does not end on an end token was cut by max_tokens
   (finish_reason "length"), or by the model length.
-- A request without a structure keeps its own stop ids and stop strings.
+- min_tokens is the mask's job for a structured request: it bans the end tokens until
+  min_tokens unless the structure is complete and only its end may follow. So an end token
+  that reaches the scheduler early ends the request all the same (otherwise the complete
+  structure could only be followed by more end tokens until min_tokens).
+- A request without a structure keeps its own stop ids and stop strings, and its stop ids
+  count only once min_tokens tokens are out.
 """
 from __future__ import annotations
 
@@ -26,6 +31,11 @@ def stop_token_ids(params: SamplingParams, unstructured_stop_ids: Iterable[int])
     if params.structured_output is not None:
         return END_TOKEN_IDS
     return frozenset(unstructured_stop_ids)
+
+
+def stops_before_min_tokens(params: SamplingParams) -> bool:
+    """Whether a stop id ends the request even before `params.min_tokens` (structured)."""
+    return params.structured_output is not None
 
 
 def checks_stop_strings(params: SamplingParams) -> bool:

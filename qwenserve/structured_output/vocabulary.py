@@ -47,6 +47,13 @@ def qwen_lltokenizer():
         return _lltokenizer
 
 
+def warm_up_in_background() -> None:
+    """Builds the llguidance tokenizer on a daemon thread, so that the first structured request
+    does not pay for it inside a step (engine-core processes and rank-0 workers call this at
+    start, beside the model loading)."""
+    threading.Thread(target=qwen_lltokenizer, name="warm-up-llguidance", daemon=True).start()
+
+
 def _structure_vocabulary_row() -> np.ndarray:
     allowed = np.zeros(MASK_WORDS * 32, dtype=bool)
     allowed[:NUM_RANKS] = True

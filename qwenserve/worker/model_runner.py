@@ -22,6 +22,10 @@ request's host-side token list holds -1 there until the value arrives, from rank
 read-back or from the scheduler's diff. Without `async_scheduling` `execute(k)` samples k at
 once and returns k's own output; every input is then known on the host.
 
+Structured rows: the sampler masks them to their grammars (qwenserve/structured_output); a
+row whose grammar matcher failed is masked to the end tokens and reported with the step's
+output (`ModelRunnerOutput.structure_errors`), for the scheduler to abort that request.
+
 On CUDA a step's inputs cross in one non-blocking copy from pinned memory and its sampled ids
 come back through a pinned copy behind an event (`step_transfer.py`): the only host wait of a
 step is that read-back.
@@ -39,6 +43,7 @@ from qwenserve.model.attention import AttentionMetadata
 from qwenserve.model.qwen import NUM_REAL_TOKENS, QWenLMHeadModel
 from qwenserve.scheduler.output import SchedulerOutput
 from qwenserve.model.parallel import get_tp_group
+from qwenserve.structured_output.compiler import start_compile
 from qwenserve.worker.batch_order import decodes_first
 from qwenserve.worker.logn_table import LognTable
 from qwenserve.worker.sampler import DeviceSamples, Sampler, SamplingState
@@ -53,6 +58,10 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int] = field(default_factory=list)
     logprobs: list[Optional[list[tuple[int, float]]]] = field(default_factory=list)
     sampled_logprobs: list[float] = field(default_factory=list)
+    # Structured requests whose grammar matcher failed (a token it rejected, a grammar that
+    # could not be built here, a per-step limit): request id -> why. Their token this step is
+    # an end token drawn from an end-only mask; the scheduler drops it and aborts them.
+    structure_errors: dict[str, str] = field(default_factory=dict)
 
 
 _UNKNOWN = -1  # a token id the host does not know yet: sampled by a step still on the device
@@ -103,12 +112,22 @@ class _PendingStep:
             self.done.synchronize()
         samples = self.samples.to_host(self.host_ids.tolist() if self.host_ids is not None else None)
         token_ids = samples.token_ids
-        for state, position, token in zip(self.states, self.positions, token_ids):
+        errors = {}
+        for rid, state, position, token in zip(self.request_ids, self.states, self.positions, token_ids):
             if state.token_ids[position] == _UNKNOWN:
                 state.token_ids[position] = token
             state.sampling.output_token_ids.append(token)
+            matcher = state.sampling.grammar_matcher
+            if matcher is not None and matcher.error is not None:  # set by this step's mask
+                errors[rid] = structure_error(matcher.error)
         return ModelRunnerOutput(request_ids=self.request_ids, sampled_token_ids=token_ids,
-                                 logprobs=samples.logprobs, sampled_logprobs=samples.sampled_logprobs)
+                                 logprobs=samples.logprobs, sampled_logprobs=samples.sampled_logprobs,
+                                 structure_errors=errors)
+
+
+def structure_error(reason: str) -> str:
+    """A matcher's failure as the request's error, naming the field."""
+    return reason if reason.startswith("structured_output") else f"structured_output: {reason}"
 
 
 class ModelRunner:
@@ -139,6 +158,10 @@ class ModelRunner:
         for rid in out.preempted_request_ids:
             self.requests.pop(rid, None)
         for new in out.new_requests:
+            if self.is_driver and new.params.structured_output is not None:
+                # Usually a cache hit (the request was compiled when it was decoded); where it
+                # is not (a rank-0 actor under tp > 1) the compile runs during this forward.
+                start_compile(new.params.structured_output)
             tokens = list(new.prompt_token_ids) + list(new.output_token_ids)
             self.requests[new.request_id] = RequestState(
                 token_ids=tokens, num_prompt_tokens=len(new.prompt_token_ids), block_ids=list(new.block_ids),

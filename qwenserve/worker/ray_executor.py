@@ -84,6 +84,9 @@ class RankWorker:
         device = resolve_device(config, 0)
         init_distributed(self.rank, self.world_size, master_addr, master_port, device)
         self.worker = Worker(config, model_dir, local_rank=0)
+        if self.rank == 0:  # the sampler's rank: structured-output masks need the vocabulary
+            from qwenserve.structured_output.vocabulary import warm_up_in_background
+            warm_up_in_background()
         self.worker.load_model()
         return self.worker.determine_num_blocks()
 
