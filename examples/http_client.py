@@ -1,5 +1,6 @@
 """Call qwenserve's OpenAI-compatible HTTP API with the `openai` package: a chat reply, a streamed
-completion, and a tool call whose result goes back to the model.
+completion, structured output (a JSON schema, a choice), and a tool call whose result goes back
+to the model.
 
     pip install openai          # not a qwenserve dependency
     qwenserve launch            # in another shell (with the venv activated)
@@ -18,6 +19,12 @@ from openai import OpenAI
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+# Every value is bounded, so even a random-weight model finishes it in a few tokens.
+WEATHER_SCHEMA = {"type": "object", "properties": {
+    "sky": {"enum": ["clear", "overcast", "rain", "snow"]},
+    "temperature_c": {"type": "integer", "minimum": -60, "maximum": 60}}, "required": ["sky", "temperature_c"]}
 
 
 def get_weather(city: str = "Reykjavik") -> dict:
@@ -45,6 +52,20 @@ def main() -> None:
                                            max_tokens=args.max_tokens, temperature=0):
         print(chunk.choices[0].text, end="", flush=True)
     print()
+
+    print("\n--- structured output: a JSON schema, then one of a list of strings")
+    reply = client.chat.completions.create(
+        model=model, max_tokens=4 * args.max_tokens, temperature=0,
+        messages=[{"role": "user", "content": "The weather in Reykjavik, as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER_SCHEMA}})
+    choice = reply.choices[0]
+    # "stop": a complete, valid object; "length": max_tokens cut it short.
+    print(choice.message.content, f"[{choice.finish_reason}]")
+    if choice.finish_reason == "stop":
+        print("parsed:", json.loads(choice.message.content))
+    reply = client.completions.create(model=model, prompt="Is Reykjavik a capital?", max_tokens=args.max_tokens,
+                                      extra_body={"guided_choice": ["yes", "no"]})  # vLLM's extra field
+    print(reply.choices[0].text, f"[{reply.choices[0].finish_reason}]")
 
     print("\n--- a tool call and its result")
     messages = [{"role": "user", "content": "What is the weather in Reykjavik?"}]

@@ -1,9 +1,12 @@
-"""Structured output over gRPC: a `qwenserve launch` subprocess on the closer-preferring tiny
+"""Structured output over gRPC and HTTP: a `qwenserve launch` subprocess on the closer-preferring tiny
 model (tests/structured_model.py), whose engine core runs in a process of its own, so every
 structured request crosses the front end -> core boundary (msgspec) and is compiled on both
 sides. Checked: validating outputs for schemas, regex and choice (greedy and seeded) equal to
 the in-process engine's, the termination rule over the wire, n = 2, and INVALID_ARGUMENT naming
-the field for every form that does not compile, with the server serving on.
+the field for every form that does not compile, with the server serving on. Over HTTP (the
+real `openai` client): the whole schema suite through `response_format` and `guided_json`,
+greedy equal to gRPC's text, seeded, streamed; regex / grammar / choice extras; 400 naming the
+request's field for every bad form.
 """
 import json
 import re
@@ -11,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import jsonschema
+import openai
 import pytest
 
 from qwenserve import LLM, SamplingParams, StructuredOutput
@@ -25,8 +29,7 @@ from test_structured_engine import PROMPT, SCHEMA, SCHEMAS
 # generation_config.json (top_p 0.8, repetition_penalty 1.1), the offline engine's do not.
 PINNED = dict(repetition_penalty=1.0, top_k=0, min_p=0.0)
 GREEDY = dict(temperature=0.0, top_p=1.0, **PINNED)
-NAMES = ["person", "order", "function_call", "config_file", "ref_defs", "recursive_ref",
-         "anyof_objects", "array_min_max", "escaped_keys", "unicode_enum", "pattern_in_object", "matrix"]
+NAMES = [s["name"] for s in SCHEMAS]  # the whole suite (60 schemas)
 REGEX = r"[a-z]{2,6}@[a-z]{2,5}\.(com|org)"
 CHOICE = ["positive", "negative", "neutral"]
 
@@ -128,3 +131,117 @@ def test_invalid_structures_are_invalid_argument_naming_the_field(client, form, 
     assert client.generate(PROMPT, max_tokens=8, choice=["still", "here"], **GREEDY).text in ("still", "here")
     stats = wait_idle(client)
     assert stats["num_aborted_requests"] == 0  # refused before anything was queued
+
+
+# ---------------------------------------------------------------------------------------- HTTP
+HTTP_PINNED = {"repetition_penalty": 1.0, "top_k": 0, "min_p": 0.0}
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with openai.OpenAI(base_url=server.http_url + "/v1", api_key="unused", max_retries=0, timeout=300) as c:
+        c.served_model = c.models.list().data[0].id  # the name requests must give
+        yield c
+
+
+def http_completion(http, prompt: str, extra: dict, seed=None, **fields):
+    sampling = dict(temperature=0.0, top_p=1.0) if seed is None else dict(temperature=1.0, top_p=0.95, seed=seed)
+    return http.completions.create(model=http.served_model, prompt=prompt, max_tokens=fields.pop("max_tokens", 96),
+                                   extra_body=dict(HTTP_PINNED, **extra), **sampling, **fields).choices[0]
+
+
+def test_schema_suite_over_http_response_format_equals_grpc(client, http, server):
+    with ThreadPoolExecutor(16) as pool:
+        choices = list(pool.map(lambda n: http.completions.create(
+            model=http.served_model, prompt=PROMPT, max_tokens=96, temperature=0.0, top_p=1.0,
+            extra_body=dict(HTTP_PINNED, response_format={"type": "json_schema", "json_schema": {
+                "name": n, "schema": SCHEMA[n], "strict": True}})).choices[0], NAMES))
+        over_grpc = list(pool.map(lambda n: client.generate(PROMPT, max_tokens=96, json_schema=SCHEMA[n],
+                                                            timeout=300, **GREEDY), NAMES))
+    for name, choice, expected in zip(NAMES, choices, over_grpc):
+        assert choice.finish_reason == "stop", (name, choice.text)
+        jsonschema.validate(json.loads(choice.text), SCHEMA[name])
+        assert choice.text == expected.text, name
+
+
+def test_schema_suite_seeded_over_http_chat(http):
+    def chat(i_name):
+        i, name = i_name
+        return http.chat.completions.create(
+            model=http.served_model, messages=[{"role": "user", "content": PROMPT}], max_tokens=96, temperature=1.0,
+            top_p=0.95, seed=i, response_format={"type": "json_schema", "json_schema": {"name": "out",
+                                                                                        "schema": SCHEMA[name]}},
+            extra_body=HTTP_PINNED).choices[0]
+    with ThreadPoolExecutor(16) as pool:
+        choices = list(pool.map(chat, enumerate(NAMES)))
+    for name, choice in zip(NAMES, choices):
+        assert choice.finish_reason == "stop", (name, choice.message.content)
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA[name])
+
+
+def test_streamed_chat_json_object_and_guided_json(http):
+    stream = http.chat.completions.create(model=http.served_model, messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=96, temperature=0.0, response_format={"type": "json_object"},
+                                          stream=True, extra_body=HTTP_PINNED)
+    pieces, finish = [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert finish == "stop" and isinstance(json.loads("".join(pieces)), dict), pieces
+    # vLLM's guided_json, with free whitespace: still valid, and n = 2 gives two valid outputs.
+    two = http.completions.create(model=http.served_model, prompt=PROMPT, max_tokens=96, temperature=1.0, seed=4, n=2,
+                                  extra_body=dict(HTTP_PINNED, guided_json=json.dumps(SCHEMA["order"]),
+                                                  disable_any_whitespace=False))
+    assert len(two.choices) == 2
+    for choice in two.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.text), SCHEMA["order"])
+
+
+def test_guided_regex_grammar_and_choice_over_http(http):
+    assert re.fullmatch(REGEX, http_completion(http, PROMPT, {"guided_regex": REGEX}, seed=5).text)
+    assert http_completion(http, PROMPT, {"guided_choice": CHOICE}).text in CHOICE
+    text = http_completion(http, PROMPT, {"guided_grammar": 'start: "(" NUMBER ")"\nNUMBER: /[1-9][0-9]{0,2}/'}).text
+    assert re.fullmatch(r"\([1-9][0-9]{0,2}\)", text), text
+    cut = http_completion(http, PROMPT, {"guided_json": SCHEMA["person"]}, max_tokens=4)
+    assert cut.finish_reason == "length"
+
+
+@pytest.mark.parametrize("extra, param, message_start", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "integer", "minimum": 5, "maximum": 1}}}}, "response_format.json_schema.schema",
+     "response_format.json_schema.schema: "),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema",
+     "response_format.json_schema: "),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "response_format.type: "),
+    ({"guided_json": "{not json"}, "guided_json", "guided_json: "),
+    ({"guided_regex": "(unclosed"}, "guided_regex", "guided_regex: "),
+    ({"guided_grammar": "start: undefined_rule"}, "guided_grammar", "guided_grammar: "),
+    ({"guided_choice": []}, "guided_choice", "guided_choice: "),
+    ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_regex", "guided_regex, guided_choice: "),
+    ({"guided_json": {"type": "object"}, "guided_whitespace_pattern": " *"}, "guided_whitespace_pattern",
+     "guided_whitespace_pattern: "),
+    ({"disable_any_whitespace": False}, "disable_any_whitespace", "disable_any_whitespace: "),
+])
+def test_bad_structured_fields_over_http_are_400_naming_the_field(http, client, extra, param, message_start):
+    with pytest.raises(openai.BadRequestError) as info:
+        http.completions.create(model=http.served_model, prompt=PROMPT, max_tokens=8, extra_body=extra)
+    error = info.value.body
+    assert error["param"] == param, error
+    assert error["message"].startswith(message_start), error
+    assert http_completion(http, PROMPT, {"guided_choice": ["still", "here"]}).text in ("still", "here")
+    assert wait_idle(client)["num_aborted_requests"] == 0
+
+
+def test_structured_output_with_tools_is_a_400_naming_the_field(http):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError) as info:
+        http.chat.completions.create(model=http.served_model, messages=[{"role": "user", "content": "hi"}], tools=tools,
+                                     response_format={"type": "json_object"}, max_tokens=8)
+    assert info.value.body["param"] == "response_format"
+    # tool_choice "none" offers no tools: the structure applies.
+    reply = http.chat.completions.create(model=http.served_model, messages=[{"role": "user", "content": PROMPT}], tools=tools,
+                                         tool_choice="none", response_format={"type": "json_object"},
+                                         max_tokens=96, temperature=0.0, extra_body=HTTP_PINNED)
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)

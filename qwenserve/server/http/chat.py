@@ -9,6 +9,8 @@ and calls, because the whole response is the stream's events folded together.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import uuid
 from contextlib import aclosing
 from typing import Optional
@@ -37,20 +39,29 @@ def _aliases(body: ChatCompletionRequest) -> dict:
 
 async def create_chat_completion(ctx: RouteContext, http_request: Request, body: ChatCompletionRequest) -> Response:
     check_common(body, ctx.served_model_name)
-    extra = structured_output(body.response_format)
+    structured = structured_output(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
     request = chat_input(body)
+    if structured.wanted and request.plan.functions:
+        # The ReAct format a call needs is not the structure asked for; one would break the other.
+        field_name = next(iter(structured.aliases.values()))
+        raise APIError(400, f"{field_name}: structured output cannot be combined with tools or functions "
+                            "(unless tool_choice / function_call is \"none\")", param=field_name)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    aliases = dict(_aliases(body), **structured.aliases)
     try:
-        params = sampling_params(ctx.client, body, max_tokens=max_tokens,
-                                 logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-                                 extra_stop=(OBSERVATION_STOP,) if request.plan.functions else (), extra=extra)
+        make_params = functools.partial(
+            sampling_params, ctx.client, body, max_tokens=max_tokens,
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+            extra_stop=(OBSERVATION_STOP,) if request.plan.functions else (), extra=structured.kwargs)
+        # A new grammar compiles when the params are made (up to its time limit): not on the loop.
+        params = await asyncio.to_thread(make_params) if structured.wanted else make_params()
         request_id = new_id("chatcmpl")
         stream = ctx.client.generate(request_id, params=params, **request.engine_kwargs)
         primed = await until_disconnected(http_request, prime([stream]))
     except (ValueError, QueueFull, EngineUnavailable) as e:
-        raise from_exception(e, _aliases(body)) from e
+        raise from_exception(e, aliases) from e
     head = {"id": request_id, "object": "chat.completion", "created": now(), "model": ctx.served_model_name}
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     choices = [_Choice(i, request, top_logprobs) for i in range(params.n)]

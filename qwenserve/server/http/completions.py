@@ -5,6 +5,8 @@ the request's n completions; choice `i * n + j` is completion j of prompt i (Ope
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import numbers
 from collections import defaultdict
 from contextlib import aclosing
@@ -18,7 +20,7 @@ from qwenserve.frontend.engine_client import EngineUnavailable, QueueFull
 from .context import RouteContext, new_id, now
 from .errors import APIError, from_exception
 from .logprobs import merge_completion_logprobs
-from .params import check_common, include_usage, sampling_params
+from .params import check_common, include_usage, sampling_params, structured_output
 from .protocol import CompletionRequest
 from .streaming import DONE, merged, prime, sse_event, sse_response, until_disconnected
 
@@ -55,14 +57,18 @@ async def create_completion(ctx: RouteContext, http_request: Request, body: Comp
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise APIError(400, "best_of: only best_of equal to n is supported", param="best_of", code="not_supported")
     inputs = engine_inputs(body.prompt)
+    structured = structured_output(body)
     try:
-        params = sampling_params(ctx.client, body, max_tokens=body.max_tokens, logprobs=body.logprobs)
+        make_params = functools.partial(sampling_params, ctx.client, body, max_tokens=body.max_tokens,
+                                        logprobs=body.logprobs, extra=structured.kwargs)
+        # A new grammar compiles when the params are made (up to its time limit): not on the loop.
+        params = await asyncio.to_thread(make_params) if structured.wanted else make_params()
         request_id = new_id("cmpl")
         streams = [ctx.client.generate(request_id if len(inputs) == 1 else f"{request_id}-{i}", params=params, **x)
                    for i, x in enumerate(inputs)]
         primed = await until_disconnected(http_request, prime(streams))
     except (ValueError, QueueFull, EngineUnavailable) as e:
-        raise from_exception(e, ALIASES) from e
+        raise from_exception(e, dict(ALIASES, **structured.aliases)) from e
     head = {"id": request_id, "object": "text_completion", "created": now(), "model": ctx.served_model_name}
     if body.stream:
         return sse_response(_events(ctx, primed, head, params.n, include_usage(body)))

@@ -54,7 +54,12 @@ def field_of(message: str, aliases: Optional[dict] = None) -> tuple[Optional[str
     (logprobs -> top_logprobs, prompt_token_ids -> prompt, ...). None: no known field."""
     match = _FIELD.match(message)
     names = dict(SHARED_FIELDS, **(aliases or {}))
-    if not match or match.group(1) not in names:
+    if not match:
+        return None, message
+    if match.group(1) + match.group(2) in names:  # a dotted alias: "structured_output.regex"
+        name = names[match.group(1) + match.group(2)]
+        return name, name + message[match.end():]
+    if match.group(1) not in names:
         return None, message
     name, rest = names[match.group(1)], match.group(2)
     return name + rest, name + rest + message[match.end():]

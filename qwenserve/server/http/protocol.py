@@ -44,6 +44,14 @@ class _SamplingFields(_Body):
     ignore_eos: Optional[StrictBool] = None
     stop_token_ids: Optional[list[StrictInt]] = None
     skip_special_tokens: Optional[StrictBool] = None
+    # Structured output: OpenAI's response_format, and vLLM's extras (params.structured_output).
+    response_format: Optional["ResponseFormat"] = None
+    guided_json: Optional[Union[dict, StrictStr]] = None
+    guided_regex: Optional[StrictStr] = None
+    guided_grammar: Optional[StrictStr] = None
+    guided_choice: Optional[list[StrictStr]] = None
+    guided_whitespace_pattern: Optional[StrictStr] = None
+    disable_any_whitespace: Optional[StrictBool] = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -103,7 +111,11 @@ class ChatMessage(_Body):
 
 class ResponseFormat(_Body):
     type: StrictStr
+    # OpenAI's {"name", "description", "schema", "strict"}: only "schema" matters here.
     json_schema: Optional[dict] = None
+
+
+_SamplingFields.model_rebuild()  # ResponseFormat is defined after the class that names it
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -111,7 +123,6 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[StrictInt] = None
     logprobs: Optional[StrictBool] = False
     top_logprobs: Optional[StrictInt] = None
-    response_format: Optional[ResponseFormat] = None
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[Union[StrictStr, NamedToolChoice]] = None
     functions: Optional[list[FunctionDefinition]] = None
