@@ -2,7 +2,7 @@
 
 Owns the translation between proto messages and the engine's world: request validation
 and the proto -> `SamplingParams` mapping (an unset optional field means the server
-default), status codes for every failure, and turning the bridge's per-step `Delta`s into
+default), status codes for every failure, and turning the engine client's per-step `Delta`s into
 `GenerateResponse` messages. The engine itself is only reached through an `EngineClient`.
 
 Status codes: bad input -> INVALID_ARGUMENT (the message names the field), including a
