@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from qwenserve.kernels._triton import AUTO_MARKER
+
 _SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compile_kernels.py")
 
 
@@ -24,6 +26,10 @@ def _has_nvidia_backend():
 def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "triton-cache"),
                TRITON_DEFAULT_FP_FUSION="1")
+    # Any test that imported the kernels left this process's automatic TRITON_INTERPRET=1 marked
+    # as automatic; inherited with the mark, the script would decide again (no CUDA: interpret)
+    # over the "0" set above, and compile nothing.
+    env.pop(AUTO_MARKER, None)
     result = subprocess.run([sys.executable, _SCRIPT, "--arch", "90"], env=env, capture_output=True,
                             text=True, timeout=900)
     report = result.stdout + result.stderr
