@@ -581,6 +581,8 @@ def print_serve(rate: float, m: dict) -> None:
     if m.get("prefix_cache_hit_rate") is not None:
         print(f"  prefix cache: {100 * m['prefix_cache_hit_rate']:.1f}% of {m['prefix_cache_query_tokens']} prompt "
               f"tokens hit; requests per engine core: {m['requests_per_engine_core']}")
+    if m.get("engine_steps") is not None:
+        print(f"  engine: {m['engine_steps']} steps, {m['preemptions']} preemptions")
     for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2el_ms", "E2E")):
         s = m[key]
         if s["mean"] is not None:
@@ -632,19 +634,23 @@ def engine_counters(grpc_address: Optional[str]) -> Optional[dict]:
     with QwenClient(grpc_address) as client:
         stats = client.stats(timeout=30)
     return {"query_tokens": stats["prefix_cache_query_tokens"], "hit_tokens": stats["prefix_cache_hit_tokens"],
-            "routed": [r["num_routed_requests"] for r in stats["replicas"]]}
+            "routed": [r["num_routed_requests"] for r in stats["replicas"]],
+            "steps": stats.get("num_steps", 0), "preemptions": stats.get("num_preemptions", 0)}
 
 
 def prefix_cache_metrics(before: Optional[dict], after: Optional[dict]) -> dict:
-    """Prefix-cache hit rate over a run (prompt tokens served from the cache / looked up), and the
-    requests each engine core got."""
+    """Prefix-cache hit rate over a run (prompt tokens served from the cache / looked up), the
+    requests each engine core got, and the engine steps and preemptions the run took."""
     if before is None or after is None:
         return {}
     queries = after["query_tokens"] - before["query_tokens"]
     hits = after["hit_tokens"] - before["hit_tokens"]
     return {"prefix_cache_hit_rate": hits / queries if queries else None, "prefix_cache_query_tokens": queries,
             "prefix_cache_hit_tokens": hits,
-            "requests_per_engine_core": [a - b for a, b in zip(after["routed"], before["routed"])]}
+            "requests_per_engine_core": [a - b for a, b in zip(after["routed"], before["routed"])],
+            # How the engine batched the run: fewer, fuller steps cost the device less time.
+            "engine_steps": after["steps"] - before["steps"],
+            "preemptions": after["preemptions"] - before["preemptions"]}
 
 
 def device_busy(stats_path: str, num_devices: int, window: tuple) -> dict:

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qwenserve.config import EngineConfig
 from qwenserve.frontend.async_llm import AsyncLLM
-from qwenserve.frontend.engine_client import EngineUnavailable
+from qwenserve.frontend.engine_client import Delta, EngineUnavailable, merge_deltas
 from qwenserve.sampling_params import SamplingParams
 from qwenserve.server.client import QwenClient
 
@@ -282,3 +282,50 @@ def test_input_processing_runs_off_the_event_loop_and_never_in_the_core():
             await llm.close()
 
     asyncio.run(run())
+
+
+def test_merge_deltas_joins_each_completions_steps():
+    steps = [Delta(0, "a", (1,), None, 5, 1, [[(1, -0.1)]], queue_time=0.25),
+             Delta(1, "x", (7,), None, 5, 1, [[(7, -0.7)]], queue_time=0.25),
+             Delta(0, "b", (2,), None, 5, 2, [[(2, -0.2)]]),
+             Delta(1, "", (8,), "stop", 5, 2, [[(8, -0.8)]]),
+             Delta(0, "c", (3,), "length", 5, 3, [[(3, -0.3)]])]
+    assert merge_deltas(steps) == [
+        Delta(0, "abc", (1, 2, 3), "length", 5, 3, [[(1, -0.1)], [(2, -0.2)], [(3, -0.3)]], queue_time=0.25),
+        Delta(1, "x", (7, 8), "stop", 5, 2, [[(7, -0.7)], [(8, -0.8)]], queue_time=0.25)]
+    assert merge_deltas(steps[:1]) == steps[:1]
+
+
+def test_a_consumer_that_falls_behind_gets_the_waiting_steps_merged():
+    """A consumer that sleeps between reads receives several steps per item, merged per
+    completion: the same ids, text, logprobs and finish reasons as a consumer that keeps up."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, n=2, seed=3, logprobs=2)
+
+    async def consume(llm, request_id, pause):
+        items, ids, text, logprobs, finish, counts = 0, {}, {}, {}, {}, {}
+        async for deltas in llm.generate(request_id, params=params, prompt=PROMPTS[0]):
+            items += 1
+            for d in deltas:
+                ids.setdefault(d.index, []).extend(d.token_ids)
+                text[d.index] = text.get(d.index, "") + d.text
+                logprobs.setdefault(d.index, []).extend(d.logprobs or ())
+                counts[d.index] = d.completion_tokens
+                if d.finish_reason:
+                    finish[d.index] = d.finish_reason
+            await asyncio.sleep(pause)
+        return items, ids, text, logprobs, finish, counts
+
+    async def run():
+        llm = await AsyncLLM(EngineConfig(**CONFIG)).start("WARNING")
+        try:
+            fast = await consume(llm, "fast", 0.0)
+            slow = await consume(llm, "slow", 0.3)
+        finally:
+            await llm.close()
+        return fast, slow
+
+    fast, slow = asyncio.run(run())
+    assert slow[0] < fast[0] / 2, (slow[0], fast[0])  # steps were merged
+    assert slow[1:] == fast[1:]
+    assert all(len(slow[1][i]) == len(slow[3][i]) == slow[5][i] == 24 for i in (0, 1))
+    assert slow[4] == {0: "length", 1: "length"}

@@ -33,7 +33,7 @@ from qwenserve.engine_core import protocol as P
 from qwenserve.engine_core.client import AsyncCoreClient, CoreProcess, EngineCoreDead
 from qwenserve.frontend.dp_router import DataParallelRouter, NoReplicaAlive
 from qwenserve.frontend.engine_client import (Delta, EngineClient, EngineUnavailable, ModelInfo, QueueFull,
-                                              StepStats)
+                                              StepStats, merge_deltas)
 from qwenserve.frontend.input_processor import InputProcessor, ProcessedRequest
 from qwenserve.frontend.output_processor import OutputProcessor
 from qwenserve.kvcache import prefix_block_hashes
@@ -218,12 +218,25 @@ class AsyncLLM(EngineClient):
             except EngineCoreDead as e:
                 raise EngineUnavailable(f"engine failed: {e}") from None
             remaining = len(core_ids)
+            held = None  # a failure found while merging: raised after the deltas before it
             while remaining:
-                item = await queue.get()
+                item = held if held is not None else await queue.get()
+                held = None
                 if isinstance(item, _Failed):
                     raise EngineUnavailable(f"engine failed: {item.reason}")
                 if isinstance(item, _Rejected):  # the reason names the field, as a front end's would
                     raise ValueError(item.reason)
+                if not queue.empty():
+                    # The consumer fell behind (a busy event loop): the steps waiting go out as
+                    # one message per completion, not one each, which is what lets it catch up.
+                    steps = list(item)
+                    while not queue.empty():
+                        waiting = queue.get_nowait()
+                        if not isinstance(waiting, list):
+                            held = waiting
+                            break
+                        steps += waiting
+                    item = merge_deltas(steps)
                 remaining -= sum(1 for delta in item if delta.finish_reason)
                 yield item
         finally:

@@ -10,6 +10,7 @@ A call's life, seen from a front end:
 
     async for deltas in client.generate(request_id, params=..., prompt=...):   # list[Delta]
         ...                       # one list per engine step: the completions that changed
+                                  # (several steps' worth, merged, when the caller fell behind)
     # ends once each of the params.n completions has sent its finish_reason
 
 Errors come out of the iterator: `ValueError` (bad input; the message starts with the field's
@@ -37,7 +38,8 @@ class EngineUnavailable(Exception):
 
 @dataclass(frozen=True)
 class Delta:
-    """What one completion gained in one engine step."""
+    """What one completion gained in one engine step (or in several consecutive steps, when
+    `merge_deltas` joined them)."""
     index: int                    # which of the request's n completions
     text: str                     # new text (never a partial UTF-8 character, never past a stop string)
     token_ids: tuple              # new token ids
@@ -50,6 +52,27 @@ class Delta:
     # Seconds the request waited in the engine before it was first scheduled (None until
     # then); the request-queue-time metric reads it from the first delta.
     queue_time: Optional[float] = None
+
+
+def merge_deltas(deltas: Sequence[Delta]) -> list[Delta]:
+    """Consecutive steps' deltas as one per completion, in order of first appearance: the text,
+    ids and logprobs joined, the latest counts and finish reason, the first queue time. What a
+    consumer that fell behind gets, so that it sends one message where it would send several."""
+    merged: dict[int, Delta] = {}
+    for delta in deltas:
+        earlier = merged.get(delta.index)
+        if earlier is None:
+            merged[delta.index] = delta
+            continue
+        logprobs = None
+        if earlier.logprobs is not None or delta.logprobs is not None:
+            logprobs = list(earlier.logprobs or ()) + list(delta.logprobs or ())
+        merged[delta.index] = Delta(
+            index=delta.index, text=earlier.text + delta.text,
+            token_ids=tuple(earlier.token_ids) + tuple(delta.token_ids), finish_reason=delta.finish_reason,
+            prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens, logprobs=logprobs,
+            queue_time=earlier.queue_time if earlier.queue_time is not None else delta.queue_time)
+    return list(merged.values())
 
 
 @dataclass(frozen=True)

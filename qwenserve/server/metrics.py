@@ -152,7 +152,11 @@ class _RequestRecord:
                     metrics.time_to_first_token.observe(now - self.start)
                 previous = self.last_token.get(delta.index)
                 if previous is not None:
-                    metrics.inter_token_latency.observe(now - previous)
+                    # A delta merged from k steps (a consumer that fell behind) is k tokens:
+                    # k intervals of the mean gap, so the histogram still counts tokens.
+                    gap = (now - previous) / len(delta.token_ids)
+                    for _ in delta.token_ids:
+                        metrics.inter_token_latency.observe(gap)
                 self.last_token[delta.index] = now
                 self.completion_tokens += len(delta.token_ids)
                 metrics.generation_tokens.inc(len(delta.token_ids))
