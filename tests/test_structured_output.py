@@ -3,6 +3,7 @@ the vocabulary rules of the masks, the bitmask apply, the matcher's catch-up, an
 inside the sampler (on fake logits; tests/test_structured_generation.py runs a model)."""
 import pickle
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -374,3 +375,41 @@ def test_the_client_sends_one_form():
         build_request("x", regex="a", choice=["b"])
     with pytest.raises(InvalidRequest, match="choice must be a list of strings"):
         build_request("x", choice="ab")
+
+
+def test_an_early_fill_is_used_only_for_the_same_states_and_outputs(monkeypatch):
+    """prefetch_bitmask starts the fill on a helper thread; fill_bitmask returns that result for
+    the same states with the same outputs (equal to a fresh fill's), and fills afresh, on its
+    own thread, when the outputs moved on after the early fill started."""
+    from qwenserve.structured_output import batch
+
+    fills = []
+    real_fill = batch._fill
+
+    def recording_fill(states, pin_memory):
+        fills.append(threading.current_thread().name)
+        return real_fill(states, pin_memory)
+
+    monkeypatch.setattr(batch, "_fill", recording_fill)
+    schema = {"type": "object", "properties": {"k": {"type": "string"}, "n": {"type": "integer"}},
+              "required": ["k", "n"]}
+    tokens = text_ids('{"k":"hello world","n":42}')
+    live = [state(so_params(json_schema=schema)), state(SamplingParams())]
+    assert not batch.prefetch_bitmask(live[1:])  # nothing structured: nothing to start
+    for n in range(len(tokens)):
+        live[0].output_token_ids[:] = tokens[:n]
+        fills.clear()
+        assert batch.prefetch_bitmask(live)
+        early = fill_bitmask(live).numpy().copy()
+        assert fills and all(name.startswith("mask-fill") for name in fills), fills
+        np.testing.assert_array_equal(early, fill_bitmask([state(so_params(json_schema=schema), tokens[:n]),
+                                                           state(SamplingParams())]).numpy())
+    # Stale: the outputs gained a token after the early fill started.
+    live[0].output_token_ids[:] = tokens[:3]
+    assert batch.prefetch_bitmask(live)
+    live[0].output_token_ids.append(tokens[3])
+    fills.clear()
+    stale_checked = fill_bitmask(live).numpy().copy()
+    assert fills[-1] == threading.current_thread().name
+    np.testing.assert_array_equal(stale_checked, fill_bitmask([state(so_params(json_schema=schema), tokens[:4]),
+                                                               state(SamplingParams())]).numpy())

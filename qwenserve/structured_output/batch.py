@@ -15,12 +15,21 @@ structure get all bits set, so one apply covers the batch.
 min_tokens: a structured row short of min_tokens has its banned ids (EOS and stop ids)
 cleared from the row unless nothing else would be left. There the structure wins: it is
 complete and only its end may follow. The sampler skips its own ban for these rows.
+
+Early start (`prefetch_bitmask`): the runner knows the rows of the next sampling step, and
+their output tokens, as soon as it has read back the previous step's samples, well before it
+samples. It starts the fill then, on a helper thread, so that llguidance's work (which
+releases the GIL) overlaps the scheduler and the next step's input preparation; the sampler's
+`fill_bitmask` takes that result when it is for the same states with the same output tokens,
+and otherwise waits for it (no two fills ever touch a matcher at once) and fills afresh.
 """
 from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -87,10 +96,73 @@ def catch_up(matchers: list[GrammarMatcher], states: list[SamplingState]) -> Non
         m.advanced(token, ok)
 
 
+def _snapshot(states: list[SamplingState], pin_memory: bool) -> tuple:
+    """What a fill depends on: which states, their output tokens (count and last), pinned or not."""
+    return (tuple(id(s) for s in states),
+            tuple((len(s.output_token_ids), s.output_token_ids[-1] if s.output_token_ids else None)
+                  for s in states), pin_memory)
+
+
+class _Prefetch:
+    """At most one early fill at a time: its snapshot and its future."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.snapshot: Optional[tuple] = None
+        self.future: Optional[Future] = None
+
+    def take(self) -> tuple[Optional[tuple], Optional[Future]]:
+        with self.lock:
+            taken = self.snapshot, self.future
+            self.snapshot = self.future = None
+        return taken
+
+
+_prefetch = _Prefetch()
+
+
+@functools.lru_cache(maxsize=1)
+def _fill_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mask-fill")
+
+
+def prefetch_bitmask(states: list[SamplingState], pin_memory: bool = False) -> bool:
+    """Starts `fill_bitmask(states)` on a helper thread, for the sampling step that will pass
+    the same states with the same output tokens; returns whether one was started (not when no
+    row has a structure). Between this call and that step the caller must not append to the
+    states' output tokens (the runner does that only when it reads samples back)."""
+    if not any(s.params.structured_output is not None for s in states):
+        return False
+    _wait_for_prefetch()  # one fill at a time: matchers are not shared between threads
+    states = list(states)
+    future = _fill_thread().submit(_fill, states, pin_memory)
+    with _prefetch.lock:
+        _prefetch.snapshot, _prefetch.future = _snapshot(states, pin_memory), future
+    return True
+
+
+def _wait_for_prefetch() -> tuple[Optional[tuple], Optional[Future]]:
+    snapshot, future = _prefetch.take()
+    if future is not None:
+        try:
+            future.result()
+        except Exception:  # noqa: BLE001 - a stale fill's failure; the fresh fill will raise its own
+            pass
+    return snapshot, future
+
+
 def fill_bitmask(states: list[SamplingState], pin_memory: bool = False) -> torch.Tensor | None:
     """The step's bitmask [len(states), MASK_WORDS] int32 on the host, or None when no row has
     a structure. Call once per sampling step, after the previous step's tokens were appended
-    to the states' output_token_ids (the matchers catch up here)."""
+    to the states' output_token_ids (the matchers catch up here). An early fill started by
+    `prefetch_bitmask` for these states, as they are now, is used instead of a second one."""
+    snapshot, future = _wait_for_prefetch()
+    if future is not None and snapshot == _snapshot(states, pin_memory):
+        return future.result()
+    return _fill(states, pin_memory)
+
+
+def _fill(states: list[SamplingState], pin_memory: bool) -> torch.Tensor | None:
     rows = [i for i, s in enumerate(states) if s.params.structured_output is not None]
     if not rows:
         return None

@@ -25,6 +25,9 @@ once and returns k's own output; every input is then known on the host.
 Structured rows: the sampler masks them to their grammars (qwenserve/structured_output); a
 row whose grammar matcher failed is masked to the end tokens and reported with the step's
 output (`ModelRunnerOutput.structure_errors`), for the scheduler to abort that request.
+With async scheduling the masks for step k's sampling start on a helper thread as soon as
+step k-1's samples are read back (`prefetch_bitmask`, at the end of `execute(k)`), so that
+they overlap the scheduler and step k+1's input preparation instead of delaying k+1's launch.
 
 On CUDA a step's inputs cross in one non-blocking copy from pinned memory and its sampled ids
 come back through a pinned copy behind an event (`step_transfer.py`): the only host wait of a
@@ -43,6 +46,7 @@ from qwenserve.model.attention import AttentionMetadata
 from qwenserve.model.qwen import NUM_REAL_TOKENS, QWenLMHeadModel
 from qwenserve.scheduler.output import SchedulerOutput
 from qwenserve.model.parallel import get_tp_group
+from qwenserve.structured_output.batch import prefetch_bitmask
 from qwenserve.structured_output.compiler import start_compile
 from qwenserve.worker.batch_order import decodes_first
 from qwenserve.worker.logn_table import LognTable
@@ -278,9 +282,15 @@ class ModelRunner:
         if not self.async_scheduling and step is not None:
             self._launch_sampling(step)
             previous, self._pending = step, None
-        if previous is None or not self.is_driver:
+        if not self.is_driver:
             return None
-        return previous.output()
+        output = None if previous is None else previous.output()
+        pending = self._pending
+        if pending is not None and not pending.sampled and pending.states:
+            # Its rows' output tokens are final now: their structured-output masks can be
+            # computed while the scheduler and the next step's inputs take the host.
+            prefetch_bitmask([s.sampling for s in pending.states], pin_memory=torch.device(self.device).type == "cuda")
+        return output
 
     def _launch_forward(self, inputs: "StepInputs") -> _PendingStep:
         input_ids, positions, meta = inputs.input_ids, inputs.positions, inputs.meta
