@@ -47,10 +47,11 @@ def model_info(base_url: str) -> dict:
     return asyncio.run(get())
 
 
-async def one_request(clients: "ClientPool", model: str, req: BenchRequest, send_at: float, t0: float) -> dict:
+async def one_request(clients: "ClientPool", model: str, req: BenchRequest, send_at: float, t0: float,
+                      schema: Optional[dict] = None) -> dict:
     await asyncio.sleep(max(0.0, t0 + send_at - time.perf_counter()))
     async with clients.borrow() as client:  # --max-concurrency: sent (and timed) once a slot frees
-        return await _stream_request(client, model, req)
+        return await _stream_request(client, model, req, schema)
 
 
 class ClientPool:
@@ -83,12 +84,14 @@ class ClientPool:
         await asyncio.gather(*(client.aclose() for client in self.clients))
 
 
-async def _stream_request(client, model: str, req: BenchRequest) -> dict:
+async def _stream_request(client, model: str, req: BenchRequest, schema: Optional[dict] = None) -> dict:
     start = time.perf_counter()
     token_times, tokens, error = [], 0, None
     body = {"model": model, "prompt": req.prompt_token_ids, "max_tokens": req.output_len, "temperature": 0.0,
             "top_p": 1.0, "repetition_penalty": 1.0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
+    if schema is not None:  # --structured-output
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
     try:
         async with client.stream("POST", "/completions", json=body) as response:
             if response.status_code != 200:
@@ -118,14 +121,14 @@ async def _stream_request(client, model: str, req: BenchRequest) -> dict:
 
 
 async def run_rate(base_url: str, requests: list, rate: float, seed: int,
-                   max_concurrency: Optional[int] = None, *, model: str) -> tuple:
+                   max_concurrency: Optional[int] = None, *, model: str, schema: Optional[dict] = None) -> tuple:
     """Like run.py's gRPC run_rate, over HTTP to `model`: (per-request records, duration, the
     run's (start, end) on time.monotonic)."""
     clients = ClientPool(base_url, max_concurrency or min(len(requests), 256), bounded=max_concurrency is not None)
     try:
         arrivals = poisson_arrivals(len(requests), rate, seed)
         window_start, t0 = time.monotonic(), time.perf_counter()
-        results = await asyncio.gather(*(one_request(clients, model, r, a, t0) for r, a in zip(requests, arrivals)))
+        results = await asyncio.gather(*(one_request(clients, model, r, a, t0, schema) for r, a in zip(requests, arrivals)))
         duration, window_end = time.perf_counter() - t0, time.monotonic()
     finally:
         await clients.aclose()

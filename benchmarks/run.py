@@ -673,9 +673,6 @@ def cmd_serve(args) -> dict:
               "running without the plot")
         args.plot = None
     openai = args.backend == "openai"
-    if openai and args.structured_output:
-        raise SystemExit("serve: --structured-output goes over gRPC only (the HTTP API's response_format "
-                         "is not mapped yet)")
     if (args.base_url and not openai) or (args.address and openai):
         raise SystemExit("serve: --address is a gRPC address (--backend grpc), --base-url an HTTP URL (--backend openai)")
     flags, extra_env, stats_dir = server_flags(args), {}, None
@@ -696,7 +693,7 @@ def cmd_serve(args) -> dict:
         if openai:
             from benchmarks import openai_backend
             info = openai_backend.model_info(address)
-            runner = functools.partial(openai_backend.run_rate, model=info["id"])
+            runner = functools.partial(openai_backend.run_rate, model=info["id"], schema=structure_schema(args))
         else:
             with QwenClient(address) as client:
                 info = client.model_info(timeout=30)
