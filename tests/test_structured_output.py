@@ -257,7 +257,7 @@ def test_llguidances_pool_and_the_row_by_row_path_give_the_same_masks(monkeypatc
     specs = [so_params(json_schema=schema)] * 8 + [so_params(regex="[0-9]+"), SamplingParams()]
 
     def run(use_pool: bool) -> list[np.ndarray]:
-        monkeypatch.setattr(batch, "_use_pool", lambda num_rows: use_pool)
+        monkeypatch.setattr(batch, "_use_pool", lambda num_rows, early=False: use_pool)
         states = [state(p) for p in specs]
         masks = []
         for n in range(len(tokens) + 1):
@@ -386,9 +386,9 @@ def test_an_early_fill_is_used_only_for_the_same_states_and_outputs(monkeypatch)
     fills = []
     real_fill = batch._fill
 
-    def recording_fill(states, pin_memory):
+    def recording_fill(states, pin_memory, early=False):
         fills.append(threading.current_thread().name)
-        return real_fill(states, pin_memory)
+        return real_fill(states, pin_memory, early)
 
     monkeypatch.setattr(batch, "_fill", recording_fill)
     schema = {"type": "object", "properties": {"k": {"type": "string"}, "n": {"type": "integer"}},

@@ -51,8 +51,12 @@ POOL_THREADS = max(1, min(32, int(0.8 * (os.cpu_count() or 1))))
 POOL_MIN_ROWS = 8
 
 
-def _use_pool(num_rows: int) -> bool:
-    return POOL_THREADS > 1 and num_rows >= POOL_MIN_ROWS
+def _use_pool(num_rows: int, early: bool = False) -> bool:
+    """Whether a batch of rows goes to llguidance's pool. An early fill (on the helper thread,
+    off the step's critical path) uses it even with one pool thread: one call that releases
+    the GIL for the whole batch, where row by row the helper would take the GIL back from the
+    scheduler's thread after every row."""
+    return (POOL_THREADS > 1 or early) and num_rows >= POOL_MIN_ROWS
 
 
 @functools.lru_cache(maxsize=1)
@@ -76,7 +80,7 @@ def grammar_matcher(state: SamplingState) -> GrammarMatcher | None:
     return state.grammar_matcher
 
 
-def catch_up(matchers: list[GrammarMatcher], states: list[SamplingState]) -> None:
+def catch_up(matchers: list[GrammarMatcher], states: list[SamplingState], early: bool = False) -> None:
     """Bring each matcher to its state's output tokens; the one-new-token rows (steady
     decoding) are consumed together on llguidance's threads when that pays (`_use_pool`)."""
     single: list[tuple[GrammarMatcher, int]] = []
@@ -88,7 +92,7 @@ def catch_up(matchers: list[GrammarMatcher], states: list[SamplingState]) -> Non
             m.catch_up(s.output_token_ids)
     if not single:
         return
-    if _use_pool(len(single)):
+    if _use_pool(len(single), early):
         accepted = _executor().consume_token_par([(m.matcher, t) for m, t in single])
     else:
         accepted = [m.matcher.consume_token(t) for m, t in single]
@@ -135,7 +139,7 @@ def prefetch_bitmask(states: list[SamplingState], pin_memory: bool = False) -> b
         return False
     _wait_for_prefetch()  # one fill at a time: matchers are not shared between threads
     states = list(states)
-    future = _fill_thread().submit(_fill, states, pin_memory)
+    future = _fill_thread().submit(_fill, states, pin_memory, True)
     with _prefetch.lock:
         _prefetch.snapshot, _prefetch.future = _snapshot(states, pin_memory), future
     return True
@@ -162,12 +166,12 @@ def fill_bitmask(states: list[SamplingState], pin_memory: bool = False) -> torch
     return _fill(states, pin_memory)
 
 
-def _fill(states: list[SamplingState], pin_memory: bool) -> torch.Tensor | None:
+def _fill(states: list[SamplingState], pin_memory: bool, early: bool = False) -> torch.Tensor | None:
     rows = [i for i, s in enumerate(states) if s.params.structured_output is not None]
     if not rows:
         return None
     matchers = [grammar_matcher(states[i]) for i in rows]
-    catch_up(matchers, [states[i] for i in rows])
+    catch_up(matchers, [states[i] for i in rows], early)
 
     # Not torch.full: its fill runs on torch's intra-op threads, which on a loaded host cost
     # milliseconds per step (OpenMP barriers against llguidance's pool). llguidance writes every
@@ -179,7 +183,7 @@ def _fill(states: list[SamplingState], pin_memory: bool) -> torch.Tensor | None:
         plain[rows] = False
         out[plain] = -1
     live = [(m.matcher, i) for m, i in zip(matchers, rows) if m.error is None]
-    if live and _use_pool(len(live)):
+    if live and _use_pool(len(live), early):
         _executor().unsafe_compute_mask_ptr(live, out.ctypes.data, MASK_WORDS * 4, len(states))
     else:
         for matcher, i in live:
