@@ -36,6 +36,8 @@ from qwenserve.engine_core import protocol as P
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 30.0
+# How long a core that exited while starting is given for its startup-failure message to be read.
+STARTUP_FAILURE_GRACE_S = 1.0
 
 
 class EngineCoreStartupError(Exception):
@@ -291,10 +293,14 @@ class AsyncCoreClient:
         self._close_exit_watch()
         if self._stopping:
             return
-        if self.core_process is not None:
-            self._die(self.core_process.exit_reason())
-        else:
-            self._die("the engine core process exited unexpectedly (exit code None)")
+        reason = (self.core_process.exit_reason() if self.core_process is not None
+                  else "the engine core process exited unexpectedly (exit code None)")
+        if self._ready is not None and not self._ready.done():
+            # A core that cannot load sends why (EngineCoreStartupFailed) and then exits; the
+            # exit can be seen before that message is read. Let the receiver read it first.
+            asyncio.get_running_loop().call_later(STARTUP_FAILURE_GRACE_S, self._die, reason)
+            return
+        self._die(reason)
 
     def _die(self, reason: str) -> None:
         if self.dead_reason is not None:
