@@ -26,8 +26,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from qwenserve.sampling_params import SamplingParams
 from qwenserve.server.client import QwenClient
 
-from test_engine_core_process import descendants
-
 pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +36,22 @@ PROMPTS = ["The capital of France is", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 1
            "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n", "The quick brown fox"]
 MAX_TOKENS = 10
 GREEDY = dict(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+
+
+def descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for kid in map(int, kids):
+                if kid not in found:
+                    found.add(kid)
+                    todo.append(kid)
+    return found
 
 
 def cmdline(pid: int) -> str:
