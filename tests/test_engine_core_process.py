@@ -329,3 +329,45 @@ def test_a_consumer_that_falls_behind_gets_the_waiting_steps_merged():
     assert slow[1:] == fast[1:]
     assert all(len(slow[1][i]) == len(slow[3][i]) == slow[5][i] == 24 for i in (0, 1))
     assert slow[4] == {0: "length", 1: "length"}
+
+
+LAST_WORDS_CHILD = """
+import os, sys
+from qwenserve.config import EngineConfig
+from qwenserve.engine_core import protocol as P
+from qwenserve.engine_core.process import EngineCoreProc
+
+core = EngineCoreProc(EngineConfig(device="cpu"), "unused", "ipc://" + sys.argv[1], "ipc://" + sys.argv[2],
+                      parent_pid=None)
+core._send(0, P.TAG_STARTUP_FAILED, P.EngineCoreStartupFailed("ValueError", "x" * int(sys.argv[3]), True))
+core._close_output()
+os._exit(1)  # as run_engine_core exits: at once, no atexit, zmq's I/O thread stopped where it is
+"""
+
+
+def test_the_last_message_before_the_core_exits_arrives_whole(tmp_path):
+    """The core's last words (a startup failure, `engine_dead`) are followed at once by
+    `os._exit`. A message of 64 MiB takes zmq's I/O thread many milliseconds to write, so unless
+    `_close_output` waits for the write, the exit cuts it off and the front end could only say
+    "exited unexpectedly". Here the front end reads every byte of it."""
+    import msgspec
+    import zmq
+
+    from qwenserve.engine_core import protocol as P
+
+    size = 64 * 1024 ** 2
+    context = zmq.Context()
+    output_socket = context.socket(zmq.PULL)
+    output_socket.bind(f"ipc://{tmp_path}/out")
+    try:
+        child = subprocess.run([sys.executable, "-c", LAST_WORDS_CHILD, f"{tmp_path}/in", f"{tmp_path}/out", str(size)],
+                               cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert child.returncode == 1, child.stderr
+        assert output_socket.poll(5000), "the core exited and its last message never came"
+        tag, body = output_socket.recv_multipart()
+        assert tag == P.TAG_STARTUP_FAILED
+        message = msgspec.msgpack.decode(body, type=P.EngineCoreStartupFailed)
+        assert (message.error_type, len(message.message), message.bad_setting) == ("ValueError", size, True)
+    finally:
+        output_socket.close(linger=0)
+        context.term()

@@ -4,7 +4,9 @@
 CUDA state) with ipc addresses in a private temporary directory, and stops it. `AsyncCoreClient`
 (asyncio, zmq.asyncio) sends requests, aborts and utility calls, receives the per-step
 outputs, and reports the process's exit the moment it happens (its pidfd is watched by the
-event loop; elsewhere a thread waits on it), so a dead core is noticed within milliseconds.
+event loop; elsewhere a thread waits on it), so a dead core is noticed within milliseconds;
+its last message (why it failed) is still read for up to `LAST_WORDS_GRACE_S` before the
+exit is reported.
 The client drives any *core launcher* with `CoreProcess`'s interface (`output_bind_address`,
 `start(output_address)` setting `input_address` and `pid`, `watch_exit(callback)`,
 `unwatch_exit()`, `exit_reason()`, `join`, `kill`, `cleanup`): a data-parallel replica's core
@@ -36,8 +38,10 @@ from qwenserve.engine_core import protocol as P
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 30.0
-# How long a core that exited while starting is given for its startup-failure message to be read.
-STARTUP_FAILURE_GRACE_S = 1.0
+# How long the messages of a core that exited are still read before its exit is reported: a
+# core that fails sends why (a startup failure, `engine_dead`) and then exits, and the exit can
+# be seen before that message is read.
+LAST_WORDS_GRACE_S = 1.0
 
 
 class EngineCoreStartupError(Exception):
@@ -295,12 +299,7 @@ class AsyncCoreClient:
             return
         reason = (self.core_process.exit_reason() if self.core_process is not None
                   else "the engine core process exited unexpectedly (exit code None)")
-        if self._ready is not None and not self._ready.done():
-            # A core that cannot load sends why (EngineCoreStartupFailed) and then exits; the
-            # exit can be seen before that message is read. Let the receiver read it first.
-            asyncio.get_running_loop().call_later(STARTUP_FAILURE_GRACE_S, self._die, reason)
-            return
-        self._die(reason)
+        asyncio.get_running_loop().call_later(LAST_WORDS_GRACE_S, self._die, reason)
 
     def _die(self, reason: str) -> None:
         if self.dead_reason is not None:
@@ -400,7 +399,8 @@ class SyncCoreClient:
             raise EngineCoreDead(self.dead_reason)
         if not self.output_socket.poll(timeout_ms):
             code = self.core_process.exitcode
-            if code is not None:
+            # An exited core's last message can still be on its way: read it if it comes.
+            if code is not None and not self.output_socket.poll(int(LAST_WORDS_GRACE_S * 1000)):
                 self.dead_reason = f"the engine core process exited unexpectedly (exit code {code})"
                 raise EngineCoreDead(self.dead_reason)
             return None

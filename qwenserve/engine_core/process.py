@@ -52,6 +52,8 @@ HEALTH_CHECK_S = 1.0
 PARENT_POLL_S = 0.5
 # While busy, a client without outputs of its own still gets fresh stats this often.
 STATS_PERIOD_S = 0.2
+# How long the core's exit waits for its last messages to reach a front end that reads them.
+OUTPUT_LINGER_S = 2.0
 
 
 class _Shutdown(Exception):
@@ -85,6 +87,11 @@ class EngineCoreProc:
         self.parent_pid = parent_pid
         self.front_end_gone = threading.Event()
         self.context = zmq.Context()
+        # The output sockets' own context: terminating it (`_close_output`) waits until their
+        # last messages (a startup failure, `engine_dead`) are handed to the kernel. A socket's
+        # linger alone does not: `os._exit` stops zmq's I/O thread wherever it is, and on a busy
+        # machine that was before the last words were written.
+        self.output_context = zmq.Context()
         # Bound here, before anything can be sent to it, then handed to the input thread.
         input_socket = self.context.socket(zmq.PULL)
         input_socket.bind(input_address)
@@ -304,8 +311,8 @@ class EngineCoreProc:
                 break
             if item[0] == "connect":
                 _, client, address = item
-                socket = self.context.socket(zmq.PUSH)
-                socket.setsockopt(zmq.LINGER, 2000)  # deliver the last words before exiting
+                socket = self.output_context.socket(zmq.PUSH)
+                socket.setsockopt(zmq.LINGER, int(OUTPUT_LINGER_S * 1000))  # the last words' bound
                 socket.connect(address)
                 sockets[client] = socket
                 continue
@@ -330,8 +337,12 @@ class EngineCoreProc:
         self.outputs.put((client, tag, message))
 
     def _close_output(self) -> None:
+        """Sends what is queued, then waits (at most OUTPUT_LINGER_S past the output thread's
+        end) until zmq has written it, so that the process may exit at once."""
         self.outputs.put(None)
         self._output_thread.join(5)
+        if not self._output_thread.is_alive():  # else a socket is still open: term would hang
+            self.output_context.term()  # returns once every socket's linger is over or flushed
 
     def _watch_parent(self) -> None:
         while os.getppid() == self.parent_pid:
