@@ -401,7 +401,8 @@ def test_forced_tool_legacy_functions_none_and_length(client, engine):
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "get\nweather"}}]}, "tools[0].function.name"),
+    ({"functions": [{"name": " get_weather"}]}, "functions[0].name"),
     ({"tools": [WEATHER_TOOL], "tool_choice": "sometimes"}, "tool_choice"),
     ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": [{"type": "retrieval", "function": {"name": "x"}}]}, "tools[0].type"),

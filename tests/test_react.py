@@ -2,6 +2,7 @@
 written out here by hand from the format of Qwen's openai_api.py, and the parse of hand-written
 model outputs, well-formed and malformed, whole and split across stream deltas at every
 position."""
+import json
 import random
 
 import pytest
@@ -250,3 +251,54 @@ def test_without_tools_offered_an_action_is_text_and_a_final_answer_is_unwrapped
         assert fold_events(events) == expected
     streaming = ReactOutputParser("start", calls=False)
     assert streaming.feed("Hi\nAct") == [("content", "Hi\nAct")]
+
+
+# ---------------------------------------------------------------- a call the model must make
+
+def grammar_accepts(grammar: str, text: str) -> bool:
+    """Whether llguidance, over Qwen-1's vocabulary, takes `text` (as the tokenizer splits it)
+    as a whole output of `grammar`: every token allowed and the grammar able to end there."""
+    from qwenserve.model.tokenizer import QwenTokenizer
+    from qwenserve.structured_output import StructuredOutput
+    from qwenserve.structured_output.compiler import GrammarCompiler
+
+    matcher = GrammarCompiler().compile(StructuredOutput(grammar=grammar)).new_matcher()
+    return all(matcher.consume_token(t) for t in QwenTokenizer().encode(text)) and matcher.is_accepting()
+
+
+@pytest.mark.parametrize("start,text,accepted", [
+    ("start", 'Thought: I should look it up.\nAction: get_weather\nAction Input: {"city":"Paris"}', True),
+    ("start", 'Thought: \nAction: get_time\nAction Input: {}', True),
+    ("start", 'Thought: x\nAction: get_time\nAction Input: {"zone":"UTC","dst":false}', True),  # no parameters: any object
+    ("thought", ' I now know\nAction: get_time\nAction Input: {}', True),
+    ("start", 'Thought: done\nFinal Answer: 21 C', False),             # a call is required
+    ("start", 'Action: get_weather\nAction Input: {"city":"Paris"}', False),  # Qwen's format starts with a thought
+    ("start", 'Thought: x\nAction: get_news\nAction Input: {}', False),          # not one of the tools
+    ("start", 'Thought: x\nAction: get_weather\nAction Input: {}', False),       # "city" is required
+    ("start", 'Thought: x\nAction: get_weather\nAction Input: {"city": "Paris"}', False),  # compact JSON
+    ("start", 'Thought: x\nAction: get_weather\nAction Input: {"city":"Paris"}\nObservation:', False),
+    ("start", "Thought: " + "y" * 257 + '\nAction: get_time\nAction Input: {}', False),  # over MAX_THOUGHT_CHARS
+    ("arguments", ' {"city":"Rome"}', True),
+    ("arguments", ' {"town":"Rome"}', False),
+])
+def test_the_call_grammar_takes_exactly_a_call_in_qwens_format(start, text, accepted):
+    from qwenserve.model.react import MAX_THOUGHT_CHARS, call_grammar
+
+    assert MAX_THOUGHT_CHARS == 256
+    grammar = call_grammar([WEATHER, TIME], start, "get_weather" if start == "arguments" else None)
+    assert grammar_accepts(grammar, text) is accepted
+    if accepted:  # and what the grammar takes, the parser reads as that call
+        result = parse_react_output(text, start, "get_weather" if start == "arguments" else None)
+        assert result.call is not None and result.call[0] in ("get_weather", "get_time")
+        assert isinstance(json.loads(result.call[1]), dict)
+
+
+def test_the_call_grammar_checks_its_inputs():
+    from qwenserve.model.react import call_grammar
+
+    with pytest.raises(ValueError, match="tool_choice: function 'nope'"):
+        call_grammar([WEATHER], "arguments", "nope")
+    with pytest.raises(ValueError, match="tools: a call needs at least one function"):
+        call_grammar([], "start")
+    with pytest.raises(ValueError, match="start: unknown parser state"):
+        call_grammar([WEATHER], "direct")

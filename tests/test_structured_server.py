@@ -45,7 +45,8 @@ def closer_dir(tiny_checkpoint, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(closer_dir, tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("server"), "--model", closer_dir)
+    # Room for Qwen's ReAct prompt (~200 tokens with two tools) and a call after it.
+    srv = Server(tmp_path_factory.mktemp("server"), "--model", closer_dir, "--max-model-len", "1024")
     yield srv
     assert srv.stop() == 0, srv.log()
 
@@ -245,3 +246,62 @@ def test_structured_output_with_tools_is_a_400_naming_the_field(http):
                                          tool_choice="none", response_format={"type": "json_object"},
                                          max_tokens=96, temperature=0.0, extra_body=HTTP_PINNED)
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+# ------------------------------------------------------------------- a call the model must make
+WEATHER_PARAMETERS = {"type": "object", "properties": {
+    "city": {"type": "string", "minLength": 1}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                           "parameters": WEATHER_PARAMETERS}},
+         {"type": "function", "function": {"name": "get_time", "description": "The local time."}}]
+PARAMETERS = {"get_weather": WEATHER_PARAMETERS, "get_time": {"type": "object"}}
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def check_call(name: str, arguments: str, only=None) -> None:
+    assert name in (only or PARAMETERS), name
+    jsonschema.validate(json.loads(arguments), PARAMETERS[name])
+
+
+def test_tool_choice_required_always_calls_a_tool_with_valid_arguments(http):
+    """The closer model left to itself ("auto") writes closers, never a call; with "required"
+    (or a named function) every choice, greedy or seeded, whole or streamed, is a call to one of
+    the tools whose arguments validate against that tool's parameters (jsonschema)."""
+    def chat(**fields):
+        sampling = dict(temperature=0.0, top_p=1.0) if "seed" not in fields else dict(temperature=1.0, top_p=0.95)
+        return http.chat.completions.create(model=http.served_model, messages=QUESTION, tools=TOOLS, max_tokens=400,
+                                            extra_body=HTTP_PINNED, **sampling, **fields)
+
+    unmasked = chat(tool_choice="auto")
+    assert unmasked.choices[0].message.tool_calls is None, unmasked  # premise: only the mask makes a call
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for reply, only in ((chat(tool_choice="required"), None), (chat(tool_choice="required", n=2, seed=3), None),
+                        (chat(tool_choice=named, n=2, seed=4), ["get_weather"])):
+        for choice in reply.choices:
+            assert choice.finish_reason == "tool_calls", choice
+            [call] = choice.message.tool_calls
+            check_call(call.function.name, call.function.arguments, only)
+    streamed = list(chat(tool_choice="required", n=2, seed=5, stream=True))
+    for index in (0, 1):
+        deltas = [tc for chunk in streamed for choice in chunk.choices if choice.index == index
+                  for tc in choice.delta.tool_calls or ()]
+        finish = [choice.finish_reason for chunk in streamed for choice in chunk.choices
+                  if choice.index == index and choice.finish_reason]
+        assert finish == ["tool_calls"]
+        check_call(deltas[0].function.name, "".join(tc.function.arguments or "" for tc in deltas))
+    legacy = http.chat.completions.create(model=http.served_model, messages=QUESTION, max_tokens=400,
+                                          functions=[t["function"] for t in TOOLS], function_call="required",
+                                          temperature=0.0, extra_body=HTTP_PINNED)
+    assert legacy.choices[0].finish_reason == "function_call"
+    check_call(legacy.choices[0].message.function_call.name, legacy.choices[0].message.function_call.arguments)
+
+
+def test_a_required_call_whose_parameters_do_not_compile_is_a_400_naming_the_tools(http, client):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}}}}]
+    with pytest.raises(openai.BadRequestError) as info:
+        http.chat.completions.create(model=http.served_model, messages=QUESTION, tools=tools, tool_choice="required",
+                                     max_tokens=8)
+    assert info.value.body["param"] == "tools" and info.value.body["message"].startswith("tools: "), info.value.body
+    assert wait_idle(client)["num_aborted_requests"] == 0

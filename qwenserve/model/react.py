@@ -66,6 +66,9 @@ Final Answer: the final answer to the original input question
 
 Begin!"""
 
+# The longest thought `call_grammar` lets the model write before a call it must make.
+MAX_THOUGHT_CHARS = 256
+
 _THOUGHT, _ACTION, _INPUT, _ANSWER = "Thought:", "Action:", "Action Input:", "Final Answer:"
 _NEW_ACTION = "\n" + _ACTION
 _NEW_ANSWER = "\n" + _ANSWER
@@ -180,6 +183,42 @@ def render_react(messages: Sequence[dict], functions: Optional[Sequence[Function
         turns[-1]["content"] += f"\n{_THOUGHT}"
         return ReactPrompt(system, turns, True, "thought")
     return ReactPrompt(system, turns, False, "start")
+
+
+def call_grammar(functions: Sequence[FunctionSpec], start: str, forced_function: Optional[str] = None) -> str:
+    """The grammar (Lark, llguidance's dialect, for structured output) of the model's text when
+    it must call a function: tool_choice "required" or a named function.
+
+    `start` is the prompt's `parser_start`. "arguments" (a named function, whose Action lines
+    the prompt already wrote): only that function's arguments. Otherwise a call to one of
+    `functions`: a one-line thought of at most MAX_THOUGHT_CHARS characters (after
+    "Thought: ", which the prompt wrote already when `start` is "thought"), then "Action:
+    <name>" and "Action Input: <arguments>". The arguments are compact JSON valid for that
+    function's `parameters` (any object when it has none). After them only the end of the turn
+    can follow, so the call ends where Qwen's own would stop at "Observation:"."""
+    def arguments(spec: FunctionSpec) -> str:
+        schema = dict(spec.parameters) if spec.parameters is not None else {"type": "object"}
+        # Compact, as every JSON form of structured output is by default: a random or unsure
+        # model could otherwise write whitespace until max_tokens.
+        options = schema.get("x-guidance") if isinstance(schema.get("x-guidance"), dict) else {}
+        schema["x-guidance"] = dict(options, whitespace_flexible=False)
+        return "%json " + json.dumps(schema, ensure_ascii=False)
+
+    by_name = {f.name: f for f in functions}
+    if start == "arguments":
+        if forced_function not in by_name:
+            raise ValueError(f"tool_choice: function {forced_function!r} is not among the tools")
+        return f'start: " " arguments\narguments: {arguments(by_name[forced_function])}\n'
+    if start not in ("start", "thought"):
+        raise ValueError(f"start: unknown parser state {start!r}")
+    if not functions:
+        raise ValueError("tools: a call needs at least one function")
+    lines = [f'start: {"" if start == "thought" else json.dumps(_THOUGHT + " ") + " "}THOUGHT "\\n" call',
+             f"THOUGHT: /[^\\n]{{0,{MAX_THOUGHT_CHARS}}}/",
+             "call: " + " | ".join(f"{json.dumps(f'{_ACTION} {f.name}{chr(10)}{_INPUT} ', ensure_ascii=False)} "
+                                   f"arguments_{i}" for i, f in enumerate(functions))]
+    lines += [f"arguments_{i}: {arguments(f)}" for i, f in enumerate(functions)]
+    return "\n".join(lines) + "\n"
 
 
 def _prefix_last_question(turns: list[dict], instruction: str) -> None:

@@ -3,7 +3,8 @@
 Owns the route's field mapping and response shapes, streamed and not. With tools, each
 choice's text goes through a `ReactOutputParser`: its content events become `content`, a call
 becomes `tool_calls` (or the legacy `function_call`) and the choice finishes "tool_calls" /
-"function_call" when the model stopped on its own (at "Observation:"); a call cut off by
+"function_call" when the model stopped on its own (at "Observation:", or, where it had to call
+a function, at the end of the turn right after the arguments); a call cut off by
 max_tokens keeps finish_reason "length". Streamed and whole responses carry the same content
 and calls, because the whole response is the stream's events folded together.
 """
@@ -21,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from qwenserve.frontend.engine_client import EngineUnavailable, QueueFull
 from qwenserve.model.react import OBSERVATION_STOP, ReactOutputParser, fold_events
 
-from .chat_input import ChatInput, chat_input
+from .chat_input import ChatInput, call_structure_aliases, chat_input
 from .context import RouteContext, new_id, now
 from .errors import APIError, from_exception
 from .params import check_common, include_usage, sampling_params, structured_output
@@ -50,13 +51,17 @@ async def create_chat_completion(ctx: RouteContext, http_request: Request, body:
                             "(unless tool_choice / function_call is \"none\")", param=field_name)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     aliases = dict(_aliases(body), **structured.aliases)
+    structure = structured.kwargs
+    if request.call_structure is not None:
+        structure = {"structured_output": request.call_structure}
+        aliases.update(call_structure_aliases(request.plan))
     try:
         make_params = functools.partial(
             sampling_params, ctx.client, body, max_tokens=max_tokens,
             logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-            extra_stop=(OBSERVATION_STOP,) if request.plan.functions else (), extra=structured.kwargs)
+            extra_stop=(OBSERVATION_STOP,) if request.plan.functions else (), extra=structure)
         # A new grammar compiles when the params are made (up to its time limit): not on the loop.
-        params = await asyncio.to_thread(make_params) if structured.wanted else make_params()
+        params = await asyncio.to_thread(make_params) if structure else make_params()
         request_id = new_id("chatcmpl")
         stream = ctx.client.generate(request_id, params=params, **request.engine_kwargs)
         primed = await until_disconnected(http_request, prime([stream]))

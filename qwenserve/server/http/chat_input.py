@@ -2,7 +2,9 @@
 involved.
 
 Owns the OpenAI chat conventions the engine does not know: text content parts, the developer
-role (a system message), tools / tool_choice and the legacy functions / function_call. A
+role (a system message), tools / tool_choice and the legacy functions / function_call, and the
+structure that holds a call the model must make (tool_choice "required" or a named function) to
+Qwen's ReAct format and the function's parameters. A
 conversation without tools goes to the engine as plain ChatML messages, exactly as over gRPC
 (same template, same validation, same errors); one that offers tools or carries earlier calls
 and results is rendered by `qwenserve.model.react` first.
@@ -13,7 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from qwenserve.model.react import FunctionSpec, render_react
+from qwenserve.model.react import FunctionSpec, call_grammar, render_react
+from qwenserve.structured_output import StructuredOutput
 
 from .errors import APIError
 from .protocol import ChatCompletionRequest, NamedToolChoice
@@ -25,6 +28,7 @@ class ToolPlan:
     functions: list = field(default_factory=list)  # [FunctionSpec]; empty: none offered
     forced: Optional[str] = None   # a function the model must call
     style: str = "tools"           # "tools" (tool_calls) | "functions" (legacy function_call)
+    required: bool = False         # the model must call one of `functions` ("required")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,9 @@ class ChatInput:
     engine_kwargs: dict            # messages, system, continue_final_message for generate()
     parser_start: Optional[str]    # None: plain chat; else where the ReAct text starts
     plan: ToolPlan
+    # A call the model must make ("required", or a named function), held to its format and its
+    # function's parameters by structured output (`react.call_grammar`); None otherwise.
+    call_structure: Optional[StructuredOutput] = None
 
 
 def _specs(definitions, field_name: str) -> list[FunctionSpec]:
@@ -40,6 +47,11 @@ def _specs(definitions, field_name: str) -> list[FunctionSpec]:
         if not d.name or d.name in seen:
             raise APIError(400, f"{field_name}[{i}]: function name {d.name!r} is empty or repeated",
                            param=f"{field_name}[{i}]")
+        if d.name != d.name.strip() or any(c in d.name for c in "\r\n"):
+            # The ReAct text names a function on a line of its own ("Action: <name>").
+            param = f"{field_name}[{i}].name" if field_name == "functions" else f"{field_name}[{i}].function.name"
+            raise APIError(400, f"{param}: a function name cannot hold line breaks or begin or end with "
+                                f"whitespace, got {d.name!r}", param=param)
         seen.add(d.name)
         specs.append(FunctionSpec(d.name, d.description or "", d.parameters))
     return specs
@@ -77,10 +89,10 @@ def tool_plan(body: ChatCompletionRequest) -> ToolPlan:
     if choice == "none":
         return ToolPlan([], None, style)
     if choice == "required":
-        raise APIError(400, f"{name}: 'required' is not supported yet (it needs structured output); use "
-                            "'auto' or name the function", param=name, code="not_supported")
+        return ToolPlan(specs, None, style, required=True)
     if isinstance(choice, str):
-        raise APIError(400, f"{name}: unknown value {choice!r}; expected 'none', 'auto' or a named function",
+        raise APIError(400, f"{name}: unknown value {choice!r}; expected 'none', 'auto', 'required' or a named "
+                            "function",
                        param=name)
     if isinstance(choice, NamedToolChoice) and choice.type != "function":
         raise APIError(400, f"{name}.type: expected 'function'", param=f"{name}.type")
@@ -139,4 +151,17 @@ def chat_input(body: ChatCompletionRequest) -> ChatInput:
     kwargs = {"messages": prompt.messages, "system": prompt.system}
     if prompt.continue_final_message:
         kwargs["continue_final_message"] = True
-    return ChatInput(kwargs, prompt.parser_start, plan)
+    call_structure = None
+    if plan.required or plan.forced:
+        try:
+            call_structure = StructuredOutput(grammar=call_grammar(plan.functions, prompt.parser_start, plan.forced))
+        except ValueError as e:  # e.g. a special token inside a function's parameters
+            field_name = plan.style
+            raise APIError(400, f"{field_name}: {str(e).split(': ', 1)[-1]}", param=field_name) from None
+    return ChatInput(kwargs, prompt.parser_start, plan, call_structure)
+
+
+def call_structure_aliases(plan: ToolPlan) -> dict:
+    """The engine's names for a call structure's fields in an error -> the request's: a grammar
+    that does not compile comes from the functions' parameters."""
+    return {"structured_output": plan.style, "structured_output.grammar": plan.style}
