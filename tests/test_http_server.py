@@ -12,7 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hf_cache import lay_out_hf_cache  # tests/ is on sys.path
+from qwenserve.model.react import FunctionSpec, call_grammar
 from qwenserve.sampling_params import SamplingParams
+from qwenserve.structured_output import StructuredOutput
 from qwenserve.server.client import QwenClient
 from test_react import INSTRUCTION
 from test_server import GREEDY, PROMPTS, STARTUP_TIMEOUT, Server, run_offline, wait_idle
@@ -138,7 +140,8 @@ TIME = {"type": "function", "function": {"name": "get_time", "description": "Get
 
 def test_tools_a_forced_call_and_the_result_round_trip(client, offline_engine):
     """The random model never writes ReAct by itself, so the call is forced (tool_choice names
-    it): the reply is a tool call to that function, whose arguments are the model's greedy text.
+    it): the reply is a tool call to that function, whose arguments are the model's greedy text
+    under the grammar of that function's arguments (`react.call_grammar`).
     The result goes back as a tool message; the model then continues the ReAct turn written by
     hand below, exactly as the offline engine continues it."""
     question = {"role": "user", "content": "What is the weather in Paris?"}
@@ -150,9 +153,13 @@ def test_tools_a_forced_call_and_the_result_round_trip(client, offline_engine):
     assert call.function.name == "get_weather" and choice.finish_reason in ("tool_calls", "length")
     opened = [{"role": "user", "content": INSTRUCTION + "\n\nQuestion: What is the weather in Paris?"},
               {"role": "assistant", "content": "Action: get_weather\nAction Input:"}]
-    want = offline_chat(offline_engine, opened, SamplingParams(max_tokens=6, stop=["Observation:"], **GREEDY),
+    specs = [FunctionSpec(t["function"]["name"], t["function"]["description"], t["function"].get("parameters"))
+             for t in (WEATHER, TIME)]
+    arguments = StructuredOutput(grammar=call_grammar(specs, "arguments", "get_weather"))
+    want = offline_chat(offline_engine, opened, SamplingParams(max_tokens=6, structured_output=arguments, **GREEDY),
                         continue_final_message=True)
     assert call.function.arguments == want.text.strip()
+    assert want.text.startswith(' {"city":"')  # the grammar's shape: compact JSON, the required key
     history = [question,
                {"role": "assistant", "content": None, "tool_calls": [
                    {"id": call.id, "type": "function",
