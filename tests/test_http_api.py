@@ -416,6 +416,74 @@ def test_bad_tools_are_400_naming_the_field(server, engine, body, param):
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+# ---------------------------------------------------------------- request-size limits
+# The gRPC servicer's limits (qwenserve/frontend/limits.py), resolved for the scripted engine's
+# max_model_len of 256: written out here from their definitions.
+PROMPT_CHARS = 128 * 255      # LONGEST_TOKEN_BYTES * (max_model_len - 1)
+PROMPT_IDS = 255              # max_model_len - 1
+CHAT_MESSAGES = (256 - 4) // 5  # (max_model_len - 1 - 3) // 5: the most ChatML turns that fit
+OVER = "is over the server's limit of"
+
+
+@pytest.mark.parametrize("path,body,param,message", [
+    ("/v1/completions", {"prompt": "a" * (PROMPT_CHARS + 1)}, "prompt",
+     f"prompt: {PROMPT_CHARS + 1} characters {OVER} {PROMPT_CHARS}"),
+    ("/v1/completions", {"prompt": ["ok", "a" * (PROMPT_CHARS + 1)]}, "prompt",
+     f"prompt: {PROMPT_CHARS + 1} characters {OVER} {PROMPT_CHARS}"),
+    ("/v1/completions", {"prompt": [1] * (PROMPT_IDS + 1)}, "prompt",
+     f"prompt: {PROMPT_IDS + 1} token ids {OVER} {PROMPT_IDS}"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["s"] * 17}, "stop", f"stop: 17 strings {OVER} 16"),
+    ("/v1/completions", {"prompt": "hi", "stop": "s" * 513}, "stop[0]", f"stop[0]: 513 characters {OVER} 512"),
+    ("/v1/chat/completions", {"messages": [QUESTION], "stop": ["ok", "s" * 513]}, "stop[1]",
+     f"stop[1]: 513 characters {OVER} 512"),
+    ("/v1/chat/completions", {"messages": [QUESTION], "stop_token_ids": [1] * 257}, "stop_token_ids",
+     f"stop_token_ids: 257 ids {OVER} 256"),
+    ("/v1/chat/completions", {"messages": [QUESTION] * (CHAT_MESSAGES + 1)}, "messages",
+     f"messages: {CHAT_MESSAGES + 1} messages {OVER} {CHAT_MESSAGES}"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "c" * PROMPT_CHARS}]}, "messages",
+     f"messages: {PROMPT_CHARS + 4} characters {OVER} {PROMPT_CHARS}"),
+    # With tools, the rendered ReAct conversation counts: the instruction is part of it.
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "c" * (PROMPT_CHARS - 100)}],
+                              "tools": [WEATHER_TOOL]}, "messages", None),
+    ("/tokenize", {"prompt": "a" * (PROMPT_CHARS + 1)}, "prompt",
+     f"prompt: {PROMPT_CHARS + 1} characters {OVER} {PROMPT_CHARS}"),
+    ("/tokenize", {"messages": [QUESTION] * (CHAT_MESSAGES + 1)}, "messages",
+     f"messages: {CHAT_MESSAGES + 1} messages {OVER} {CHAT_MESSAGES}"),
+])
+def test_http_requests_get_the_grpc_servers_size_limits(server, engine, path, body, param, message):
+    """Over a limit: 400 naming the field and the limit, before the engine sees anything."""
+    calls = len(engine.calls)
+    r = post(server, path, dict(body, model=MODEL) if path != "/tokenize" else body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and (message is None or error["message"] == message), error
+    assert OVER in error["message"] and len(engine.calls) == calls
+
+
+def test_http_requests_at_the_size_limits_pass(server, engine):
+    for body in ({"prompt": "a" * PROMPT_CHARS}, {"prompt": [1] * PROMPT_IDS},
+                 {"prompt": "hi", "stop": ["s" * 512] * 16, "stop_token_ids": [1] * 256}):
+        r = post(server, "/v1/completions", dict(body, model=MODEL, max_tokens=1))
+        assert r.status_code == 200, r.text
+    r = post(server, "/v1/chat/completions", {"model": MODEL, "messages": [QUESTION] * CHAT_MESSAGES})
+    assert r.status_code == 200, r.text
+
+
+def test_the_body_limit_is_the_servers_max_request_bytes(server):
+    """4 bytes per prompt character plus 1 MiB (frontend/limits.py): just over it is a 413
+    before parsing, whatever the body holds."""
+    limit = 4 * PROMPT_CHARS + (1 << 20)
+    r = httpx.post(server.url + "/v1/completions", content=b" " * (limit + 1),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["message"].endswith(f"over the limit of {limit}"), r.text
+    r = httpx.post(server.url + "/v1/completions", content=b" " * limit + b"x",
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
+    r = httpx.post(server.url + "/v1/completions", content=b" " * (limit - 2) + b"{}",
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code != 413, r.text
+
+
 # ---------------------------------------------------------------- disconnects
 
 def wait_for(predicate, timeout=10.0):

@@ -228,3 +228,31 @@ def test_every_logprob_is_finite_at_the_edges_of_the_allowed_values(client, opti
     values = [lp for entry in result.outputs[0].logprobs for _, lp in entry]
     assert len(result.token_ids) == 6 and len(values) >= 6 * 20
     assert all(math.isfinite(v) for v in values), options
+
+
+# --- the same limits over HTTP ------------------------------------------------------------------
+
+def test_http_requests_get_the_same_limits_and_body_size_as_grpc(server, client):
+    """The launch's `--max-request-bytes 8MiB` is the HTTP body limit too (a 4 MB prompt is read
+    and refused by the prompt limit, a 9 MiB body is a 413 before parsing), and every limit is a
+    400 naming the field, as over gRPC; the server serves on."""
+    import httpx
+
+    over = "is over the server's limit of"
+    url = server.http_url + "/v1"
+    cases = [
+        ("/completions", {"prompt": "a" * BIG}, "prompt", f"prompt: {BIG} characters {over} {PROMPT_CHARS}"),
+        ("/completions", {"prompt": [1] * 1_000}, "prompt", f"prompt: 1000 token ids {over} 255"),
+        ("/completions", {"prompt": "hi", "stop": ["s" * 1000] * 3900}, "stop", f"stop: 3900 strings {over} 16"),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "a"}] * 200_000}, "messages",
+         f"messages: 200000 messages {over} 50"),
+    ]
+    for path, body, param, message in cases:
+        r = httpx.post(url + path, json=body, timeout=120)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text[:300]
+        assert r.json()["error"]["message"] == message
+    r = httpx.post(url + "/completions", content=b" " * (9 << 20), headers={"Content-Type": "application/json"},
+                   timeout=120)
+    assert r.status_code == 413 and r.json()["error"]["message"].endswith(f"over the limit of {8 << 20}"), r.text
+    assert httpx.post(url + "/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=60).status_code == 200
+    assert wait_idle(client)["num_aborted_requests"] == 0

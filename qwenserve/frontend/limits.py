@@ -1,4 +1,5 @@
-"""Request-size limits shared by every front end (the gRPC servicer; the HTTP API reuses them).
+"""Request-size limits shared by every front end (the gRPC servicer, and the HTTP API through
+`server/http/request_size.py`).
 
 Owns the limits (`RequestLimits`), their defaults, and the checks. Each check is a pure function
 over raw inputs (a length, a string, a sequence of strings) that raises `ValueError` naming the

@@ -121,7 +121,8 @@ class _Server:
         http = None
         if self.options.http_port is not None:
             http_client = MeteredEngineClient(client, metrics, "http", log_requests)
-            http = HttpServer(build_http_app(http_client, self.readiness, served_name, metrics, self.options.api_key),
+            http = HttpServer(build_http_app(http_client, self.readiness, served_name, metrics, self.options.api_key,
+                                             self.options.limits),
                               self.host, self.options.http_port, self.options.ssl_certfile, self.options.ssl_keyfile)
             try:
                 http.bind()

@@ -112,7 +112,7 @@ _LIMIT_FLAGS = {
     "--max-stop-string-chars": ("max_stop_string_chars", "longest stop string (default: 512)"),
     "--max-stop-token-ids": ("max_stop_token_ids", "most stop_token_ids per request (default: 256)"),
     "--max-request-bytes": ("max_request_bytes", "largest request message, e.g. 8MiB (default: 4 bytes "
-                            "per --max-prompt-chars + 1 MiB); larger ones get RESOURCE_EXHAUSTED"),
+                            "per --max-prompt-chars + 1 MiB); larger ones get RESOURCE_EXHAUSTED (HTTP: 413)"),
 }
 
 

@@ -29,10 +29,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qwenserve import __version__
 from qwenserve.frontend.engine_client import EngineClient
+from qwenserve.frontend.limits import RequestLimits
 from qwenserve.model.chat_template import encode_chat
 from qwenserve.server.auth import is_authorized
 from qwenserve.server.readiness import Readiness
 
+from . import request_size
 from .chat import create_chat_completion
 from .chat_input import normalized_messages
 from .completions import create_completion
@@ -43,9 +45,6 @@ from .streaming import ClientDisconnected
 
 logger = logging.getLogger(__name__)
 
-# Larger bodies get 413 before they are parsed: a max_model_len prompt as text or as token-id
-# JSON is far smaller, and parsing is what costs memory on a hostile request.
-MAX_BODY_BYTES = 8 * 1024 * 1024
 OPEN_PATHS = ("/health", "/metrics")  # no API key needed: probes and scrapers
 
 
@@ -81,11 +80,16 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def build_http_app(client: EngineClient, readiness: Readiness, served_model_name: str, metrics=None,
-                   api_key: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES) -> ASGIApp:
+                   api_key: Optional[str] = None, limits: Optional[RequestLimits] = None) -> ASGIApp:
     """The app; `client` is the HTTP front end's (metered) engine client, `metrics` the
-    server's `ServerMetrics` (None: /metrics is 404)."""
+    server's `ServerMetrics` (None: /metrics is 404), `limits` the request-size limits (the
+    defaults for the engine's max_model_len when None), shared with the gRPC servicer."""
     app = FastAPI(title="qwenserve", version=__version__, redoc_url=None)
-    ctx = RouteContext(client, served_model_name)
+    limits = (limits or RequestLimits()).resolve(client.max_model_len)
+    # Larger bodies get 413 before they are parsed: parsing is what costs memory on a hostile
+    # request, and the limit is what the other limits allow (frontend/limits.py).
+    max_body_bytes = limits.max_request_bytes
+    ctx = RouteContext(client, served_model_name, limits)
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -136,9 +140,12 @@ def build_http_app(client: EngineClient, readiness: Readiness, served_model_name
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "prompt: give exactly one of prompt and messages", param="prompt")
         if body.prompt is not None:
+            request_size.check_prompt_text(body.prompt, limits)
             ids = await client.encode(body.prompt)
         else:
+            request_size.check_message_count(body.messages, limits)
             messages = [{"role": m["role"], "content": m["content"] or ""} for m in normalized_messages(body.messages)]
+            request_size.check_chat_text(messages, None, limits)
             try:  # off the event loop, like encode: a long conversation must not stall streams
                 ids = await asyncio.to_thread(encode_chat, client.tokenizer, messages,
                                               add_generation_prompt=body.add_generation_prompt)

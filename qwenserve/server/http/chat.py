@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from qwenserve.frontend.engine_client import EngineUnavailable, QueueFull
 from qwenserve.model.react import OBSERVATION_STOP, ReactOutputParser, fold_events
 
+from . import request_size
 from .chat_input import ChatInput, call_structure_aliases, chat_input
 from .context import RouteContext, new_id, now
 from .errors import APIError, from_exception
@@ -43,7 +44,10 @@ async def create_chat_completion(ctx: RouteContext, http_request: Request, body:
     structured = structured_output(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+    request_size.check_stops(body.stop, body.stop_token_ids, ctx.limits)
+    request_size.check_message_count(body.messages, ctx.limits)
     request = chat_input(body)
+    request_size.check_chat_text(request.engine_kwargs["messages"], request.engine_kwargs.get("system"), ctx.limits)
     if structured.wanted and request.plan.functions:
         # The ReAct format a call needs is not the structure asked for; one would break the other.
         field_name = next(iter(structured.aliases.values()))

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from qwenserve.frontend.engine_client import EngineUnavailable, QueueFull
 
+from . import request_size
 from .context import RouteContext, new_id, now
 from .errors import APIError, from_exception
 from .logprobs import merge_completion_logprobs
@@ -56,7 +57,9 @@ async def create_completion(ctx: RouteContext, http_request: Request, body: Comp
             raise APIError(400, f"{name}: not supported", param=name, code="not_supported")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise APIError(400, "best_of: only best_of equal to n is supported", param="best_of", code="not_supported")
+    request_size.check_stops(body.stop, body.stop_token_ids, ctx.limits)
     inputs = engine_inputs(body.prompt)
+    request_size.check_prompts(inputs, ctx.limits)
     structured = structured_output(body)
     try:
         make_params = functools.partial(sampling_params, ctx.client, body, max_tokens=body.max_tokens,

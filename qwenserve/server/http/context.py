@@ -1,4 +1,5 @@
-"""What every HTTP route needs from the server: the engine client and the names it answers to."""
+"""What every HTTP route needs from the server: the engine client, the names it answers to and
+the request-size limits."""
 from __future__ import annotations
 
 import time
@@ -6,6 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from qwenserve.frontend.engine_client import EngineClient
+from qwenserve.frontend.limits import RequestLimits
 
 from .logprobs import LogprobsFormatter
 
@@ -14,6 +16,7 @@ from .logprobs import LogprobsFormatter
 class RouteContext:
     client: EngineClient          # the metered client of the HTTP front end
     served_model_name: str
+    limits: RequestLimits         # resolved for the engine's max_model_len (request_size.py)
     formatter: LogprobsFormatter = field(init=False)
 
     def __post_init__(self) -> None:
