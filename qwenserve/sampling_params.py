@@ -65,7 +65,8 @@ class SamplingParams:
     `logprobs=N` returns, for each generated token, the top-N (id, log-probability) pairs
     (best first) followed by the sampled token's pair when it is not among them, as vLLM
     does (N=0: only the sampled token's pair). Log-probabilities are of the logits after
-    penalties and bans, before temperature and the top-k/top-p/min-p filters.
+    penalties and bans, before temperature and the top-k/top-p/min-p filters. Tokens a ban or a
+    grammar rules out (log-probability -inf) are never listed, so fewer than N can come back.
     """
 
     n: int = 1

@@ -77,3 +77,26 @@ def test_min_tokens_banning_every_token_is_an_error(llm):
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids == [free, free]
     assert all(math.isfinite(lp) for entry in out.logprobs for lp in dict(entry).values())
+
+
+def test_min_tokens_banning_every_token_counts_the_end_of_text_the_engine_adds(llm):
+    """With ignore_eos off the engine adds the end-of-text id to the stop ids: stop_token_ids
+    of every other id then bans the whole vocabulary until min_tokens, which is refused too."""
+    eos = llm.engine.tokenizer.eos_token_id
+    others = [i for i in range(VOCAB_REAL) if i != eos]
+    with pytest.raises(ValueError, match="^min_tokens: 2 with every token of the vocabulary a stop token"):
+        llm.engine.add_request("ban-all-but-eos", prompt="hi", params=SamplingParams(
+            min_tokens=2, max_tokens=2, stop_token_ids=others))
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_top_logprobs_leave_out_the_tokens_that_cannot_be_sampled(llm):
+    """Two tokens free under a min_tokens ban and logprobs=5: each entry lists only those two,
+    every value finite (the -inf of the banned tokens never reaches a caller)."""
+    free = [1234, 4321]
+    banned = [i for i in range(VOCAB_REAL) if i not in free]
+    out = llm.generate(["hi"], SamplingParams(min_tokens=3, max_tokens=3, temperature=1.0, seed=1, logprobs=5,
+                                              stop_token_ids=banned, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert set(out.token_ids) <= set(free) and len(out.logprobs) == 3
+    for entry in out.logprobs:
+        assert set(dict(entry)) <= set(free) and all(math.isfinite(lp) for lp in dict(entry).values()), entry

@@ -55,15 +55,19 @@ class InputProcessor:
         ) | {tokenizer.im_end_id, tokenizer.im_start_id}
 
     def _checked_stop_token_ids(self, params: SamplingParams) -> frozenset:
-        """params.stop_token_ids; ValueError for an id the model can never sample, and for a
-        min_tokens whose ban (every stop id, until min_tokens) would leave no token to sample."""
+        """params.stop_token_ids; ValueError for an id the model can never sample."""
         ids = frozenset(params.stop_token_ids)
         if ids and max(ids) >= self.vocab_size:
             raise ValueError(f"stop_token_ids: id {max(ids)} is out of range [0, {self.vocab_size})")
-        if params.min_tokens and len(ids) >= self.vocab_size:
-            raise ValueError(f"min_tokens: {params.min_tokens} with every token of the vocabulary a stop "
-                             "token bans every token; leave at least one id out of stop_token_ids")
         return ids
+
+    def _check_min_tokens_ban(self, params: SamplingParams, stop_ids: frozenset) -> None:
+        """ValueError for a min_tokens whose ban (every stop id of the request, the EOS and chat
+        ids the engine adds included, until min_tokens) would leave no token to sample."""
+        if params.min_tokens and sum(1 for i in stop_ids if i < self.vocab_size) >= self.vocab_size:
+            raise ValueError(f"min_tokens: {params.min_tokens} with every token of the vocabulary a stop "
+                             "token (stop_token_ids with the end-of-text and chat stop tokens) bans every "
+                             "token; leave at least one id out of stop_token_ids")
 
     def default_params(self, **overrides) -> SamplingParams:
         """The checkpoint's generation_config.json defaults, with `overrides` applied."""
@@ -109,6 +113,7 @@ class InputProcessor:
             stop_ids = frozenset()
         # A structured request ends on an end token where its grammar allows, whatever else.
         stop_ids = termination.stop_token_ids(params, frozenset(stop_ids) | self._checked_stop_token_ids(params))
+        self._check_min_tokens_ban(params, stop_ids)
         room = self.max_model_len - len(ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         needed = -(-(len(ids) + max_tokens) // self.block_size)

@@ -29,6 +29,7 @@ by `Sampler(seed=...)`. Neither draws random numbers over the vocabulary (sampli
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,7 +118,11 @@ class DeviceSamples:
             top_ids = self.top_ids.tolist() if self.top_ids is not None else None
             for j, (i, n) in enumerate(zip(self.logprob_rows, self.top_n)):
                 sampled_logprobs[i] = values[j]
-                logprobs[i] = list(zip(top_ids[j][:n], top_vals[j][:n])) if n and top_ids is not None else []
+                # A token the step could not sample (masked by a grammar, banned by min_tokens)
+                # has logprob -inf: left out, so a row with fewer than N possible tokens gets
+                # fewer than N entries, and no infinity reaches a client (JSON has none).
+                logprobs[i] = ([(t, v) for t, v in zip(top_ids[j][:n], top_vals[j][:n]) if v != -math.inf]
+                               if n and top_ids is not None else [])
         return SamplerOutput(token_ids=token_ids, logprobs=logprobs, sampled_logprobs=sampled_logprobs)
 
 
