@@ -107,7 +107,7 @@ __import__(\"google.protobuf\").protobuf.__version__ if u.find_spec(\"google.pro
         --layers "$DECODE_LAYERS" --device "$DEVICE" --dtype "$DTYPE" --batch-size 8 --input-len 2048 \
         --json "$OUT/prefill.json" ;;
     steptime)
-      # Fails (exit 2, after measuring) while benchmarks/simulated_device.py is not merged.
+      # Compares the measured step times with the simulated device's formula (benchmarks/simulated_device.py).
       run_stage steptime "$T_STEPTIME" "$PY" benchmarks/step_time.py --preset "$PRESET" --layers "$STEP_LAYERS" \
         --device "$DEVICE" --dtype "$DTYPE" --reps 5 $STEP_QUICK --json "$OUT/steptime.json" ;;
     int4)

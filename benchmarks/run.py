@@ -22,7 +22,8 @@ fields docs/PERFORMANCE.md records). Workloads come from `benchmarks/datasets.py
 offline: the workload runs through `LLM.generate` (greedy, ignore_eos), then the same token ids
 through Hugging Face `generate` on the same weights (`load_qwen2_model`) in static batches of
 `--baseline-batch-size` in arrival order, each left-padded and run to its longest output;
-only each request's own output length counts as output ("useful output tok/s", TARGETS.md).
+only each request's own output length counts as output ("useful output tok/s", as
+docs/PERFORMANCE.md defines it).
 Each system is warmed up once, on other token ids, before it is timed.
 decode: per-step time of a batch after its prefill, against weight bytes / copy bandwidth.
 serve: Poisson arrivals per `--request-rate`, streamed through `AsyncQwenClient` (gRPC), or with
@@ -450,7 +451,8 @@ def cmd_decode_simulated(args) -> dict:
 
 # ---------------------------------------------------------------- prefill
 def cmd_prefill(args) -> dict:
-    """Prompt tokens/s of whole prompts (TARGETS.md: 8 x 2048), each request's first token only."""
+    """Prompt tokens/s of whole prompts (docs/PERFORMANCE.md's prefill target: 8 x 2048 at 40k
+    tok/s or more), each request's first token only."""
     from qwenserve import LLM
     model_dir = resolve_model(args)
     kwargs = engine_kwargs(args)

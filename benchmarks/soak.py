@@ -13,7 +13,8 @@ Each of --streams workers sends one request after another until --duration is ov
   deadline (10%)    a deadline of 50-500 ms;
   hostile (15%)     one of HOSTILE: over a size limit, not UTF-8, cut short, values that could
                     make NaN, ids outside the vocabulary, ... each must get INVALID_ARGUMENT.
-Meanwhile health is checked and the server's RSS read every second, and the longest time any
+Meanwhile health is checked and the server's RSS (its process and every process below it: the
+engine core, workers) read every second, and the longest time any
 open call went without a message is tracked.
 
 Figures (printed, returned by `run_soak`, written by --json): requests by kind and outcome,
@@ -128,12 +129,44 @@ class SoakFigures:
     load_average: tuple = ()                            # the machine's 1/5/15-minute load at the end
 
 
-def rss_mib(pid: int) -> Optional[float]:
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every living process below it (from /proc's children lists)."""
+    found, todo = [pid], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            for kid in kids:
+                if kid not in found:
+                    found.append(kid)
+                    todo.append(kid)
+    return found
+
+
+def _process_rss_kib(pid: int) -> Optional[int]:
     try:
         with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
     except (OSError, StopIteration):
         return None
+
+
+def rss_mib(pid: int) -> Optional[float]:
+    """The RSS of the server: the process `pid` and all its descendants summed (the front end,
+    the engine-core process, tensor-parallel workers), so that a leak in any of them shows.
+    None when `pid` itself is gone."""
+    own = _process_rss_kib(pid)
+    if own is None:
+        return None
+    return (own + sum(_process_rss_kib(kid) or 0 for kid in process_tree(pid)[1:])) / 1024
 
 
 class _Soak:

@@ -48,8 +48,8 @@ SHAPES = [
     ("prefill 4 x 2048", 4, 2048, 2048),
 ]
 QUICK_SHAPES = [("decode B=1 ctx 16", 1, 1, 16), ("decode B=4 ctx 40", 4, 1, 40), ("prefill 1 x 24", 1, 24, 24)]
-SIMULATOR_MISSING = ("benchmarks/simulated_device.py is not in this checkout (the engine-core simulator, "
-                     "another branch): merge it to compare with its step_time_s formula")
+SIMULATOR_MISSING = ("benchmarks/simulated_device.py is not in this checkout (the simulated device, "
+                     "whose step_time_s formula this compares with)")
 
 
 def load_simulator():

@@ -12,7 +12,7 @@ from qwenserve.server.client import QwenClient
 from test_server import Server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
-from benchmarks.soak import DEFAULT_SERVER_FLAGS, print_figures, run_soak  # noqa: E402
+from benchmarks.soak import DEFAULT_SERVER_FLAGS, print_figures, process_tree, run_soak  # noqa: E402
 
 STREAMS, DURATION_S, MAX_TOKENS = 64, 30.0, 16
 MAX_SILENCE_S = 30.0
@@ -30,6 +30,9 @@ def test_soak(tmp_path):
     # later flag wins in argparse, so the soak's --max-model-len and KV budget apply.
     srv = Server(tmp_path, *DEFAULT_SERVER_FLAGS)
     try:
+        # Premise: the RSS read is the whole server's, the engine-core process included.
+        below = [Path(f"/proc/{pid}/cmdline").read_text(errors="replace") for pid in process_tree(srv.proc.pid)[1:]]
+        assert any("qwenserve.engine_core.process" in cmdline for cmdline in below), below
         figures = run_soak(srv.address, srv.proc.pid, streams=STREAMS, duration=DURATION_S, seed=0,
                            max_tokens=MAX_TOKENS)
         print_figures(figures)

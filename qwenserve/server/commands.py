@@ -1,6 +1,6 @@
 """The `qwenserve launch` and `qwenserve generate` subcommands (argparse).
 
-Owns the flags of DESIGN.md's CLI and their mapping onto `EngineConfig`;
+Owns the command-line flags and their mapping onto `EngineConfig`;
 `qwenserve/cli.py` calls `add_launch_parser(sub)` / `add_generate_parser(sub)` and then
 `args.func(args)`, which returns the exit code (0 on success). Bad flags are argparse errors
 (exit 2, naming the flag, through the range-checking types of `qwenserve/arg_types.py`);
