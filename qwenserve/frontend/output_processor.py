@@ -4,8 +4,10 @@ Owns, per request and completion: incremental detokenization (never half a UTF-8
 stop strings (text is cut before the stop string; a stop string found here ends the
 completion and asks the caller to abort it in the core), the hold-back of text that could
 still become a stop string, the stop token's own text (never returned), and the grouping of
-n completions under one request. Work per step is proportional to what is new: nothing
-copies a completion's whole output to make a delta.
+n completions under one request. Work per step is proportional to what is new (the stop
+string search, the hold-back, the delta), except that appending the new text to the
+completion's text copies that string: at 8k tokens of output, ~130 MB of memcpy in all (~15 ms
+over the whole request), not worth a rope.
 
     core: EngineCoreOutput(core id, new_token_ids, new_logprobs, finish_reason)
         └─► CompletionState.update() ─► Delta(index, text, token_ids, finish_reason, ...)
