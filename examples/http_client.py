@@ -69,14 +69,16 @@ def main() -> None:
 
     print("\n--- a tool call and its result")
     messages = [{"role": "user", "content": "What is the weather in Reykjavik?"}]
-    # tool_choice names the tool, so that even a model that would answer directly calls it.
+    # tool_choice names the tool ("required" would let the model pick one of the tools), so that
+    # even a model that would answer directly calls it, with arguments that the sampler holds to
+    # the tool's parameters schema.
     reply = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL], max_tokens=args.max_tokens,
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
     call = reply.choices[0].message.tool_calls[0]
     print(f"the model calls {call.function.name}({call.function.arguments})")
     try:
         arguments = json.loads(call.function.arguments)
-    except json.JSONDecodeError:  # a random-weight model writes no JSON
+    except json.JSONDecodeError:  # cut off by max_tokens before the JSON was whole
         arguments = {}
     city = arguments.get("city") if isinstance(arguments, dict) else None
     result = get_weather(city) if isinstance(city, str) else get_weather()
