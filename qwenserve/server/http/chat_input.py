@@ -155,9 +155,8 @@ def chat_input(body: ChatCompletionRequest) -> ChatInput:
     if plan.required or plan.forced:
         try:
             call_structure = StructuredOutput(grammar=call_grammar(plan.functions, prompt.parser_start, plan.forced))
-        except ValueError as e:  # e.g. a special token inside a function's parameters
-            field_name = plan.style
-            raise APIError(400, f"{field_name}: {str(e).split(': ', 1)[-1]}", param=field_name) from None
+        except ValueError as e:  # the spec's shape checks, e.g. its size limit (many or huge schemas)
+            raise APIError(400, f"{plan.style}: {str(e).split(': ', 1)[-1]}", param=plan.style) from None
     return ChatInput(kwargs, prompt.parser_start, plan, call_structure)
 
 
