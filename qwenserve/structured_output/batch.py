@@ -52,10 +52,12 @@ POOL_MIN_ROWS = 8
 
 
 def _use_pool(num_rows: int, early: bool = False) -> bool:
-    """Whether a batch of rows goes to llguidance's pool. An early fill (on the helper thread,
-    off the step's critical path) uses it even with one pool thread: one call that releases
-    the GIL for the whole batch, where row by row the helper would take the GIL back from the
-    scheduler's thread after every row."""
+    """Whether a batch of rows goes to llguidance's pool. An early fill's masks (on the helper
+    thread, off the step's critical path) use it even with one pool thread: one call that
+    releases the GIL for the whole batch, where row by row the helper would take the GIL back
+    from the scheduler's thread after every row (~25 us of mask per row). Consuming a token is
+    ~3 us, too little for that: with one pool thread the hand-off costs more than it saves, so
+    `catch_up` passes early=False."""
     return (POOL_THREADS > 1 or early) and num_rows >= POOL_MIN_ROWS
 
 
@@ -80,9 +82,10 @@ def grammar_matcher(state: SamplingState) -> GrammarMatcher | None:
     return state.grammar_matcher
 
 
-def catch_up(matchers: list[GrammarMatcher], states: list[SamplingState], early: bool = False) -> None:
+def catch_up(matchers: list[GrammarMatcher], states: list[SamplingState]) -> None:
     """Bring each matcher to its state's output tokens; the one-new-token rows (steady
-    decoding) are consumed together on llguidance's threads when that pays (`_use_pool`)."""
+    decoding) are consumed together on llguidance's threads when there are threads to share
+    them (`_use_pool`), else here."""
     single: list[tuple[GrammarMatcher, int]] = []
     for m, s in zip(matchers, states):
         new = m.new_tokens(s.output_token_ids)
@@ -92,7 +95,7 @@ def catch_up(matchers: list[GrammarMatcher], states: list[SamplingState], early:
             m.catch_up(s.output_token_ids)
     if not single:
         return
-    if _use_pool(len(single), early):
+    if _use_pool(len(single)):
         accepted = _executor().consume_token_par([(m.matcher, t) for m, t in single])
     else:
         accepted = [m.matcher.consume_token(t) for m, t in single]
@@ -171,7 +174,7 @@ def _fill(states: list[SamplingState], pin_memory: bool, early: bool = False) ->
     if not rows:
         return None
     matchers = [grammar_matcher(states[i]) for i in rows]
-    catch_up(matchers, [states[i] for i in rows], early)
+    catch_up(matchers, [states[i] for i in rows])
 
     # Not torch.full: its fill runs on torch's intra-op threads, which on a loaded host cost
     # milliseconds per step (OpenMP barriers against llguidance's pool). llguidance writes every
