@@ -41,6 +41,7 @@ import os
 import threading
 import time
 from array import array
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -295,7 +296,11 @@ class SimulatedSampler:
     the bitmask over PCIe, the float32 copy, unpacking and masking [B, V] logits) is launched as
     `DeviceProfile.mask_apply_time_s`. Each structured row then draws a random token its mask
     allows (benchmarks/grammar_walk.py), so its matcher walks through the structure as a real
-    one does; `picker.seconds` is that draw's host time, simulation overhead to subtract."""
+    one does; `picker.seconds` is that draw's host time, simulation overhead to subtract. The
+    draw runs on a thread of its own while the host goes on, and reading the samples back
+    waits for it (`_DrawnOnReadBack`): a GPU draws on the device, so between launching the
+    sampling and launching the next forward the real sampler's host does no such work, and
+    neither does this one's main thread."""
 
     def __init__(self, stream: SimulatedStream, seed: int, profile: Optional[DeviceProfile] = None):
         from benchmarks.grammar_walk import AllowedTokenPicker
@@ -305,6 +310,8 @@ class SimulatedSampler:
         self.picker = AllowedTokenPicker(seed)
         self.mask_seconds = 0.0  # host time in fill_bitmask
         self.num_structured_rows = 0
+        # Where the allowed tokens are drawn: the device's share of the step, run beside the host.
+        self._draw_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sim-draw")
 
     def sample_on_device(self, logits, states):
         import torch
@@ -312,29 +319,48 @@ class SimulatedSampler:
         from qwenserve.worker.sampler import DeviceSamples
         tokens = self._rng.integers(0, NUM_ORDINARY_TOKENS, size=len(states))
         structured = [i for i, s in enumerate(states) if s.params.structured_output is not None]
-        if structured:
-            self._draw_allowed(states, structured, tokens)
-        tokens = torch.from_numpy(tokens)
+        draw = self._launch_mask(states, structured, tokens) if structured else None
         # Logprobs are not modelled: a row that asks gets its token at log-probability 0.
         rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
         top_n = [min(states[i].params.logprobs, 1) for i in rows]
         sampled_logprobs = torch.zeros(len(rows)) if rows else None
-        top_ids = tokens[rows].unsqueeze(1) if rows else None
         top_vals = torch.zeros(len(rows), 1) if rows else None
-        return DeviceSamples(tokens, rows, top_n, sampled_logprobs, top_vals, top_ids)
+        # `tokens` is shared with the tensor, so the draw on read-back fills token_ids in place.
+        samples = DeviceSamples(torch.from_numpy(tokens), rows, top_n, sampled_logprobs, top_vals, None)
+        return _DrawnOnReadBack(samples, draw)
 
     def sample(self, logits, states):
         return self.sample_on_device(logits, states).to_host()
 
-    def _draw_allowed(self, states, structured: list, tokens: np.ndarray) -> None:
+    def _launch_mask(self, states, structured: list, tokens: np.ndarray):
+        """The real sampler's host share of a structured step (the fill) and its device share
+        (launched on the stream); starts the draw of the allowed tokens, which read-back waits for."""
         from qwenserve.structured_output.batch import fill_bitmask
         start = time.perf_counter()
         bitmask = fill_bitmask(states)  # the real sampler's step (s), plain rows included
         self.mask_seconds += time.perf_counter() - start
         self.stream.launch(self.profile.mask_apply_time_s(len(states)))
-        for i, token in zip(structured, self.picker.pick(bitmask.numpy(), structured)):
-            tokens[i] = token
         self.num_structured_rows += len(structured)
+
+        def draw() -> None:
+            tokens[structured] = self.picker.pick(bitmask.numpy(), structured)
+        return self._draw_thread.submit(draw)
+
+
+class _DrawnOnReadBack:
+    """Simulated samples (a `DeviceSamples` and what the runner reads of it) whose structured
+    rows are being drawn on the sampler's draw thread; reading them back waits for the draw."""
+
+    def __init__(self, samples, draw: Optional[Future]):
+        self.samples, self.token_ids, self._draw = samples, samples.token_ids, draw
+
+    def to_host(self, token_ids=None):
+        if self._draw is not None:
+            self._draw.result()  # it has filled token_ids in place
+            self._draw = None
+        if self.samples.logprob_rows:
+            self.samples.top_ids = self.token_ids[self.samples.logprob_rows].unsqueeze(1)
+        return self.samples.to_host(None)
 
 
 class SimulatedExecutor:
