@@ -97,10 +97,11 @@ def test_tp2_structured_output_validates_and_equals_tp1(ray_session, tiny_checkp
     assert [c.token_ids for c in outputs[2]] == [c.token_ids for c in outputs[1]]
 
 
-def test_tp2_through_the_engine_core_process_matches_tp1(tp1_tokens):
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_through_the_engine_core_process_matches_tp1(tp1_tokens, tp):
     """The engine core in its own process drives its own Ray ranks (a Ray of its own: the core
-    process did not inherit this one's), with overlapped steps."""
-    llm = LLM(tensor_parallel_size=2, engine_core_process=True, **ENGINE_KWARGS)
+    process did not inherit this one's), with overlapped steps; tp = 4 is `launch --tp 4`."""
+    llm = LLM(tensor_parallel_size=tp, engine_core_process=True, **ENGINE_KWARGS)
     try:
         assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)] == tp1_tokens
     finally:
