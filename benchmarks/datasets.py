@@ -43,6 +43,16 @@ MIXED_NUM_REQUESTS = 512
 
 
 @dataclass(frozen=True)
+class RequestSampling:
+    """How every request of a run samples (run.py's `--temperature`, `--top-p` and
+    `--structured-output`): greedy and unconstrained unless asked. Every benchmark request
+    ignores EOS, so outputs have the lengths the workload sets."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    schema: Optional[dict] = None  # the JSON schema every request asks for
+
+
+@dataclass(frozen=True)
 class BenchRequest:
     prompt_token_ids: list
     output_len: int

@@ -18,7 +18,7 @@ import os
 import time
 from typing import Optional
 
-from benchmarks.datasets import BenchRequest, poisson_arrivals
+from benchmarks.datasets import BenchRequest, RequestSampling, poisson_arrivals
 
 try:
     import httpx
@@ -48,10 +48,10 @@ def model_info(base_url: str) -> dict:
 
 
 async def one_request(clients: "ClientPool", model: str, req: BenchRequest, send_at: float, t0: float,
-                      schema: Optional[dict] = None) -> dict:
+                      sampling: RequestSampling = RequestSampling()) -> dict:
     await asyncio.sleep(max(0.0, t0 + send_at - time.perf_counter()))
     async with clients.borrow() as client:  # --max-concurrency: sent (and timed) once a slot frees
-        return await _stream_request(client, model, req, schema)
+        return await _stream_request(client, model, req, sampling)
 
 
 class ClientPool:
@@ -84,14 +84,14 @@ class ClientPool:
         await asyncio.gather(*(client.aclose() for client in self.clients))
 
 
-async def _stream_request(client, model: str, req: BenchRequest, schema: Optional[dict] = None) -> dict:
+async def _stream_request(client, model: str, req: BenchRequest, sampling: RequestSampling = RequestSampling()) -> dict:
     start = time.perf_counter()
     token_times, tokens, error = [], 0, None
-    body = {"model": model, "prompt": req.prompt_token_ids, "max_tokens": req.output_len, "temperature": 0.0,
-            "top_p": 1.0, "repetition_penalty": 1.0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
-    if schema is not None:  # --structured-output
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
+    body = {"model": model, "prompt": req.prompt_token_ids, "max_tokens": req.output_len,
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "repetition_penalty": 1.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if sampling.schema is not None:  # --structured-output
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "bench", "schema": sampling.schema}}
     try:
         async with client.stream("POST", "/completions", json=body) as response:
             if response.status_code != 200:
@@ -121,14 +121,15 @@ async def _stream_request(client, model: str, req: BenchRequest, schema: Optiona
 
 
 async def run_rate(base_url: str, requests: list, rate: float, seed: int,
-                   max_concurrency: Optional[int] = None, *, model: str, schema: Optional[dict] = None) -> tuple:
+                   max_concurrency: Optional[int] = None, *, model: str,
+                   sampling: RequestSampling = RequestSampling()) -> tuple:
     """Like run.py's gRPC run_rate, over HTTP to `model`: (per-request records, duration, the
     run's (start, end) on time.monotonic)."""
     clients = ClientPool(base_url, max_concurrency or min(len(requests), 256), bounded=max_concurrency is not None)
     try:
         arrivals = poisson_arrivals(len(requests), rate, seed)
         window_start, t0 = time.monotonic(), time.perf_counter()
-        results = await asyncio.gather(*(one_request(clients, model, r, a, t0, schema) for r, a in zip(requests, arrivals)))
+        results = await asyncio.gather(*(one_request(clients, model, r, a, t0, sampling) for r, a in zip(requests, arrivals)))
         duration, window_end = time.perf_counter() - t0, time.monotonic()
     finally:
         await clients.aclose()

@@ -62,7 +62,7 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == _BENCH_DIR:
 elif _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from benchmarks.datasets import (BenchRequest, build_workload, describe, fixed_workload,  # noqa: E402
+from benchmarks.datasets import (BenchRequest, RequestSampling, build_workload, describe, fixed_workload,  # noqa: E402
                                  poisson_arrivals, serve_metrics, throughput)
 from benchmarks.random_weights import random_weights_dir, use_random_weights  # noqa: E402
 from benchmarks.simulated_device import (PLUGINS, STATS_ENV, busy_within,  # noqa: E402  (light: numpy)
@@ -102,9 +102,11 @@ def length_range(text: str) -> tuple:
     return low, high
 
 
-def structure_schema(args) -> Optional[dict]:
+def request_sampling(args) -> RequestSampling:
+    """The run's `RequestSampling` from its flags (greedy where a mode has none)."""
     name = getattr(args, "structured_output", None)
-    return BENCH_STRUCTURES[name] if name else None
+    return RequestSampling(temperature=getattr(args, "temperature", 0.0), top_p=getattr(args, "top_p", 1.0),
+                           schema=BENCH_STRUCTURES[name] if name else None)
 
 
 def simulated_sampler_stats(executor, before: Optional[dict] = None) -> dict:
@@ -182,18 +184,16 @@ def free_device_memory() -> None:
 
 
 # ---------------------------------------------------------------- offline
-def structured_params(schema: Optional[dict]) -> dict:
-    """SamplingParams keywords of `--structured-output` (none without it)."""
-    if schema is None:
-        return {}
-    from qwenserve import StructuredOutput
-    return {"structured_output": StructuredOutput(json_schema=schema)}
+def sampling_params(sampling: RequestSampling, max_tokens: int):
+    """The SamplingParams of one benchmark request."""
+    from qwenserve import SamplingParams, StructuredOutput
+    structure = StructuredOutput(json_schema=sampling.schema) if sampling.schema is not None else None
+    return SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                          ignore_eos=True, structured_output=structure)
 
 
-def run_qwenserve(llm, requests: list, schema: Optional[dict] = None) -> tuple:
-    from qwenserve import SamplingParams
-    params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True, **structured_params(schema))
-              for r in requests]
+def run_qwenserve(llm, requests: list, sampling: RequestSampling = RequestSampling()) -> tuple:
+    params = [sampling_params(sampling, r.output_len) for r in requests]
     start = time.perf_counter()
     outs = llm.generate(prompt_token_ids=[r.prompt_token_ids for r in requests], sampling_params=params,
                         use_tqdm=sys.stderr.isatty())
@@ -260,11 +260,11 @@ def cmd_offline(args) -> dict:
         device = getattr(executor, "device", None) or resolve_device(llm.engine.config)
         dtype = getattr(executor, "dtype", None) or resolve_dtype(llm.engine.config, llm.engine.model_config, device)
     result["device"], result["dtype"] = str(device), str(dtype).replace("torch.", "")
-    schema = structure_schema(args)
-    run_qwenserve(llm, warmup_requests(requests, args.seed), schema)
+    sampling = request_sampling(args)
+    run_qwenserve(llm, warmup_requests(requests, args.seed), sampling)
     sampler_before = simulated_sampler_stats(executor)
     window_start = time.monotonic()
-    elapsed, out_tokens = run_qwenserve(llm, requests, schema)
+    elapsed, out_tokens = run_qwenserve(llm, requests, sampling)
     window = (window_start, time.monotonic())
     ours = result["qwenserve"] = throughput(requests, elapsed, out_tokens)
     if args.simulate_device:
@@ -357,12 +357,11 @@ def copy_bandwidth(device, nbytes: int, iters: int = 10) -> float:
     return 2 * nbytes / sorted(times[1:])[iters // 2]
 
 
-def timed_decode(engine, requests: list, schema: Optional[dict] = None) -> dict:
+def timed_decode(engine, requests: list, sampling: RequestSampling = RequestSampling()) -> dict:
     """Steps the engine until done; times the steps after every request has its first token."""
-    from qwenserve import SamplingParams
     counts = {}
     for k, r in enumerate(requests):
-        params = SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True, **structured_params(schema))
+        params = sampling_params(sampling, r.output_len)
         rid = engine.add_request(f"decode-{time.monotonic_ns()}-{k}", prompt_token_ids=r.prompt_token_ids,
                                  params=params)
         counts[rid] = 0
@@ -426,12 +425,12 @@ def cmd_decode_simulated(args) -> dict:
         raise SystemExit("--simulate-device replaces the model: drop --random-weights")
     model_dir = resolve_model(args)
     llm = LLM(model=model_dir, **engine_kwargs(args))
-    executor, schema = llm.engine.executor, structure_schema(args)
+    executor, sampling = llm.engine.executor, request_sampling(args)
     stream = executor.stream
-    timed_decode(llm.engine, fixed_workload(args.batch_size, min(16, args.input_len), 8, args.seed + 10_000), schema)
+    timed_decode(llm.engine, fixed_workload(args.batch_size, min(16, args.input_len), 8, args.seed + 10_000), sampling)
     sampler_before = simulated_sampler_stats(executor)
     measured = timed_decode(llm.engine, fixed_workload(args.batch_size, args.input_len, args.output_len, args.seed),
-                            schema)
+                            sampling)
     measured.update(simulated_sampler_stats(executor, sampler_before))
     window = measured.pop("decode_window")
     busy_s = stream.busy_between(*window)
@@ -530,22 +529,22 @@ class ServerProcess:
 
 
 async def one_request(client, req: BenchRequest, send_at: float, t0: float,
-                      slots: Optional[asyncio.Semaphore], schema: Optional[dict] = None) -> dict:
+                      slots: Optional[asyncio.Semaphore], sampling: RequestSampling = RequestSampling()) -> dict:
     await asyncio.sleep(max(0.0, t0 + send_at - time.perf_counter()))
     if slots is None:
-        return await _stream_request(client, req, schema)
+        return await _stream_request(client, req, sampling)
     async with slots:  # --max-concurrency: the request is sent (and timed) once a slot frees
-        return await _stream_request(client, req, schema)
+        return await _stream_request(client, req, sampling)
 
 
-async def _stream_request(client, req: BenchRequest, schema: Optional[dict] = None) -> dict:
+async def _stream_request(client, req: BenchRequest, sampling: RequestSampling = RequestSampling()) -> dict:
     import grpc
     start = time.perf_counter()
     token_times, tokens, error = [], 0, None
     try:
         async for delta in client.generate_stream(
-                prompt_token_ids=req.prompt_token_ids, max_tokens=req.output_len, temperature=0.0,
-                top_p=1.0, repetition_penalty=1.0, ignore_eos=True, json_schema=schema):
+                prompt_token_ids=req.prompt_token_ids, max_tokens=req.output_len, temperature=sampling.temperature,
+                top_p=sampling.top_p, repetition_penalty=1.0, ignore_eos=True, json_schema=sampling.schema):
             if delta.token_ids:
                 token_times.append(time.perf_counter())
                 tokens += len(delta.token_ids)
@@ -559,14 +558,14 @@ async def _stream_request(client, req: BenchRequest, schema: Optional[dict] = No
 
 
 async def run_rate(address: str, requests: list, rate: float, seed: int,
-                   max_concurrency: Optional[int] = None, schema: Optional[dict] = None) -> tuple:
+                   max_concurrency: Optional[int] = None, sampling: RequestSampling = RequestSampling()) -> tuple:
     """(per-request records, duration, the run's (start, end) on time.monotonic)."""
     from qwenserve.server.client import AsyncQwenClient
     async with AsyncQwenClient(address) as client:
         arrivals = poisson_arrivals(len(requests), rate, seed)
         slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         window_start, t0 = time.monotonic(), time.perf_counter()
-        results = await asyncio.gather(*(one_request(client, r, a, t0, slots, schema)
+        results = await asyncio.gather(*(one_request(client, r, a, t0, slots, sampling)
                                          for r, a in zip(requests, arrivals)))
         duration, window_end = time.perf_counter() - t0, time.monotonic()
     return results, duration, (window_start, window_end)
@@ -695,11 +694,11 @@ def cmd_serve(args) -> dict:
         if openai:
             from benchmarks import openai_backend
             info = openai_backend.model_info(address)
-            runner = functools.partial(openai_backend.run_rate, model=info["id"], schema=structure_schema(args))
+            runner = functools.partial(openai_backend.run_rate, model=info["id"], sampling=request_sampling(args))
         else:
             with QwenClient(address) as client:
                 info = client.model_info(timeout=30)
-            runner = functools.partial(run_rate, schema=structure_schema(args))
+            runner = functools.partial(run_rate, sampling=request_sampling(args))
         # Without --model a JSONL is tokenized with the vendored qwen.tiktoken (all Qwen-1 models share it).
         requests = load_workload(args, args.model)
         workload = dict(describe(requests), dataset=args.dataset, seed=args.seed)
@@ -771,6 +770,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="every request asks for this JSON schema (benchmarks/grammar_walk.py: one that no "
                           "output completes, so lengths stay as asked); with --simulate-device the simulated "
                           "sampler computes the real masks and draws allowed tokens")
+    sim.add_argument("--temperature", type=float, default=0.0,
+                     help="every request's temperature (default 0: greedy); > 0 runs the sampled path")
+    sim.add_argument("--top-p", type=float, default=1.0, help="every request's top_p")
     sim.add_argument("--simulate-device", choices=sorted(PLUGINS), default=None,
                      help="replace the model's arithmetic by a simulated GPU and report device busy %%")
     weights = argparse.ArgumentParser(add_help=False)

@@ -113,6 +113,60 @@ def test_max_concurrency_flag(capsys):
     assert "argument --max-concurrency: must be an integer >= 1" in capsys.readouterr().err
 
 
+def test_request_sampling_flags_reach_every_backend():
+    """--temperature, --top-p and --structured-output become the same request everywhere: the
+    offline/decode SamplingParams, the gRPC call and the HTTP body (greedy when not given)."""
+    import asyncio
+
+    from benchmarks import openai_backend
+    from benchmarks.grammar_walk import BENCH_STRUCTURES
+    from benchmarks.run import _stream_request, build_parser, request_sampling, sampling_params
+
+    assert request_sampling(build_parser().parse_args(["offline"])) == datasets.RequestSampling(0.0, 1.0, None)
+    sampling = request_sampling(build_parser().parse_args(
+        ["serve", "--temperature", "0.8", "--top-p", "0.9", "--structured-output", "records"]))
+    assert sampling == datasets.RequestSampling(0.8, 0.9, BENCH_STRUCTURES["records"])
+    params = sampling_params(sampling, 7)
+    assert (params.max_tokens, params.temperature, params.top_p, params.ignore_eos) == (7, 0.8, 0.9, True)
+    assert params.structured_output.json_schema == BENCH_STRUCTURES["records"]
+    request = datasets.BenchRequest([1, 2, 3], 7)
+
+    class GrpcClient:
+        async def generate_stream(self, **kwargs):
+            self.kwargs = kwargs
+            yield argparse.Namespace(token_ids=[5])
+
+    grpc_client = GrpcClient()
+    assert asyncio.run(_stream_request(grpc_client, request, sampling))["error"] is None
+    assert {k: grpc_client.kwargs[k] for k in ("temperature", "top_p", "json_schema", "max_tokens")} == {
+        "temperature": 0.8, "top_p": 0.9, "json_schema": BENCH_STRUCTURES["records"], "max_tokens": 7}
+
+    class HttpResponse:
+        status_code = 200
+
+        async def aiter_lines(self):
+            yield 'data: {"choices":[{"text":"x"}]}'
+            yield 'data: {"choices":[],"usage":{"completion_tokens":1}}'
+
+    class HttpClient:
+        def stream(self, method, path, json):
+            self.body = json
+            response = HttpResponse()
+
+            class Context:
+                async def __aenter__(self):
+                    return response
+
+                async def __aexit__(self, *exc):
+                    return False
+            return Context()
+
+    http_client = HttpClient()
+    assert asyncio.run(openai_backend._stream_request(http_client, "qwen", request, sampling))["error"] is None
+    assert (http_client.body["temperature"], http_client.body["top_p"]) == (0.8, 0.9)
+    assert http_client.body["response_format"]["json_schema"]["schema"] == BENCH_STRUCTURES["records"]
+
+
 def test_jsonl_workload(tmp_path):
     path = tmp_path / "w.jsonl"
     path.write_text('{"prompt": "hello there", "output_len": 5}\n\n{"prompt_token_ids": [1, 2], "output_len": 3}\n')
