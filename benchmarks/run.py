@@ -399,8 +399,9 @@ def cmd_decode(args) -> dict:
     # A decode step reads every weight once except the embedding table (one row per token).
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("wte"))
     requests = fixed_workload(args.batch_size, args.input_len, args.output_len, args.seed)
-    timed_decode(llm.engine, fixed_workload(args.batch_size, min(16, args.input_len), 8, args.seed + 10_000))
-    measured = timed_decode(llm.engine, requests)
+    sampling = request_sampling(args)
+    timed_decode(llm.engine, fixed_workload(args.batch_size, min(16, args.input_len), 8, args.seed + 10_000), sampling)
+    measured = timed_decode(llm.engine, requests, sampling)
     del measured["decode_window"]
     floor = bandwidth / weight_bytes
     result = {"mode": "decode", "environment": environment(), "model": model_dir, "engine": engine_kwargs(args),
