@@ -84,6 +84,28 @@ def test_counters_histograms_and_gauges_after_known_requests(caplog):
     assert lines[2].endswith("finish=abort")
 
 
+def test_inter_token_latency_counts_every_token_but_each_completions_first_when_deltas_merge():
+    """A consumer that fell behind gets merged deltas (`merge_deltas`), the first one included:
+    the histogram still has one observation per token after each completion's first (the HTTP
+    server test's exact count was flaky under load before the first delta was counted)."""
+    from qwenserve.frontend.engine_client import Delta
+    from qwenserve.server.metrics import _RequestRecord
+
+    metrics = ServerMetrics(ScriptedEngineClient(lambda call: ["a"]))
+    record = _RequestRecord("r", n=2, start=10.0)
+
+    def delta(index, token_ids):
+        return Delta(index=index, text="x", token_ids=tuple(token_ids), finish_reason=None, prompt_tokens=3,
+                     completion_tokens=len(token_ids))
+
+    record.observe([delta(0, [1, 2, 3]), delta(1, [4])], now=11.0, metrics=metrics)  # first deltas: 3 and 1 tokens
+    record.observe([delta(0, [5, 6]), delta(1, [7])], now=12.0, metrics=metrics)  # merged again: 2 gaps of 0.5 s
+    scrape = samples(metrics)
+    assert value(scrape, "qwenserve:inter_token_latency_seconds_count") == (5 - 1) + (2 - 1)
+    assert value(scrape, "qwenserve:inter_token_latency_seconds_sum") == pytest.approx(2 * 0.5 + 1.0)
+    assert value(scrape, "qwenserve:generation_tokens_total") == 7
+
+
 def test_engine_gauges_carry_the_replica_label_per_engine_core():
     """Several cores: one series each; a failed core reads up 0 and holds no requests or blocks,
     and keeps its counters."""

@@ -151,12 +151,16 @@ class _RequestRecord:
                     self.first_token = now
                     metrics.time_to_first_token.observe(now - self.start)
                 previous = self.last_token.get(delta.index)
+                # A delta merged from k steps (a consumer that fell behind) is k tokens: k
+                # intervals of the mean gap, so the histogram counts every token but each
+                # completion's first. A completion's first delta may hold more than its first
+                # token: the others arrived with it, a gap of 0.
                 if previous is not None:
-                    # A delta merged from k steps (a consumer that fell behind) is k tokens:
-                    # k intervals of the mean gap, so the histogram still counts tokens.
-                    gap = (now - previous) / len(delta.token_ids)
-                    for _ in delta.token_ids:
-                        metrics.inter_token_latency.observe(gap)
+                    gap, num_gaps = (now - previous) / len(delta.token_ids), len(delta.token_ids)
+                else:
+                    gap, num_gaps = 0.0, len(delta.token_ids) - 1
+                for _ in range(num_gaps):
+                    metrics.inter_token_latency.observe(gap)
                 self.last_token[delta.index] = now
                 self.completion_tokens += len(delta.token_ids)
                 metrics.generation_tokens.inc(len(delta.token_ids))
